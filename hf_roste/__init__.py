@@ -1,0 +1,41 @@
+"""hf_roste: RoSTE quantization-aware fine-tuning (W4A4KV4) for Hugging Face transformers and TRL.
+
+Importing the package registers `quant_method="roste"` with transformers (safe to import twice).
+"""
+
+from __future__ import annotations
+
+from .config import FORMAT_VERSION, RoSTEConfig
+from .quantizer import RoSTEHfQuantizer
+from .rotation.apply import get_state, set_quantization_enabled, set_rotation_config
+
+__version__ = "0.1.0.dev0"
+
+
+def _register() -> None:
+    from transformers.quantizers.auto import (
+        AUTO_QUANTIZATION_CONFIG_MAPPING,
+        AUTO_QUANTIZER_MAPPING,
+        register_quantization_config,
+        register_quantizer,
+    )
+
+    if AUTO_QUANTIZATION_CONFIG_MAPPING.get("roste") is not RoSTEConfig:
+        AUTO_QUANTIZATION_CONFIG_MAPPING.pop("roste", None)
+        register_quantization_config("roste")(RoSTEConfig)
+    if AUTO_QUANTIZER_MAPPING.get("roste") is not RoSTEHfQuantizer:
+        AUTO_QUANTIZER_MAPPING.pop("roste", None)
+        register_quantizer("roste")(RoSTEHfQuantizer)
+
+
+_register()
+
+__all__ = [
+    "FORMAT_VERSION",
+    "RoSTEConfig",
+    "RoSTEHfQuantizer",
+    "get_state",
+    "set_quantization_enabled",
+    "set_rotation_config",
+    "__version__",
+]

@@ -1,0 +1,225 @@
+"""Packed low-bit linear layer computing with a real integer kernel.
+
+State (all in ``state_dict``):
+
+* ``weight_packed``      uint8 ``[out, packed_length(in, bits)]`` unsigned codes (symmetric codes are
+  shifted by ``2^(b-1)``); 4-bit codes are two per byte, low nibble first.
+* ``weight_scale``       fp32 ``[out, G]``  (``G = 1`` per channel, ``in / group_size`` per group).
+* ``weight_zero_point``  fp32 ``[out, G]``  integer-valued (all zeros for symmetric weights).
+* ``bias``               optional float ``[out]`` parameter.
+
+The int8 kernel layout (:class:`~hf_roste.numerics.int_matmul.IntWeight`) and, in weight-only
+mode (``act_spec.bits == 16``), the dequantized weight are built LAZILY on first use and kept in a
+plain attribute (never in ``state_dict``).  They are rebuilt whenever a weight buffer's storage
+or version counter changes (``load_state_dict``, in-place writes, ``.to(device)``), or after
+:meth:`PackedLinear.invalidate_cache`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from hf_roste.numerics import (
+    QuantSpec,
+    dequantize,
+    from_unsigned,
+    pack_codes,
+    packed_length,
+    quantize,
+    to_unsigned,
+    unpack_codes,
+)
+from hf_roste.numerics.int_matmul import IntWeight, int_linear, prepare_int_weight
+
+__all__ = ["PackedLinear"]
+
+_WEIGHT_BITS = (2, 3, 4, 8)
+
+
+def _check_specs(weight_spec: object, act_spec: object) -> None:
+    if not isinstance(weight_spec, QuantSpec):
+        raise TypeError(f"weight_spec must be a QuantSpec, got {type(weight_spec).__name__}")
+    if not isinstance(act_spec, QuantSpec):
+        raise TypeError(f"act_spec must be a QuantSpec, got {type(act_spec).__name__}")
+    if weight_spec.bits not in _WEIGHT_BITS:
+        raise ValueError(f"weight_spec.bits must be one of {_WEIGHT_BITS}, got {weight_spec.bits}")
+    if weight_spec.granularity not in ("channel", "group"):
+        raise ValueError(
+            f"weight_spec.granularity must be 'channel' or 'group', got {weight_spec.granularity!r}"
+        )
+    if act_spec.enabled and act_spec.granularity not in ("token", "tensor"):
+        raise ValueError(
+            f"act_spec.granularity must be 'token' or 'tensor' (or bits=16 for weight-only), "
+            f"got {act_spec.granularity!r}"
+        )
+
+
+class PackedLinear(nn.Module):
+    """``y = x @ W_hat^T + b`` with ``W_hat`` stored as packed integer codes.
+
+    Args:
+        in_features, out_features: layer sizes.
+        weight_spec: weight :class:`QuantSpec` (bits 2/3/4/8, granularity "channel" or "group").
+        act_spec: activation spec; bits 2..8 with granularity "token" runs the integer kernel,
+            bits 16 runs weight-only (dequantized weight cached once, then ``F.linear``).
+        bias: whether the layer has a bias parameter.
+        bias_dtype: dtype of the bias parameter.
+        device: device of the buffers.
+        input_transform: optional callable applied to ``x`` before activation quantization
+            (e.g. an online Hadamard rotation); it must preserve the last dim.
+
+    Forward: ``x [..., in]`` fp32/bf16/fp16 -> ``[..., out]`` in ``x.dtype``.  Inference only
+    (the integer path has no meaningful gradient).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        weight_spec: QuantSpec,
+        act_spec: QuantSpec,
+        bias: bool = True,
+        bias_dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+        input_transform: Callable[[Tensor], Tensor] | None = None,
+    ) -> None:
+        super().__init__()
+        for name, v in (("in_features", in_features), ("out_features", out_features)):
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        _check_specs(weight_spec, act_spec)
+        self.in_features = in_features
+        self.out_features = out_features
+        self.weight_spec = weight_spec
+        self.act_spec = act_spec
+        self.input_transform = input_transform
+        groups = weight_spec.num_groups(in_features)
+        nbytes = packed_length(in_features, weight_spec.bits)
+        self.register_buffer(
+            "weight_packed", torch.zeros(out_features, nbytes, dtype=torch.uint8, device=device)
+        )
+        self.register_buffer("weight_scale", torch.ones(out_features, groups, device=device))
+        self.register_buffer("weight_zero_point", torch.zeros(out_features, groups, device=device))
+        if bias:
+            self.bias: nn.Parameter | None = nn.Parameter(
+                torch.zeros(out_features, dtype=bias_dtype, device=device), requires_grad=False
+            )
+        else:
+            self.register_parameter("bias", None)
+        self._cache: Any = None
+        self._cache_key: tuple | None = None
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_float(
+        cls,
+        weight: Tensor,
+        bias: Tensor | None,
+        weight_spec: QuantSpec,
+        act_spec: QuantSpec,
+        input_transform: Callable[[Tensor], Tensor] | None = None,
+    ) -> PackedLinear:
+        """Quantize a float weight ``[out, in]`` (and copy ``bias [out]``) into a new layer.
+
+        ``dequantized_weight(torch.float32)`` of the result equals ``fake_quantize(weight, weight_spec)``.
+        """
+        if not isinstance(weight, Tensor) or not weight.is_floating_point() or weight.dim() != 2:
+            raise TypeError(
+                f"weight must be a 2-D float tensor [out, in], got "
+                f"{type(weight).__name__ if not isinstance(weight, Tensor) else (weight.dtype, tuple(weight.shape))}"
+            )
+        out_f, in_f = weight.shape
+        if bias is not None and (not isinstance(bias, Tensor) or tuple(bias.shape) != (out_f,)):
+            raise ValueError(
+                f"bias must be None or a tensor of shape ({out_f},), got "
+                f"{tuple(bias.shape) if isinstance(bias, Tensor) else type(bias).__name__}"
+            )
+        layer = cls(
+            in_f,
+            out_f,
+            weight_spec,
+            act_spec,
+            bias=bias is not None,
+            bias_dtype=bias.dtype if bias is not None else torch.float32,
+            device=weight.device,
+            input_transform=input_transform,
+        )
+        with torch.no_grad():
+            codes, scale, zero = quantize(weight.detach(), weight_spec)
+            unsigned = to_unsigned(codes, weight_spec) if weight_spec.symmetric else codes
+            layer.weight_packed.copy_(pack_codes(unsigned, weight_spec.bits))
+            layer.weight_scale.copy_(scale)
+            layer.weight_zero_point.copy_(zero)
+            if bias is not None:
+                assert layer.bias is not None
+                layer.bias.copy_(bias.detach())
+        return layer
+
+    # ------------------------------------------------------------------ weight views
+    def weight_codes(self) -> Tensor:
+        """Unpacked codes ``[out, in]``: uint8 (asymmetric) or int8 (symmetric), as ``quantize`` returns."""
+        codes = unpack_codes(self.weight_packed, self.weight_spec.bits, self.in_features)
+        return from_unsigned(codes, self.weight_spec) if self.weight_spec.symmetric else codes
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """Float weight ``[out, in]``; in fp32 exactly ``fake_quantize(W, weight_spec)``."""
+        return dequantize(
+            self.weight_codes(), self.weight_scale, self.weight_zero_point, self.weight_spec, dtype=dtype
+        )
+
+    # ------------------------------------------------------------------ lazy kernel cache
+    def _current_key(self) -> tuple:
+        bufs = (self.weight_packed, self.weight_scale, self.weight_zero_point)
+        return tuple((b.data_ptr(), b._version, b.device) for b in bufs)
+
+    def invalidate_cache(self) -> None:
+        """Drop the kernel-layout / dequantized-weight cache (rebuilt on the next forward)."""
+        self._cache = None
+        self._cache_key = None
+
+    def _cached(self, kind: str, dtype: torch.dtype | None = None) -> Any:
+        key = (kind, dtype, self._current_key())
+        if self._cache_key != key:
+            with torch.no_grad():
+                if kind == "int":
+                    self._cache = prepare_int_weight(
+                        self.weight_codes(), self.weight_scale, self.weight_zero_point, self.weight_spec
+                    )
+                else:
+                    assert dtype is not None
+                    self._cache = self.dequantized_weight(torch.float32).to(dtype)
+            self._cache_key = key
+        return self._cache
+
+    def kernel_weight(self) -> IntWeight:
+        """The (lazily built, cached) int8 kernel layout of the weight."""
+        return self._cached("int")
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: Tensor) -> Tensor:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"PackedLinear input must be a torch.Tensor, got {type(x).__name__}")
+        if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise TypeError(f"PackedLinear input must be float32, bfloat16 or float16, got {x.dtype}")
+        if x.dim() < 1 or x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"PackedLinear input must have last dim in_features={self.in_features}, "
+                f"got shape {tuple(x.shape)}"
+            )
+        if self.input_transform is not None:
+            x = self.input_transform(x)
+        if not self.act_spec.enabled:
+            w = self._cached("float", x.dtype)
+            b = None if self.bias is None else self.bias.to(x.dtype)
+            return F.linear(x, w, b)
+        return int_linear(x, self.kernel_weight(), self.act_spec, self.bias)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, weight_spec={self.weight_spec}, act_spec={self.act_spec}"
+        )

@@ -1,0 +1,90 @@
+"""Train-time linear layer: fake-quantized weight and input with a straight-through backward.
+
+`QATLinear` is an `nn.Linear` subclass with the same parameters (`weight`, `bias`), so checkpoints,
+optimizers, FSDP and PEFT's LoRA treat it like any linear. Its forward computes
+
+    y = Q_a(x R4?) @ Q_w(W)^T + b
+
+where `Q_a` quantizes per token, `Q_w` per output channel (or group), both through
+`hf_roste.numerics.fake_quantize` (the same definitions the packed int kernels use), and the
+optional online Hadamard `R4` (down_proj input) is active when `input_hadamard` is True (its
+transpose is then already fused into `weight`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..numerics import QuantSpec, fake_quantize
+from ..rotation.hadamard import hadamard_transform
+
+
+class QATLinear(nn.Linear):
+    """`nn.Linear` with straight-through fake quantization of its weight and input.
+
+    Args:
+        weight_spec: quantizer of `weight` `[out, in]` (granularity "channel" or "group").
+        act_spec: quantizer of the input `[..., in]` (granularity "token").
+        input_hadamard: apply the online Hadamard transform (R4) to the input before quantizing.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        weight_spec: QuantSpec,
+        act_spec: QuantSpec,
+        input_hadamard: bool = False,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.weight_spec = weight_spec
+        self.act_spec = act_spec
+        self.input_hadamard = input_hadamard
+        self.quant_enabled = True
+
+    @classmethod
+    def from_linear(
+        cls, linear: nn.Linear, weight_spec: QuantSpec, act_spec: QuantSpec, input_hadamard: bool = False
+    ) -> QATLinear:
+        """Wrap an existing linear, sharing (not copying) its `weight` and `bias` parameters."""
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.in_features, new.out_features = linear.in_features, linear.out_features
+        new.weight = linear.weight
+        new.bias = linear.bias
+        new.weight_spec, new.act_spec = weight_spec, act_spec
+        new.input_hadamard = input_hadamard
+        new.quant_enabled = True
+        for hook_dict in ("_forward_pre_hooks", "_forward_hooks"):
+            getattr(new, hook_dict).update(getattr(linear, hook_dict))
+        return new
+
+    def quantized_weight(self) -> torch.Tensor:
+        """`Q_w(weight)` (the weight the deployed model stores), with straight-through gradient."""
+        if not (self.quant_enabled and self.weight_spec.enabled):
+            return self.weight
+        return fake_quantize(self.weight, self.weight_spec)
+
+    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Online R4 (if on) then `Q_a` per token: what the matmul of the deployed model sees."""
+        if self.input_hadamard:
+            x = hadamard_transform(x)
+        if self.quant_enabled and self.act_spec.enabled:
+            x = fake_quantize(x, self.act_spec)
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.quantize_input(x), self.quantized_weight(), self.bias)
+
+    def extra_repr(self) -> str:
+        w, a = self.weight_spec, self.act_spec
+        return (
+            f"{super().extra_repr()}, w{w.bits}{'s' if w.symmetric else 'a'}/{w.granularity}, "
+            f"a{a.bits}{'s' if a.symmetric else 'a'}/{a.granularity}, R4_online={self.input_hadamard}"
+        )

@@ -1,0 +1,292 @@
+"""Walsh-Hadamard rotations (SpinQuant / RoSTE R1..R4) for arbitrary supported sizes.
+
+Conventions
+-----------
+* A size ``n`` is factored as ``n = m * 2**k`` (:func:`hadamard_factorization`). The unnormalised
+  matrix is ``H_n = kron(B_m, S_{2**k})`` with ``B_m = base_hadamard_matrix(m)`` acting on the
+  MAJOR (slow) index and the Sylvester matrix ``S`` on the minor (fast) index: for a row vector
+  ``x`` reshaped to ``X [m, 2**k]``, ``x @ H_n == (B_m.T @ X @ S).flatten()``.
+* The rotation is ``R = diag(s) @ H_n / sqrt(n)`` (``s`` = optional +-1 signs), applied to ROW
+  vectors: ``hadamard_transform(x, s) == x @ R`` (multiply by ``s`` then apply ``H``), and
+  ``transpose=True`` gives ``x @ R.T`` (the inverse).
+* With compressed-tensors available, ``H_n`` equals, exactly, ``_matmul_hadU(eye(n))`` of
+  ``compressed_tensors.transform.utils.hadamard`` for every non-power-of-two ``n`` (and
+  ``random_hadamard_matrix`` equals ``diag(s) @ H_n``), and equals Sylvester's
+  ``deterministic_hadamard_matrix(n)`` for powers of two. compressed-tensors applies transforms
+  online as ``value @ W / sqrt(n)``, the same ``x @ R`` convention. (Only caveat: for ``n = 32``
+  their ``_matmul_hadU`` uses a stored non-Sylvester matrix; we use Sylvester, like their
+  ``"hadamard"`` transform type.)
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import operator
+
+import torch
+from torch import Tensor
+
+from hf_roste.rotation import hadamard_factors as _hf
+
+__all__ = [
+    "base_hadamard_matrix",
+    "hadamard_factorization",
+    "hadamard_matrix",
+    "hadamard_transform",
+    "is_hadamard_size",
+    "random_signs",
+]
+
+# Sylvester block sizes for the CPU path are at most 2**_MAX_BLOCK_LOG2 (benchmarked: 128).
+_MAX_BLOCK_LOG2 = 7
+# fast_hadamard_transform's CUDA kernel handles power-of-two sizes up to 2**15.
+_FHT_MAX = 2**15
+
+
+def _as_int(n: object, what: str = "n") -> int:
+    if isinstance(n, bool):
+        raise ValueError(f"{what} must be a positive integer, got {n!r}")
+    try:
+        return operator.index(n)  # type: ignore[arg-type]
+    except TypeError:
+        raise ValueError(f"{what} must be a positive integer, got {n!r}") from None
+
+
+def is_hadamard_size(n: int) -> bool:
+    """True iff an ``n x n`` rotation is available (``n = m * 2**k``, ``m`` a supported base order)."""
+    try:
+        n = _as_int(n)
+    except ValueError:
+        return False
+    return n >= 1 and _hf.choose_base(n) is not None
+
+
+def _nearest_supported(n: int) -> tuple[int | None, int]:
+    below = next((c for c in range(n - 1, 0, -1) if _hf.choose_base(c) is not None), None)
+    above = max(n + 1, 1)
+    while _hf.choose_base(above) is None:
+        above += 1
+    return below, above
+
+
+def hadamard_factorization(n: int) -> tuple[int, int]:
+    """Factor a rotation size as ``n = m * 2**k`` and return ``(m, k)``.
+
+    * Powers of two: ``m = 1`` (pure Sylvester matrix).
+    * Otherwise, when compressed-tensors' factor file is available (the normal case): ``m`` is
+      the LARGEST order it ships (multiples of 4 up to 256) with ``n / m`` a power of two,
+      because that is the divisor compressed-tensors itself picks, and its order-224 (etc.)
+      matrices are not Kronecker products of smaller ones; matching it keeps our matrices
+      identical to what compressed-tensors / vLLM rebuild. E.g. 896 -> (224, 2),
+      3584 -> (224, 4), 14336 -> (224, 6), 4864 -> (152, 5), 18944 -> (148, 7), 3072 -> (192, 4),
+      12 -> (12, 0), 40 -> (40, 0).
+    * Paley fallback (compressed-tensors file unavailable): the SMALLEST Paley base order,
+      e.g. 896 -> (28, 5), 4864 -> (76, 6), 18944 -> (148, 7).
+
+    Raises ``ValueError`` naming ``n`` and the nearest supported sizes below and above.
+    """
+    n = _as_int(n)
+    if n < 1:
+        raise ValueError(f"Hadamard size must be a positive integer, got n={n}")
+    m = _hf.choose_base(n)
+    if m is None:
+        below, above = _nearest_supported(n)
+        raise ValueError(
+            f"unsupported Hadamard size n={n}: sizes must be m * 2**k with base order m in "
+            f"{{{_hf.describe_base_orders()}}} (source: {_hf.hadamard_base_source()}); nearest "
+            f"supported sizes: {below} (below) and {above} (above)"
+        )
+    return m, (n // m).bit_length() - 1
+
+
+def base_hadamard_matrix(m: int) -> Tensor:
+    """Unnormalised +-1 base matrix ``B_m`` of ``H_n = kron(B_m, S_{2**k})``: float64 ``[m, m]``.
+
+    Equals ``hadamard_matrix(m) * sqrt(m)`` (up to rounding). Powers of two give Sylvester
+    matrices; other orders the transpose of compressed-tensors' stored matrix (or a Paley matrix
+    in the fallback). ``m`` must be one of the supported base orders, else ``ValueError``.
+    Returns a fresh tensor (safe to modify).
+    """
+    m = _as_int(m, "m")
+    orders = _hf.supported_base_orders()
+    if m not in orders:
+        raise ValueError(f"unsupported Hadamard base order m={m}; supported base orders: {{{_hf.describe_base_orders()}}}")
+    return _hf.base_matrix(m).clone()
+
+
+def random_signs(n: int, seed: int) -> Tensor:
+    """Random +-1 vector, float32 ``[n]``, from a CPU ``torch.Generator`` seeded with ``seed``.
+
+    Generated on CPU so the result is identical across machines and devices (move it with
+    ``.to(device)``). ``seed`` must be an integer in ``[0, 2**64)``.
+    """
+    n = _as_int(n)
+    if n < 1:
+        raise ValueError(f"random_signs needs n >= 1, got n={n}")
+    seed = _as_int(seed, "seed")
+    if not 0 <= seed < 2**64:
+        raise ValueError(f"seed must be in [0, 2**64), got seed={seed}")
+    gen = torch.Generator(device="cpu")
+    gen.manual_seed(seed)
+    bits = torch.randint(0, 2, (n,), generator=gen, dtype=torch.int64)
+    return (2 * bits - 1).to(torch.float32)
+
+
+def _check_signs(signs: Tensor | None, n: int) -> None:
+    if signs is None:
+        return
+    if not isinstance(signs, Tensor):
+        raise ValueError(f"signs must be a torch.Tensor of shape [{n}] or None, got {type(signs).__name__}")
+    if signs.shape != (n,):
+        raise ValueError(f"signs must have shape [{n}] (the rotation size), got {list(signs.shape)}")
+    if not signs.is_floating_point():
+        raise ValueError(f"signs must be a floating-point +-1 tensor, got dtype {signs.dtype}")
+
+
+def hadamard_matrix(n: int, signs: Tensor | None = None, dtype: torch.dtype = torch.float64) -> Tensor:
+    """Dense orthonormal rotation ``R = diag(signs) @ H_n / sqrt(n)``, ``[n, n]`` on CPU.
+
+    Computed in float64 then cast to ``dtype``; ``hadamard_transform(x, signs) == x @ R``.
+    ``signs``: optional +-1 float tensor ``[n]`` (any device). Memory is ``8 n**2`` bytes: use
+    :func:`hadamard_transform` for large ``n``. Unsupported ``n`` or bad signs -> ``ValueError``.
+    """
+    m, k = hadamard_factorization(n)
+    n = m << k
+    _check_signs(signs, n)
+    mat = torch.kron(_hf.base_matrix(m), _hf.sylvester_matrix(1 << k)) / math.sqrt(n)
+    if signs is not None:
+        s = signs.detach().to(device="cpu", dtype=torch.float64)
+        if not bool((s.abs() == 1).all()):
+            raise ValueError("signs must contain only +1 and -1 entries")
+        mat = s[:, None] * mat
+    return mat.to(dtype)
+
+
+# ----------------------------------------------------------------------------- transform kernels
+
+
+def _block_sizes(k: int) -> list[int]:
+    """Split ``2**k`` into near-equal Sylvester blocks of at most ``2**_MAX_BLOCK_LOG2``."""
+    if k == 0:
+        return []
+    r = -(-k // _MAX_BLOCK_LOG2)
+    base, extra = divmod(k, r)
+    return [1 << (base + (1 if i < extra else 0)) for i in range(r)]
+
+
+@functools.lru_cache(maxsize=256)
+def _device_matrix(kind: str, order: int, scale: float, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """Cached ``scale * M`` on ``device``; kind: "syl" (symmetric), "base" (B_m) or "baseT" (B_m.T)."""
+    if kind == "syl":
+        mat = _hf.sylvester_matrix(order)
+    else:
+        mat = _hf.base_matrix(order)
+        if kind == "baseT":
+            mat = mat.T
+    return (mat * scale).to(device=device, dtype=dtype).contiguous()
+
+
+_hf._CACHED.append(_device_matrix)
+
+
+@functools.lru_cache(maxsize=1)
+def _fht_module():  # noqa: ANN202 - optional dependency
+    try:
+        import fast_hadamard_transform
+    except Exception:  # noqa: BLE001
+        return None
+    return fast_hadamard_transform
+
+
+def _pow2_torch(y: Tensor, p: int, scale: float) -> Tensor:
+    """``y [R, p] @ (scale * S_p)`` via Kronecker blocks applied as batched matmuls."""
+    blocks = _block_sizes(p.bit_length() - 1)
+    if not blocks:
+        return y * scale
+    dev, dt = y.device, y.dtype
+    # Last (fastest) block: one plain GEMM; scale folded into this block's matrix.
+    y = (y.reshape(-1, blocks[-1]) @ _device_matrix("syl", blocks[-1], scale, dev, dt)).view(-1, p)
+    inner = blocks[-1]
+    for b in reversed(blocks[:-1]):
+        # S is symmetric, so x @ S on the middle axis == S @ X with X [.., b, inner].
+        y = torch.matmul(_device_matrix("syl", b, 1.0, dev, dt), y.view(-1, b, inner))
+        inner *= b
+    return y.reshape(-1, p)
+
+
+def _apply(x: Tensor, m: int, k: int, signs: Tensor | None, transpose: bool) -> Tensor:
+    """Core transform (no autograd): ``x [..., n]`` -> ``x @ R`` (or ``x @ R.T``), x's dtype."""
+    n = m << k
+    p = 1 << k
+    cdtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    y = x.reshape(-1, n).to(cdtype)
+    rows = y.shape[0]
+    s = None if signs is None else signs.to(device=y.device, dtype=cdtype)
+    if s is not None and not transpose:
+        y = y * s
+    scale = 1.0 / math.sqrt(n)
+    fht = _fht_module() if y.is_cuda and cdtype == torch.float32 and 1 < p <= _FHT_MAX else None
+    if fht is not None:
+        y = fht.hadamard_transform(y.reshape(rows * m, p).contiguous(), scale)
+    else:
+        y = _pow2_torch(y, p, scale)
+    if m > 1:
+        # forward: Y = B^T X ; transpose: Y = B X   (X = row reshaped to [m, p])
+        bmat = _device_matrix("baseT" if not transpose else "base", m, 1.0, y.device, cdtype)
+        y = torch.matmul(bmat, y.reshape(rows, m, p))
+    y = y.reshape(rows, n)
+    if s is not None and transpose:
+        y = y * s
+    return y.to(x.dtype).reshape(x.shape)
+
+
+class _HadamardTransformFn(torch.autograd.Function):
+    """``x @ R`` (or ``x @ R.T``); backward is the transposed transform (saves only signs)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, signs: Tensor | None, m: int, k: int, transpose: bool) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(signs)
+        ctx.mk = (m, k)
+        ctx.transpose = transpose
+        return _apply(x, m, k, signs, transpose)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]  # noqa: ANN205
+        (signs,) = ctx.saved_tensors
+        m, k = ctx.mk
+        grad_x = _HadamardTransformFn.apply(grad, signs, m, k, not ctx.transpose)
+        return grad_x, None, None, None, None
+
+
+def hadamard_transform(x: Tensor, signs: Tensor | None = None, transpose: bool = False) -> Tensor:
+    """Apply the rotation along the LAST dim: ``x @ R`` (``transpose=True``: ``x @ R.T = x @ R^-1``).
+
+    ``R = diag(signs) @ H_n / sqrt(n)`` is :func:`hadamard_matrix` ``(n, signs)`` with
+    ``n = x.shape[-1]`` (must be a supported size).
+
+    Args:
+        x: ``[..., n]`` float32 / bfloat16 / float16 (float64 also accepted and kept in float64),
+            any device, any leading batch shape.
+        signs: optional +-1 float tensor ``[n]`` (moved to x's device); not differentiated.
+        transpose: apply ``R.T`` instead of ``R``.
+
+    Returns:
+        ``[..., n]`` tensor in x's dtype; accumulation in float32 (float64 for float64 input).
+
+    CPU / no-kernel path: pure torch, the ``2**k`` part as near-equal Sylvester Kronecker blocks
+    (<= 128) applied as batched matmuls and the base part as an ``[m, m]`` matmul; no dense
+    ``n x n`` product. On CUDA with ``fast_hadamard_transform`` installed, its kernel does the
+    power-of-two part only. Differentiable (backward = transposed transform).
+    """
+    if not isinstance(x, Tensor):
+        raise ValueError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() == 0:
+        raise ValueError("x must have at least one dimension (the rotated last dim)")
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        raise ValueError(f"x dtype {x.dtype} is not supported; accepted: float32, bfloat16, float16, float64")
+    m, k = hadamard_factorization(x.shape[-1])
+    _check_signs(signs, x.shape[-1])
+    if signs is not None:
+        signs = signs.detach()
+    return _HadamardTransformFn.apply(x, signs, m, k, bool(transpose))

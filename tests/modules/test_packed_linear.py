@@ -1,0 +1,150 @@
+"""PackedLinear: packing round trip, integer forward, lazy kernel cache and state_dict behaviour.
+
+Forward tolerance: see tests/numerics/test_int_matmul.py (the integer sum is exact; only the final
+fp32 rescale rounds), so against the fp32 fake-quant reference we allow ``(K + G + 6) * eps32 * M``
+with ``M = |x_hat| @ |w_hat|^T + |b|``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hf_roste.modules.packed_linear import PackedLinear
+from hf_roste.numerics import QuantSpec, fake_quantize, packed_length
+
+EPS32 = torch.finfo(torch.float32).eps
+
+
+def _wspec(bits: int, sym: bool, gran: str) -> QuantSpec:
+    return QuantSpec(bits, symmetric=sym, granularity=gran, group_size=32 if gran == "group" else None)
+
+
+def _assert_matches(layer: PackedLinear, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> None:
+    y = layer(x)
+    assert y.dtype == x.dtype and y.shape == (*x.shape[:-1], w.shape[0])
+    xh = fake_quantize(x.float(), layer.act_spec)
+    wh = fake_quantize(w, layer.weight_spec)
+    ref = F.linear(xh, wh, b)
+    mag = F.linear(xh.abs(), wh.abs(), None if b is None else b.abs())
+    groups = layer.weight_spec.num_groups(w.shape[1])
+    tol = (w.shape[1] + groups + 6) * EPS32 * mag + 1e-30
+    if x.dtype != torch.float32:
+        tol = tol + torch.finfo(x.dtype).eps * ref.abs()
+    assert bool(((y.float() - ref).abs() <= tol).all())
+
+
+@pytest.mark.parametrize("wbits", [2, 3, 4, 8])
+@pytest.mark.parametrize("wsym", [False, True])
+@pytest.mark.parametrize("gran", ["channel", "group"])
+def test_from_float_forward_and_dequantized_weight(wbits, wsym, gran):
+    g = torch.Generator().manual_seed(wbits + 10 * wsym)
+    w, b = torch.randn(40, 96, generator=g), torch.randn(40, generator=g)
+    wspec = _wspec(wbits, wsym, gran)
+    layer = PackedLinear.from_float(w, b, wspec, QuantSpec(4))
+    assert layer.weight_packed.dtype == torch.uint8
+    assert layer.weight_packed.shape == (40, packed_length(96, wbits))
+    assert layer.weight_scale.shape == (40, wspec.num_groups(96)) == layer.weight_zero_point.shape
+    assert torch.equal(layer.dequantized_weight(torch.float32), fake_quantize(w, wspec))
+    assert layer.dequantized_weight(torch.bfloat16).dtype == torch.bfloat16
+    for shape in [(1, 96), (3, 7, 96)]:
+        _assert_matches(layer, torch.randn(shape, generator=g), w, b)
+    assert layer(torch.randn(0, 96)).shape == (0, 40)
+    _assert_matches(layer, torch.randn(4, 96, generator=g).bfloat16(), w, b)
+
+
+@pytest.mark.parametrize("abits,asym", [(8, False), (8, True), (4, True)])
+def test_activation_variants_and_no_bias(abits, asym):
+    w = torch.randn(40, 96)
+    layer = PackedLinear.from_float(w, None, _wspec(4, False, "group"), QuantSpec(abits, symmetric=asym))
+    assert layer.bias is None
+    _assert_matches(layer, torch.randn(3, 96), w, None)
+
+
+def test_weight_only_mode_caches_dequantized_weight():
+    w, b = torch.randn(40, 96), torch.randn(40)
+    layer = PackedLinear.from_float(w, b, _wspec(4, True, "channel"), QuantSpec(16))
+    x = torch.randn(5, 96)
+    torch.testing.assert_close(layer(x), F.linear(x, fake_quantize(w, layer.weight_spec), b))
+    first = layer._cache
+    layer(x)
+    assert layer._cache is first  # not rebuilt per call
+    y16 = layer(x.bfloat16())
+    assert y16.dtype == torch.bfloat16
+
+
+def test_kernel_cache_is_lazy_reused_and_not_in_state_dict():
+    layer = PackedLinear.from_float(torch.randn(40, 96), torch.randn(40), _wspec(4, False, "channel"), QuantSpec(4))
+    assert layer._cache is None  # nothing built before the first forward
+    layer(torch.randn(2, 96))
+    kw = layer.kernel_weight()
+    layer(torch.randn(2, 96))
+    assert layer.kernel_weight() is kw
+    assert set(layer.state_dict()) == {"weight_packed", "weight_scale", "weight_zero_point", "bias"}
+    layer.invalidate_cache()
+    assert layer.kernel_weight() is not kw
+
+
+@pytest.mark.parametrize("wsym", [False, True])
+def test_state_dict_round_trip_and_stale_cache(wsym):
+    wspec, aspec = _wspec(4, wsym, "group"), QuantSpec(4)
+    w1, b1 = torch.randn(40, 96), torch.randn(40)
+    w2, b2 = torch.randn(40, 96) * 3, torch.randn(40)
+    src1 = PackedLinear.from_float(w1, b1, wspec, aspec)
+    src2 = PackedLinear.from_float(w2, b2, wspec, aspec)
+    x = torch.randn(3, 96)
+
+    dst = PackedLinear(96, 40, wspec, aspec)
+    dst.load_state_dict(src1.state_dict())
+    assert torch.equal(dst(x), src1(x))  # cache built from src1's weights
+
+    dst.load_state_dict(src2.state_dict())  # in-place copy into the same buffers
+    assert torch.equal(dst(x), src2(x)), "stale kernel cache after load_state_dict"
+    assert torch.equal(dst.dequantized_weight(), fake_quantize(w2, wspec))
+
+    with torch.no_grad():  # any in-place write to the packed buffer also invalidates
+        dst.weight_packed.copy_(src1.weight_packed)
+        dst.weight_scale.copy_(src1.weight_scale)
+        dst.weight_zero_point.copy_(src1.weight_zero_point)
+        dst.bias.copy_(src1.bias)
+    assert torch.equal(dst(x), src1(x))
+
+
+def test_input_transform_is_applied_before_quantization():
+    w = torch.randn(40, 96)
+    h = torch.linalg.qr(torch.randn(96, 96))[0]
+    layer = PackedLinear.from_float(w, None, _wspec(4, True, "channel"), QuantSpec(4),
+                                    input_transform=lambda t: t @ h)
+    x = torch.randn(3, 96)
+    plain = PackedLinear.from_float(w, None, _wspec(4, True, "channel"), QuantSpec(4))
+    assert torch.equal(layer(x), plain(x @ h))
+
+
+def test_errors():
+    w = torch.randn(8, 32)
+    layer = PackedLinear.from_float(w, None, _wspec(4, False, "channel"), QuantSpec(4))
+    with pytest.raises(ValueError, match="in_features=32"):
+        layer(torch.randn(2, 16))
+    with pytest.raises(TypeError, match="float32, bfloat16 or float16"):
+        layer(torch.ones(2, 32, dtype=torch.int64))
+    with pytest.raises(TypeError, match="2-D float tensor"):
+        PackedLinear.from_float(torch.ones(8, 32, dtype=torch.int32), None, _wspec(4, False, "channel"),
+                                QuantSpec(4))
+    with pytest.raises(ValueError, match="bias"):
+        PackedLinear.from_float(w, torch.randn(7), _wspec(4, False, "channel"), QuantSpec(4))
+    with pytest.raises(ValueError, match="weight_spec.bits"):
+        PackedLinear(32, 8, QuantSpec(16, granularity="channel"), QuantSpec(4))
+    with pytest.raises(ValueError, match="weight_spec.granularity"):
+        PackedLinear(32, 8, QuantSpec(4, granularity="token"), QuantSpec(4))
+    with pytest.raises(ValueError, match="act_spec.granularity"):
+        PackedLinear(32, 8, _wspec(4, False, "channel"), QuantSpec(4, granularity="group", group_size=8))
+    with pytest.raises(TypeError, match="act_spec must be a QuantSpec"):
+        PackedLinear(32, 8, _wspec(4, False, "channel"), 4)
+    with pytest.raises(ValueError, match="in_features"):
+        PackedLinear(0, 8, _wspec(4, False, "channel"), QuantSpec(4))
+    with pytest.raises(ValueError, match="group_size"):
+        PackedLinear(30, 8, _wspec(4, False, "group"), QuantSpec(4))
+    other = PackedLinear(32, 8, QuantSpec(4, granularity="group", group_size=8), QuantSpec(4))
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        other.load_state_dict(layer.state_dict(), strict=False)
