@@ -21,7 +21,7 @@ import argparse
 import json
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -77,7 +77,8 @@ def main() -> None:
         for label, shape in shapes.items():
             x = torch.randn(shape)
             x16 = x.bfloat16()
-            reps = args.reps if shape[0] * (shape[1] if len(shape) == 3 else 1) <= 64 else max(10, args.reps // 4)
+            tokens = shape[0] * (shape[1] if len(shape) == 3 else 1)
+            reps = args.reps if tokens <= 64 else max(10, args.reps // 4)
             fns = {
                 "fp32": lambda x=x: F.linear(x, w, b),
                 "bf16": lambda x16=x16: F.linear(x16, w16, b16),

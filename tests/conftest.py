@@ -29,3 +29,13 @@ def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
     """One saved full-precision checkpoint per tiny family (built once per session)."""
     root = tmp_path_factory.mktemp("tiny")
     return {kind: save_tiny(kind, root / kind) for kind in TINY_CONFIGS}
+
+
+@pytest.fixture(scope="session")
+def shared_model_configs() -> dict[str, dict]:
+    """Shapes of the real target models (`shared/data/model_configs.json`, mirrored in tests/data)."""
+    import json
+
+    path = Path(__file__).parent / "data" / "model_configs.json"
+    data = json.loads(path.read_text())
+    return {k: v for k, v in data.items() if not k.startswith("_")}

@@ -17,7 +17,8 @@ or version counter changes (``load_state_dict``, in-place writes, ``.to(device)`
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -128,10 +129,8 @@ class PackedLinear(nn.Module):
         ``dequantized_weight(torch.float32)`` of the result equals ``fake_quantize(weight, weight_spec)``.
         """
         if not isinstance(weight, Tensor) or not weight.is_floating_point() or weight.dim() != 2:
-            raise TypeError(
-                f"weight must be a 2-D float tensor [out, in], got "
-                f"{type(weight).__name__ if not isinstance(weight, Tensor) else (weight.dtype, tuple(weight.shape))}"
-            )
+            got = (weight.dtype, tuple(weight.shape)) if isinstance(weight, Tensor) else type(weight).__name__
+            raise TypeError(f"weight must be a 2-D float tensor [out, in], got {got}")
         out_f, in_f = weight.shape
         if bias is not None and (not isinstance(bias, Tensor) or tuple(bias.shape) != (out_f,)):
             raise ValueError(

@@ -13,25 +13,35 @@ with ``P_g = cx @ cw^T`` ONE int8 x int8 -> int32 product per group (``torch._in
 
 Layout decisions (made once by :func:`prepare_int_weight`):
 
-* Weight codes are stored int8 ``[out, in]`` contiguous (one contiguous ``[out, n_g]`` block per
-  group) and fed as ``codes.t()``: on CPU, ``_int_mm`` is ~2x faster with this column-major B
-  than with a contiguous ``[in, out]`` copy at small batch (measured 0.14 vs 0.39 ms, 2048^2, M=1).
-* Asymmetric weights whose centred codes ``cw - zw`` fit int8 are stored CENTRED: the ``zw`` term
-  vanishes and the activation code sums ``Sx`` are never computed (this is the common 2/3/4-bit
-  case).  Otherwise codes above 127 (8-bit asymmetric) are shifted with their zero point by -128
-  (``(c - 128) - (z - 128) = c - z``).  Symmetric codes are already signed with ``z = 0``.
-* Activation codes: symmetric are used as-is; asymmetric codes <= 127 are reinterpreted as int8
-  without a copy; 8-bit asymmetric ones are shifted by -128 (one xor pass).
+* Weight codes are stored int8 ``[out, in]`` contiguous and fed as ``codes.t()`` (group ``g`` is a
+  column slice): on CPU ``_int_mm`` is ~2x faster with this column-major B than with a contiguous
+  ``[in, out]`` copy at small batch (measured 0.14 vs 0.39 ms, 2048^2, M=1).
+* Asymmetric weights whose centred codes ``cw - zw`` fit int8 are stored CENTRED (``zw`` term
+  gone; the common 2/3/4-bit case).  Otherwise codes above 127 (8-bit asymmetric) are shifted
+  with their zero point by -128 (``(c - 128) - (z - 128) = c - z``).  Symmetric: ``z = 0``.
+
+Per call (:func:`int_linear`):
+
+* Activation codes: symmetric are used as-is; asymmetric codes of <= 7 bits are CENTRED
+  (``cx - zx``, one int8 pass over ``[M, K]``) whenever ``max|zx| + qmax <= 127``, i.e. for every
+  token whose range contains 0.  With both operands centred ``T_g = P_g``: one ``_int_mm`` and a
+  fused rescale, no correction pass over the ``[M, N]`` output at all.  Otherwise (8-bit
+  asymmetric, shifted by -128 with one xor pass, or far-off zero points) the corrections above are
+  applied as one rank-1/rank-2 ``addmm`` per group.
+* Per-group weights: for ``M * G <= 64`` (decode) ONE ``_int_mm`` of a block-diagonal ``[G*M, K]``
+  activation against the whole weight (which is read once), then a G-way weighted sum; for
+  larger M one product per group, tiled over 128-row blocks, accumulated with ``addcmul_``.
 
 Exactness: ``T_g`` is an integer.  It is assembled in fp32 only when a bound on every partial
 result is below ``2^24`` (all fp32 operations on those integers are exact), otherwise in fp64
-(exact below ``2^53``).  ``P_g`` itself is accumulated in int32; K is split into chunks when
-``K * max|cx| * max|cw|`` could reach ``2^31``.  The only roundings are the final fp32 rescale.
+(exact below ``2^53``).  ``P_g`` itself is accumulated in int32; K is split into chunks (int64
+sum) when ``K * max|cx| * max|cw|`` could reach ``2^31``.  The only roundings are in the final
+rescale ``s_x * sum_g s_w * T_g + bias`` (fp32).  Asymmetric activations need ``max|zx|`` on the
+host (one ``.item()``: a device sync on CUDA).
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -53,8 +63,8 @@ class IntWeight:
     """A weight prepared once in kernel layout (not serialized; rebuilt from packed codes).
 
     Attributes:
-        blocks: one int8 tensor ``[out, n_g]`` (contiguous) per group (one block for "channel").
-        scale: fp32 ``[out, G]`` weight scales.
+        codes: int8 ``[out, in]`` contiguous stored codes (group ``g`` is ``codes[:, g*n_g:(g+1)*n_g]``).
+        scale: fp32 ``[out, G]`` weight scales; scale_t: the same transposed ``[G, out]`` contiguous.
         zero: fp64 ``[G, out]`` effective zero points (after the -128 shift); ``None`` when the
             codes are stored centred (then the ``zw`` correction term is skipped).
         colsum: fp64 ``[G, out]`` sum over each group of the stored (effective) codes.
@@ -64,8 +74,9 @@ class IntWeight:
         in_features: K; out_features: N; group_size: n_g (== K for per-channel).
     """
 
-    blocks: tuple[Tensor, ...]
+    codes: Tensor
     scale: Tensor
+    scale_t: Tensor
     zero: Tensor | None
     colsum: Tensor
     max_abs_code: int
@@ -134,14 +145,14 @@ def prepare_int_weight(codes: Tensor, scale: Tensor, zero: Tensor, spec: QuantSp
         else:
             stored, zero_eff = c16 - 128, z - 128.0
     colsum = stored.sum(-1, dtype=torch.int64).to(torch.float64)  # [out, G]
-    blocks = tuple(stored[:, g].to(torch.int8).contiguous() for g in range(groups))
 
     def _amax(t: Tensor | None) -> float:
         return float(t.abs().max().item()) if t is not None and t.numel() else 0.0
 
     return IntWeight(
-        blocks=blocks,
+        codes=stored.reshape(n_out, k).to(torch.int8).contiguous(),
         scale=scale.to(torch.float32).contiguous(),
+        scale_t=scale.to(torch.float32).t().contiguous(),
         zero=None if zero_eff is None else zero_eff.t().contiguous(),
         colsum=colsum.t().contiguous(),
         max_abs_code=int(_amax(stored)),
@@ -174,10 +185,10 @@ def int8_matmul(a: Tensor, b_t: Tensor, max_abs_a: int = 128, max_abs_b: int = 1
 
     Returns:
         int32 ``[M, N]`` (int64 when ``K * max_abs_a * max_abs_b >= 2^31``: K is then processed in
-        chunks whose int32 partial sums cannot overflow).  Uses ``torch._int_mm`` when the shapes are supported on the device
-        (CUDA rows are zero-padded up to 17 when that is the only violated constraint),
-        else an exact float matmul on the integer values (fp32 if ``K*max|a|*max|b| < 2^24``,
-        else fp64).
+        chunks whose int32 partial sums cannot overflow).  Uses ``torch._int_mm`` when the shapes
+        are supported on the device (CUDA rows are zero-padded up to 17 when that is the only
+        violated constraint), else an exact float matmul on the integer values (fp32 if
+        ``K*max|a|*max|b| < 2^24``, else fp64).
     """
     if a.dtype != torch.int8 or b_t.dtype != torch.int8:
         raise TypeError(f"int8_matmul needs int8 operands, got {a.dtype} and {b_t.dtype}")
@@ -201,13 +212,92 @@ def int8_matmul(a: Tensor, b_t: Tensor, max_abs_a: int = 128, max_abs_b: int = 1
     return (a.to(ftype) @ b_t.to(ftype)).to(torch.int32)
 
 
-def _act_codes(codes: Tensor, zero: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor | None, int]:
-    """Activation codes as int8 + effective zero (fp32 [M] or None) + bound on |code|."""
+def _act_codes(codes: Tensor, zero: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor | None, int, float]:
+    """Activation codes as int8, effective zero (fp32 ``[M]``, None if none is needed), bounds.
+
+    Returns ``(a, zx_eff, max|a|, max|zx_eff|)``.  Asymmetric codes of <= 7 bits are CENTRED
+    (``a = cx - zx``) when that fits int8, which removes the ``zx`` correction entirely: one pass
+    over ``[M, K]`` int8 instead of a pass over the ``[M, N]`` output.
+    """
     if spec.symmetric:
-        return codes, None, 1 << (spec.bits - 1)
+        return codes, None, 1 << (spec.bits - 1), 0.0
+    qmax = (1 << spec.bits) - 1
     if spec.bits <= 7:
-        return codes.view(torch.int8), zero, (1 << spec.bits) - 1
-    return torch.bitwise_xor(codes, 128).view(torch.int8), zero - 128.0, 128
+        zmax = float(zero.abs().max().item())
+        if zmax + qmax <= 127:  # int8 arithmetic below is exact: every result fits int8
+            return codes.view(torch.int8) - zero.to(torch.int8).unsqueeze(1), None, qmax + int(zmax), 0.0
+        return codes.view(torch.int8), zero, qmax, zmax
+    zero = zero - 128.0
+    return torch.bitwise_xor(codes, 128).view(torch.int8), zero, 128, float(zero.abs().max().item())
+
+
+_ROW_TILE = 128  # rows per tile in the per-group loop: keeps the int32 / fp32 [tile, N] blocks in cache
+_BLOCKDIAG_MAX_ROWS = 64  # use the single block-diagonal product while M * G <= this
+
+
+def _grouped_pure(a: Tensor, max_a: int, weight: IntWeight) -> Tensor:
+    """``sum_g s_w[:, g] * (a_g @ cw_g^T)`` in fp32 ``[M, N]`` for centred operands (no corrections).
+
+    Small M: one ``_int_mm`` of a block-diagonal ``[G*M, K]`` activation against the whole weight
+    (the weight is read once; decode is weight-bandwidth bound).  Larger M: per-group products,
+    tiled over rows, accumulated with a mixed int32 x fp32 ``addcmul_`` (no int->float temporaries).
+    The caller guarantees ``n_g * max|a| * max|cw| < 2^24`` (the int32 -> fp32 steps are exact).
+    """
+    m, k = a.shape
+    gsz, n = weight.group_size, weight.out_features
+    groups = k // gsz
+    max_w = weight.max_abs_code
+    if m * groups <= _BLOCKDIAG_MAX_ROWS:
+        abd = a.new_zeros(groups, m, groups, gsz)
+        idx = torch.arange(groups, device=a.device)
+        abd[idx, :, idx, :] = a.view(m, groups, gsz).transpose(0, 1)
+        p = int8_matmul(abd.view(groups * m, k), weight.codes.t(), max_a, max_w).view(groups, m, n)
+        return (p * weight.scale_t.unsqueeze(1)).sum(0)
+    out = torch.empty(m, n, dtype=torch.float32, device=a.device)
+    for m0 in range(0, m, _ROW_TILE):
+        a_t, acc = a[m0 : m0 + _ROW_TILE], out[m0 : m0 + _ROW_TILE]
+        for g in range(groups):
+            sl = slice(g * gsz, (g + 1) * gsz)
+            p = int8_matmul(a_t[:, sl], weight.codes[:, sl].t(), max_a, max_w)
+            if g == 0:
+                torch.mul(p, weight.scale_t[0], out=acc)
+            else:
+                acc.addcmul_(p, weight.scale_t[g])
+    return out
+
+
+def _general(a: Tensor, zx: Tensor | None, zmax: float, max_a: int, weight: IntWeight) -> Tensor:
+    """Zero-point-corrected path: ``sum_g s_w[:, g] * T_g`` in fp32 ``[M, N]`` with exact ``T_g``."""
+    gsz = weight.group_size
+    bound = gsz * max_a * weight.max_abs_code + zmax * weight.max_abs_colsum
+    if weight.zero is not None:
+        bound += gsz * (max_a + zmax) * max(1.0, weight.max_abs_zero)
+    ctype = torch.float32 if bound < _FP32_EXACT else torch.float64
+    zx_c = None if zx is None else zx.to(ctype)
+    acc: Tensor | None = None
+    for g in range(weight.codes.shape[1] // gsz):
+        sl = slice(g * gsz, (g + 1) * gsz)
+        a_g = a[:, sl]
+        t = int8_matmul(a_g, weight.codes[:, sl].t(), max_a, weight.max_abs_code).to(ctype)  # [M, N]
+        if weight.zero is not None:
+            r = a_g.sum(-1, dtype=torch.int64).to(ctype)  # Sx_g
+            if zx_c is not None:
+                r = r - gsz * zx_c
+            lhs = r.unsqueeze(1) if zx_c is None else torch.stack([zx_c, r], 1)
+            rhs = weight.zero[g : g + 1].to(ctype)
+            if zx_c is not None:
+                rhs = torch.cat([weight.colsum[g : g + 1].to(ctype), rhs])
+            t = torch.addmm(t, lhs, rhs, alpha=-1)
+        elif zx_c is not None:
+            t = torch.addr(t, zx_c, weight.colsum[g].to(ctype), alpha=-1)
+        if ctype != torch.float32:
+            t = t.to(torch.float32)
+        if acc is None:
+            acc = t.mul_(weight.scale_t[g])
+        else:
+            acc.addcmul_(t, weight.scale_t[g])
+    assert acc is not None
+    return acc
 
 
 def int_linear(x: Tensor, weight: IntWeight, act_spec: QuantSpec, bias: Tensor | None = None) -> Tensor:
@@ -251,44 +341,20 @@ def int_linear(x: Tensor, weight: IntWeight, act_spec: QuantSpec, bias: Tensor |
     if m == 0:
         return x.new_zeros(*lead, n)
     codes, sx, zx = quantize(x2, act_spec)
-    sx = sx.to(torch.float32).reshape(-1, 1).expand(m, 1)
-    a, zx_eff, max_a = _act_codes(codes, zx.reshape(-1).expand(m), act_spec)
+    sx = sx.reshape(-1, 1).expand(m, 1)
+    a, zx_eff, max_a, zmax = _act_codes(codes, zx.reshape(-1).expand(m), act_spec)
 
-    # fp32 is exact when every partial result of T_g stays below 2^24.
-    gsz = weight.group_size
-    zmax = 0.0
-    if zx_eff is not None:
-        zmax = float(zx_eff.abs().max().item()) if x.device.type == "cpu" else math.inf
-    bound = gsz * max_a * weight.max_abs_code + zmax * weight.max_abs_colsum
-    if weight.zero is not None:
-        bound += gsz * (max_a + zmax) * max(1.0, weight.max_abs_zero)
-    ctype = torch.float32 if bound < _FP32_EXACT else torch.float64
-
-    acc: Tensor | None = None
-    k0 = 0
-    zx_c = None if zx_eff is None else zx_eff.to(ctype)
-    for g, block in enumerate(weight.blocks):
-        a_g = a[:, k0 : k0 + gsz] if len(weight.blocks) > 1 else a
-        k0 += gsz
-        t = int8_matmul(a_g, block.t(), max_a, weight.max_abs_code).to(ctype)  # [M, N]
-        if weight.zero is not None:
-            r = a_g.sum(-1, dtype=torch.int64).to(ctype)  # Sx_g
-            if zx_c is not None:
-                r = r - gsz * zx_c
-            lhs = r.unsqueeze(1) if zx_c is None else torch.stack([zx_c, r], 1)
-            rhs = weight.zero[g : g + 1].to(ctype)
-            if zx_c is not None:
-                rhs = torch.cat([weight.colsum[g : g + 1].to(ctype), rhs])
-            t = torch.addmm(t, lhs, rhs, alpha=-1)
-        elif zx_c is not None:
-            t = torch.addr(t, zx_c, weight.colsum[g].to(ctype), alpha=-1)
-        if ctype != torch.float32:
-            t = t.to(torch.float32)
-        if acc is None:
-            acc = t.mul_(weight.scale[:, g])
+    group_exact = weight.group_size * max_a * weight.max_abs_code < _FP32_EXACT
+    if zx_eff is None and weight.zero is None and (weight.group_size == k or group_exact):
+        if weight.group_size == k:  # per channel: exactly one int8 GEMM, no correction at all
+            p = int8_matmul(a, weight.codes.t(), max_a, weight.max_abs_code)
+            if k * max_a * weight.max_abs_code >= _FP32_EXACT:
+                p = p.to(torch.float64)  # int32 -> fp32 would round before the scale
+            acc = torch.mul(p, weight.scale_t[0]).to(torch.float32)
         else:
-            acc.addcmul_(t, weight.scale[:, g])
-    assert acc is not None
+            acc = _grouped_pure(a, max_a, weight)
+    else:
+        acc = _general(a, zx_eff, zmax, max_a, weight)
     if bias is not None:
         y = torch.addcmul(bias.to(torch.float32), acc, sx)
     else:

@@ -111,7 +111,9 @@ def base_hadamard_matrix(m: int) -> Tensor:
     m = _as_int(m, "m")
     orders = _hf.supported_base_orders()
     if m not in orders:
-        raise ValueError(f"unsupported Hadamard base order m={m}; supported base orders: {{{_hf.describe_base_orders()}}}")
+        raise ValueError(
+            f"unsupported Hadamard base order m={m}; supported base orders: {{{_hf.describe_base_orders()}}}"
+        )
     return _hf.base_matrix(m).clone()
 
 

@@ -163,7 +163,9 @@ def _ct_factor_file() -> Path | None:
         from compressed_tensors.transform.utils import hadamard as ct_hadamard
     except Exception:  # noqa: BLE001 - any import failure means "not available"
         return None
-    path = Path(getattr(ct_hadamard, "REPO_PATH", Path(ct_hadamard.__file__).parent / "hadamards.safetensors"))
+    path = Path(
+        getattr(ct_hadamard, "REPO_PATH", Path(ct_hadamard.__file__).parent / "hadamards.safetensors")
+    )
     return path if path.is_file() else None
 
 

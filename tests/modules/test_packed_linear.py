@@ -75,7 +75,8 @@ def test_weight_only_mode_caches_dequantized_weight():
 
 
 def test_kernel_cache_is_lazy_reused_and_not_in_state_dict():
-    layer = PackedLinear.from_float(torch.randn(40, 96), torch.randn(40), _wspec(4, False, "channel"), QuantSpec(4))
+    w, b = torch.randn(40, 96), torch.randn(40)
+    layer = PackedLinear.from_float(w, b, _wspec(4, False, "channel"), QuantSpec(4))
     assert layer._cache is None  # nothing built before the first forward
     layer(torch.randn(2, 96))
     kw = layer.kernel_weight()

@@ -99,6 +99,22 @@ def test_uncentred_weight_and_far_zero_points_use_exact_path():
     assert iwc.zero is None  # ordinary 4-bit weights are stored centred
 
 
+@pytest.mark.parametrize("rows", [4, 300])
+def test_grouped_row_tiled_path(rows):
+    # 300 rows x 3 groups > block-diagonal limit: per-group products tiled over 128-row blocks
+    x, w = torch.randn(rows, 96), torch.randn(24, 96)
+    for aspec in (QuantSpec(4), QuantSpec(4, symmetric=True), QuantSpec(8)):
+        _check(x, w, torch.randn(24), _wspec(4, True, "group"), aspec)
+
+
+def test_wide_8bit_products_use_fp64_rescale():
+    # K * 128 * 128 >= 2^24: the int32 sums are not exactly representable in fp32
+    x, w = torch.randn(5, 2048), torch.randn(8, 2048)
+    _check(x, w, None, _wspec(8, True, "channel"), QuantSpec(8, symmetric=True))
+    _check(x, w, None, QuantSpec(8, symmetric=True, granularity="group", group_size=1024),
+           QuantSpec(8, symmetric=True))
+
+
 def test_nan_token_only_poisons_its_row():
     w = torch.randn(8, 32)
     wspec = _wspec(4, True, "channel")

@@ -23,7 +23,7 @@ from hf_roste.rotation import hadamard_factors as hf
 MODEL_SIZES = [896, 3584, 1024, 2048, 4096, 4864, 18944, 14336, 3072, 8192, 16384, 64, 128, 256]
 SMALL_SIZES = [1, 2, 4, 12, 24, 40, 48, 96, 160, 192]
 PALEY_ORDERS = [12, 20, 28, 36, 44, 60, 76, 108, 140, 148]
-DENSE_LIMIT = 4096
+DENSE_LIMIT = 1024
 
 
 def _eye(n: int) -> torch.Tensor:
@@ -105,7 +105,7 @@ def test_factorization_paley_fallback(paley_source: None) -> None:
 # ----------------------------------------------------------------------------- transform vs dense
 
 
-@pytest.mark.parametrize("n", [1, 12, 40, 64, 96, 192, 896, 1024, 4096])
+@pytest.mark.parametrize("n", [1, 12, 40, 64, 96, 192, 896, 1024])
 @pytest.mark.parametrize("use_signs", [False, True])
 @pytest.mark.parametrize("transpose", [False, True])
 @pytest.mark.parametrize("batch", [(), (3,), (2, 5)])
@@ -150,7 +150,7 @@ def test_inverse_and_rows_of_dense() -> None:
 ct_h = pytest.importorskip("compressed_tensors.transform.utils.hadamard")
 
 
-@pytest.mark.parametrize("n", [12, 24, 28, 40, 96, 160, 192, 224, 448, 896, 3072, 3584, 4864])
+@pytest.mark.parametrize("n", [12, 24, 28, 40, 96, 160, 192, 224, 304, 448, 592, 608, 896])
 def test_equals_compressed_tensors_matmul_hadU(n: int) -> None:
     ct = ct_h._matmul_hadU(_eye(n))
     ours = hadamard_matrix(n) * math.sqrt(n)
@@ -256,7 +256,7 @@ def test_empty_batch_and_noncontiguous() -> None:
 
 
 @pytest.mark.parametrize(
-    ("n", "below", "above"), [(7, 4, 8), (14, 12, 16), (1000, 992, 1008), (260, 256, 264), (4100, 4096, 4160)]
+    ("n", "below", "above"), [(7, 4, 8), (14, 12, 16), (1000, 992, 1008), (260, 256, 264), (4100, 4096, 4224)]
 )
 def test_unsupported_sizes(n: int, below: int, above: int) -> None:
     assert not is_hadamard_size(n)

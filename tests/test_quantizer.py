@@ -1,0 +1,186 @@
+"""from_pretrained(..., quantization_config=RoSTEConfig(...)): function preservation and bad input."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import pytest
+import torch
+from tiny_models import TINY_CONFIGS, build_tiny, sample_ids
+from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
+
+import hf_roste
+from hf_roste import RoSTEConfig, get_state, set_rotation_config
+from hf_roste.modules.qat_linear import QATLinear
+
+FP = dict(weight_bits=16, activation_bits=16, kv_bits=16)
+
+
+def _load(path, attn="eager", **cfg):
+    return AutoModelForCausalLM.from_pretrained(
+        path, quantization_config=RoSTEConfig(**cfg), dtype=torch.float32, attn_implementation=attn
+    ).eval()
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / a.abs().max())
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("kind", sorted(TINY_CONFIGS))
+def test_all_rotations_preserve_function(tiny_checkpoints, kind, attn):
+    path = tiny_checkpoints[kind]
+    ids = sample_ids()
+    ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=attn).eval()
+    model = _load(path, attn, rotation_search="all", **FP)
+    state = get_state(model)
+    assert state.applied["R1"] and all(all(f.values()) for f in state.applied["layers"])
+    assert model.config._attn_implementation == f"roste_{attn}"
+    with torch.no_grad():
+        assert _rel_err(ref(ids).logits, model(ids).logits) <= 1e-4
+    # the transformation really happened: weights differ from the original ones
+    w_ref = ref.get_submodule(state.adapter.quantized_linear_paths(ref)[0]).weight
+    w_new = model.get_submodule(state.adapter.quantized_linear_paths(model)[0]).weight
+    assert not torch.allclose(w_ref, w_new, atol=1e-3)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "gpt_neox"])
+def test_mixed_layer_flags_preserve_function(tiny_checkpoints, kind):
+    path = tiny_checkpoints[kind]
+    ids = sample_ids(seed=1)
+    ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref_logits = ref(ids).logits
+    model = _load(path, rotation_search="none", **FP)
+    combos = list(itertools.product([False, True], repeat=3))
+    n = get_state(model).adapter.num_layers(model)
+    for step, start in enumerate(range(0, len(combos), n)):
+        flags = [dict(zip(("R2", "R3", "R4"), combos[(start + i) % len(combos)])) for i in range(n)]
+        set_rotation_config(model, {"R1": True, "layers": flags})
+        assert model.config.quantization_config.rotation_config["layers"] == flags
+        with torch.no_grad():
+            assert _rel_err(ref_logits, model(ids).logits) <= 1e-4, (step, flags)
+    # loading with an explicit rotation_config gives the same function too
+    flags = [{"R2": True, "R3": False, "R4": True}, {"R2": False, "R3": True, "R4": False}]
+    model2 = _load(path, rotation_config={"R1": True, "layers": flags}, **FP)
+    assert get_state(model2).applied["layers"] == flags
+    with torch.no_grad():
+        assert _rel_err(ref_logits, model2(ids).logits) <= 1e-4
+
+
+def test_without_r1_and_selected_rotations(tiny_checkpoints):
+    path = tiny_checkpoints["llama"]
+    ids = sample_ids()
+    ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model = _load(path, rotations=("R3", "R4"), rotation_search="all", **FP)
+    state = get_state(model)
+    assert state.applied["R1"] is False
+    assert all(f == {"R2": False, "R3": True, "R4": True} for f in state.applied["layers"])
+    with torch.no_grad():
+        assert _rel_err(ref(ids).logits, model(ids).logits) <= 1e-4
+
+
+def test_default_adaptive_state_is_explicit(tiny_checkpoints):
+    model = _load(tiny_checkpoints["llama"])
+    state = get_state(model)
+    assert model.config.quantization_config.rotation_config is None
+    assert state.searched is False
+    assert state.applied["R1"] is True
+    assert all(f == {"R2": False, "R3": False, "R4": False} for f in state.applied["layers"])
+
+
+def test_modules_are_swapped_and_lm_head_kept(tiny_checkpoints):
+    model = _load(tiny_checkpoints["qwen2"])
+    state = get_state(model)
+    for path in state.adapter.quantized_linear_paths(model):
+        assert isinstance(model.get_submodule(path), QATLinear), path
+    assert type(model.lm_head) is torch.nn.Linear
+    assert model.lm_head.weight.data_ptr() != model.model.embed_tokens.weight.data_ptr()
+    assert model.config.tie_word_embeddings is False
+    skip = _load(tiny_checkpoints["qwen2"], modules_to_not_convert=["down_proj"])
+    assert type(skip.model.layers[0].mlp.down_proj) is torch.nn.Linear
+    assert isinstance(skip.model.layers[0].mlp.up_proj, QATLinear)
+
+
+def test_import_twice_is_harmless():
+    import importlib
+
+    importlib.reload(hf_roste)
+    importlib.reload(hf_roste)
+    from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING
+
+    assert AUTO_QUANTIZER_MAPPING["roste"].__name__ == "RoSTEHfQuantizer"
+
+
+def test_real_model_configs_transform_on_meta(shared_model_configs):
+    from hf_roste.rotation.apply import prepare_model
+
+    for name, fields in shared_model_configs.items():
+        from transformers import AutoConfig
+
+        fields = {k: v for k, v in fields.items() if k not in ("architectures",)}
+        config = AutoConfig.for_model(**fields)
+        config.num_hidden_layers = 2  # shapes are what matter; two layers cover the layer loop
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+        cfg = RoSTEConfig(rotation_search="all")
+        model.config.quantization_config = cfg
+        state = prepare_model(model, cfg, weights_are_rotated=False)
+        assert all(all(f.values()) for f in state.applied["layers"]), name
+        down = model.get_submodule(state.adapter.quantized_linear_paths(model)[-1])
+        assert isinstance(down, QATLinear) and down.input_hadamard, name
+        assert down.in_features == fields["intermediate_size"]
+
+
+# ------------------------------------------------------------------ bad input
+def test_unsupported_architecture_is_a_clear_error(tmp_path):
+    from transformers import GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64)).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"model_type='gpt2'.*Supported model types: llama, mistral, qwen2, qwen3, gpt_neox"):
+        AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=RoSTEConfig())
+
+
+def test_head_dim_without_hadamard_is_a_clear_error(tmp_path):
+    from transformers import LlamaForCausalLM
+
+    # head_dim 14 = 56 / 4 has no Hadamard construction
+    LlamaForCausalLM(LlamaConfig(hidden_size=56, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                                 vocab_size=64)).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"R2 needs a Hadamard matrix of order head_dim=14.*Remove 'R2'"):
+        AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=RoSTEConfig())
+    # without the rotations that need it, the model loads
+    model = AutoModelForCausalLM.from_pretrained(
+        tmp_path, quantization_config=RoSTEConfig(rotations=("R4",), rotation_search="all")
+    )
+    assert get_state(model).applied["R1"] is False
+
+
+def test_checkpoint_quantized_with_another_method_is_refused(tmp_path):
+    build_tiny("llama").save_pretrained(tmp_path)
+    cfg_path = tmp_path / "config.json"
+    data = json.loads(cfg_path.read_text())
+    data["quantization_config"] = {"quant_method": "compressed-tensors", "format": "dense", "config_groups": {}}
+    cfg_path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="CompressedTensorsConfig.*RoSTEConfig"):
+        AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=RoSTEConfig())
+
+
+def test_checkpoint_format_set_by_user_is_refused(tiny_checkpoints):
+    with pytest.raises(ValueError, match="checkpoint_format='master' is set by hf_roste"):
+        AutoModelForCausalLM.from_pretrained(
+            tiny_checkpoints["llama"], quantization_config=RoSTEConfig(checkpoint_format="master")
+        )
+
+
+def test_set_rotation_config_rejects_bad_input(tiny_checkpoints):
+    model = _load(tiny_checkpoints["llama"], rotations=("R1", "R3"))
+    with pytest.raises(ValueError, match="has 1 layer entries but the model has 2 decoder layers"):
+        set_rotation_config(model, {"R1": True, "layers": [{"R2": False, "R3": True, "R4": False}]})
+    with pytest.raises(ValueError, match="turns R4 on but 'R4' is not in RoSTEConfig.rotations"):
+        set_rotation_config(model, {"R1": True, "layers": [{"R2": False, "R3": False, "R4": True}] * 2})
+    with pytest.raises(ValueError, match="R1.*cannot change"):
+        set_rotation_config(model, {"R1": False, "layers": [{"R2": False, "R3": False, "R4": False}] * 2})
+    with pytest.raises(ValueError, match="was not prepared for RoSTE"):
+        set_rotation_config(build_tiny("llama"), {"R1": True, "layers": []})
