@@ -6,7 +6,8 @@ INTERLEAVED (one call of each per round, so machine-load drift hits all alike):
 * ``fp32``            F.linear in fp32
 * ``bf16``            F.linear in bf16 (weight pre-cast)
 * ``w4a4_int``        PackedLinear W4A4 (4-bit asym per-channel weight, 4-bit asym per-token
-                      activation): quantize x, one int8 GEMM (torch._int_mm), corrections, rescale
+                      activation): quantize x, centre the codes, one exact int8 GEMM (oneDNN
+                      pre-packed weight, else torch._int_mm), fused fp32 rescale + bias
 * ``w4a4_int_g128``   same with per-group (128) weights
 * ``unpack_deq``      what a naive deploy would do: unpack + dequantize the weight every call, then
                       fake-quant the activation and F.linear in fp32

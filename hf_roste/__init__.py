@@ -8,6 +8,9 @@ from __future__ import annotations
 from .config import FORMAT_VERSION, RoSTEConfig
 from .quantizer import RoSTEHfQuantizer
 from .rotation.apply import get_state, set_quantization_enabled, set_rotation_config
+from .rotation.calibration import sample_calibration_batches
+from .rotation.optim_state import rotate_optimizer_state
+from .rotation.search import RotationSearchResult, search_rotation_config
 
 __version__ = "0.1.0.dev0"
 
@@ -34,7 +37,11 @@ __all__ = [
     "FORMAT_VERSION",
     "RoSTEConfig",
     "RoSTEHfQuantizer",
+    "RotationSearchResult",
     "get_state",
+    "rotate_optimizer_state",
+    "sample_calibration_batches",
+    "search_rotation_config",
     "set_quantization_enabled",
     "set_rotation_config",
     "__version__",

@@ -43,6 +43,8 @@ class AttentionQuantState:
         observers: callables `(name, tensor)` receiving "k" and "v" after R3, before quantization
             (used by the rotation search).
         kv_quantized_by_cache: set while a quantized KV cache has already rotated and quantized K/V.
+        observe_query: also pass "q" (after RoPE and R3) to the observers, before "k" and "v"
+            (the rotation search's "output" criterion needs the attention scores).
     """
 
     r3: bool
@@ -50,6 +52,7 @@ class AttentionQuantState:
     quant_enabled: bool = True
     observers: list[Observer] = field(default_factory=list)
     kv_quantized_by_cache: bool = False
+    observe_query: bool = False
 
 
 def _base_function(base: str, module: nn.Module) -> Callable:
@@ -72,6 +75,8 @@ def transform_qkv(
         query = hadamard_transform(query)
         key = hadamard_transform(key)
     for obs in state.observers:
+        if state.observe_query:
+            obs("q", query)
         obs("k", key)
         obs("v", value)
     if state.quant_enabled and state.kv_spec.enabled:

@@ -194,6 +194,14 @@ class PackedLinear(nn.Module):
             self._cache_key = key
         return self._cache
 
+    def __getstate__(self) -> dict[str, Any]:
+        # the cache may hold an opaque (oneDNN-packed) tensor that cannot be copied or pickled;
+        # deepcopy / torch.save get a cache-free copy that rebuilds lazily
+        state = self.__dict__.copy()
+        state["_cache"] = None
+        state["_cache_key"] = None
+        return state
+
     def kernel_weight(self) -> IntWeight:
         """The (lazily built, cached) int8 kernel layout of the weight."""
         return self._cached("int")

@@ -7,6 +7,9 @@ with ``M = |x_hat| @ |w_hat|^T + |b|``.
 
 from __future__ import annotations
 
+import copy
+import io
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -110,6 +113,19 @@ def test_state_dict_round_trip_and_stale_cache(wsym):
         dst.weight_zero_point.copy_(src1.weight_zero_point)
         dst.bias.copy_(src1.bias)
     assert torch.equal(dst(x), src1(x))
+
+
+@pytest.mark.parametrize("gran", ["channel", "group"])
+def test_deepcopy_and_pickle_after_forward(gran):
+    layer = PackedLinear.from_float(torch.randn(40, 96), torch.randn(40), _wspec(4, True, gran), QuantSpec(4))
+    x = torch.randn(3, 96)
+    y = layer(x)  # cache populated (may hold an opaque oneDNN tensor)
+    assert torch.equal(copy.deepcopy(layer)(x), y)
+    buf = io.BytesIO()
+    torch.save(layer, buf)
+    buf.seek(0)
+    assert torch.equal(torch.load(buf, weights_only=False)(x), y)
+    assert torch.equal(layer(x), y)  # the original keeps working
 
 
 def test_input_transform_is_applied_before_quantization():

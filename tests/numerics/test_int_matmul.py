@@ -115,6 +115,21 @@ def test_wide_8bit_products_use_fp64_rescale():
            QuantSpec(8, symmetric=True))
 
 
+@pytest.mark.parametrize("wsym", [False, True])
+@pytest.mark.parametrize("gran,rows", [("channel", 10), ("group", 300)])
+def test_onednn_and_int_mm_routes_agree(monkeypatch, wsym, gran, rows):
+    g = torch.Generator().manual_seed(11)
+    x, w, b = torch.randn(2, rows // 2, 96, generator=g), torch.randn(40, 96, generator=g), torch.randn(40)
+    wspec = _wspec(4, wsym, gran)
+    y1, iw = _check(x, w, b, wspec, QuantSpec(4))
+    monkeypatch.setattr(im, "_ONEDNN_ENABLED", False)
+    y2, _ = _check(x, w, b, wspec, QuantSpec(4))
+    # both are exact in the integer part; they may differ by the rounding of the final rescale
+    torch.testing.assert_close(y1, y2, rtol=1e-5, atol=1e-5)
+    if iw.onednn_packed is None:
+        pytest.skip("oneDNN int8 prepack not available in this torch build")
+
+
 def test_nan_token_only_poisons_its_row():
     w = torch.randn(8, 32)
     wspec = _wspec(4, True, "channel")

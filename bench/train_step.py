@@ -1,0 +1,110 @@
+"""Training-step cost of RoSTE W4A4KV4 (all rotations on) relative to plain fp32 training.
+
+Same model, same batch, one process, interleaved repetitions. Default shape (issue 3): Llama,
+hidden 512, 6 layers, intermediate 2048, batch 4 x 256, 2 threads. Also reports STE (no
+rotations) and peak-memory ratios (measured in separate child processes, so each figure is the
+peak of one variant alone). Last line: JSON with `step_time_ratio` and `peak_memory_ratio`.
+
+    python bench/train_step.py [--quick] [--reps N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench._common import emit, interleaved, ratio  # noqa: E402
+
+SHAPES = {
+    "full": dict(hidden=512, layers=6, inter=2048, heads=8, kv_heads=8, batch=4, seq=256),
+    "quick": dict(hidden=256, layers=2, inter=1024, heads=4, kv_heads=4, batch=2, seq=128),
+}
+
+
+def build(variant: str, shape: dict, base_dir: str):
+    import hf_roste  # noqa: F401
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from hf_roste import RoSTEConfig
+
+    if not os.path.exists(os.path.join(base_dir, "config.json")):
+        torch.manual_seed(0)
+        cfg = LlamaConfig(hidden_size=shape["hidden"], intermediate_size=shape["inter"],
+                          num_hidden_layers=shape["layers"], num_attention_heads=shape["heads"],
+                          num_key_value_heads=shape["kv_heads"], vocab_size=2048, max_position_embeddings=1024)
+        AutoModelForCausalLM.from_config(cfg).save_pretrained(base_dir)
+    kwargs = dict(dtype=torch.float32, attn_implementation="sdpa")
+    if variant == "plain":
+        return AutoModelForCausalLM.from_pretrained(base_dir, **kwargs)
+    if variant == "roste":
+        q = RoSTEConfig(rotation_search="all")
+    elif variant == "ste":
+        q = RoSTEConfig(rotations=(), rotation_search="none")
+    else:
+        raise ValueError(variant)
+    return AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=q, **kwargs)
+
+
+def make_step(model, shape: dict):
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 2048, (shape["batch"], shape["seq"]), generator=g)
+
+    def step() -> None:
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def peak_rss_child(variant: str, shape_name: str, base_dir: str) -> int:
+    """Peak resident memory (bytes) of a fresh process doing 3 steps of `variant`."""
+    code = (
+        "import resource, sys, torch; torch.set_num_threads(2); sys.path.insert(0, %r);"
+        "from bench.train_step import build, make_step, SHAPES;"
+        "s = SHAPES[%r]; m = build(%r, s, %r); st = make_step(m, s); [st() for _ in range(3)];"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+    ) % (os.path.dirname(os.path.dirname(os.path.abspath(__file__))), shape_name, variant, base_dir)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return int(out.stdout.strip().splitlines()[-1]) * 1024
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small shape, few repetitions")
+    parser.add_argument("--reps", type=int, default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    shape_name = "quick" if args.quick else "full"
+    shape = SHAPES[shape_name]
+    reps = args.reps or (3 if args.quick else 7)
+    with tempfile.TemporaryDirectory() as base_dir:
+        steps = {v: make_step(build(v, shape, base_dir), shape) for v in ("plain", "roste", "ste")}
+        stats = interleaved(steps, reps=reps, warmup=1)
+        rss = {v: peak_rss_child(v, shape_name, base_dir) for v in ("plain", "roste", "ste")}
+    print(f"shape: {shape}, threads: 2, repetitions: {reps}")
+    for v, s in stats.items():
+        print(f"  {v:6s} step: median {s['median'] * 1e3:8.1f} ms  (min {s['min'] * 1e3:.1f}, max {s['max'] * 1e3:.1f})")
+    r_roste, r_ste = ratio(stats, "roste", "plain"), ratio(stats, "ste", "plain")
+    print(f"  RoSTE / plain: {r_roste['median']:.3f}  (spread {r_roste['min']:.3f}-{r_roste['max']:.3f}); target <= 1.25")
+    print(f"  STE   / plain: {r_ste['median']:.3f}  (spread {r_ste['min']:.3f}-{r_ste['max']:.3f})")
+    mem_roste, mem_ste = rss["roste"] / rss["plain"], rss["ste"] / rss["plain"]
+    print(f"  peak RSS: plain {rss['plain'] / 2**20:.0f} MiB, RoSTE {rss['roste'] / 2**20:.0f} MiB "
+          f"({mem_roste:.3f}x; target <= 1.3), STE {rss['ste'] / 2**20:.0f} MiB ({mem_ste:.3f}x)")
+    emit({"shape": shape_name, "step_time_ratio": r_roste["median"], "step_time_ratio_min": r_roste["min"],
+          "step_time_ratio_max": r_roste["max"], "ste_step_time_ratio": r_ste["median"],
+          "peak_memory_ratio": mem_roste, "ste_peak_memory_ratio": mem_ste,
+          "plain_step_ms": stats["plain"]["median"] * 1e3})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""`RoSTESFTConfig`: TRL's `SFTConfig` plus the rotation-search options of RoSTE."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from trl import SFTConfig
+
+TRAINER_SEARCH_STRATEGIES = ("adaptive", "layerwise", "none")
+SEARCH_CRITERIA = ("paper", "output")
+
+
+@dataclass
+class RoSTESFTConfig(SFTConfig):
+    """Configuration of `RoSTESFTTrainer`. Every `SFTConfig` / `TrainingArguments` field still works.
+
+    The rotation search runs before the optimizer exists, on calibration samples drawn from the
+    training data through the trainer's own collator.
+    """
+
+    rotation_search: str | None = field(
+        default=None,
+        metadata={
+            "help": "Rotation search before training: 'adaptive' (the paper), 'layerwise' (also checks the mixed "
+            "configuration as a whole), 'none' (keep the model's current rotations). Default (None): search with "
+            "'adaptive' when the model's RoSTEConfig.rotation_search is 'adaptive' and no configuration was chosen yet.",
+            "choices": [None, *TRAINER_SEARCH_STRATEGIES],
+        },
+    )
+    rotation_search_criterion: str = field(
+        default="paper",
+        metadata={
+            "help": "Error the search compares: 'paper' (weight + input quantization error) or 'output' "
+            "(error of each quantized linear's output).",
+            "choices": list(SEARCH_CRITERIA),
+        },
+    )
+    rotation_calibration_samples: int = field(
+        default=128, metadata={"help": "Number of training samples used to calibrate the rotation search."}
+    )
+    rotation_search_interval: int | None = field(
+        default=None,
+        metadata={"help": "Re-run the search every N optimizer steps (the paper's outer loop, K > 1). None = once."},
+    )
+    rotation_search_seed: int | None = field(
+        default=None, metadata={"help": "Seed of the calibration sample draw (default: the training seed)."}
+    )
+    log_quantization_error: bool = field(
+        default=True,
+        metadata={"help": "Log per-layer relative quantization errors (weights and inputs) at every logging step."},
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.rotation_search not in (None, *TRAINER_SEARCH_STRATEGIES):
+            raise ValueError(
+                f"RoSTESFTConfig.rotation_search={self.rotation_search!r} is invalid: expected None or one of "
+                f"{TRAINER_SEARCH_STRATEGIES}."
+            )
+        if self.rotation_search_criterion not in SEARCH_CRITERIA:
+            raise ValueError(
+                f"RoSTESFTConfig.rotation_search_criterion={self.rotation_search_criterion!r} is invalid: expected one "
+                f"of {SEARCH_CRITERIA}."
+            )
+        n = self.rotation_calibration_samples
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"RoSTESFTConfig.rotation_calibration_samples={n!r} is invalid: expected an int >= 1 (paper: 128).")
+        k = self.rotation_search_interval
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k <= 0):
+            raise ValueError(
+                f"RoSTESFTConfig.rotation_search_interval={k!r} is invalid: expected None (search once) or an int >= 1 "
+                "(re-search every N optimizer steps)."
+            )
+        s = self.rotation_search_seed
+        if s is not None and (isinstance(s, bool) or not isinstance(s, int) or s < 0):
+            raise ValueError(f"RoSTESFTConfig.rotation_search_seed={s!r} is invalid: expected None or an int >= 0.")

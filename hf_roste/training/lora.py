@@ -1,0 +1,91 @@
+"""LoRA on RoSTE models: the adapter update goes inside the weight quantizer.
+
+A plain LoRA layer around a fake-quantized linear computes `Q(x) Q(W)^T + s B A x`, but after
+`merge_and_unload()` the deployed model computes `Q(x) Q(W + s B A)^T`: the two differ. Here the
+training forward already computes the merged form, `Q_a(x R4?) Q_w(W + s B A)^T + b`, so merging
+and packing reproduce the trained model exactly. Gradients reach A and B through the
+straight-through estimator.
+
+Constraints (checked): `lora_dropout` must be 0 (dropout on the LoRA input has no merged
+equivalent), no LoRA variants (DoRA, ...), no mixed-adapter batches.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig, PeftModel
+from peft.tuners.lora.layer import Linear as LoraLinear
+
+from ..modules.qat_linear import QATLinear
+from ..numerics import fake_quantize
+
+
+def check_lora_config(config: LoraConfig) -> None:
+    """Raise a clear error for LoRA options that have no exact quantized merge."""
+    if not isinstance(config, LoraConfig):
+        raise TypeError(f"RoSTE supports LoRA adapters (peft.LoraConfig); got {type(config).__name__}.")
+    if config.lora_dropout:
+        raise ValueError(
+            f"LoraConfig.lora_dropout={config.lora_dropout} is not supported with RoSTE: the LoRA update is merged into "
+            "the quantized weight during training so that the exported model equals the trained one. Set lora_dropout=0."
+        )
+    for flag in ("use_dora", "use_rslora_variant"):
+        if getattr(config, flag, False):
+            raise ValueError(f"LoraConfig.{flag}=True is not supported with RoSTE; use plain LoRA.")
+
+
+class QATLoraLinear(LoraLinear):
+    """LoRA layer for `QATLinear` computing `Q_a(x) Q_w(W + sum_i s_i B_i A_i)^T + b`."""
+
+    def __init__(self, base_layer, adapter_name: str, config: LoraConfig, **kwargs: Any) -> None:
+        check_lora_config(config)
+        super().__init__(base_layer, adapter_name, config=config, **kwargs)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        self._check_forward_args(x, *args, **kwargs)
+        if kwargs.pop("adapter_names", None) is not None:
+            raise ValueError("Mixed-adapter batches (adapter_names=...) are not supported by RoSTE LoRA layers.")
+        base: QATLinear = self.get_base_layer()
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return base(x)
+        if self.merged:
+            return base(x)
+        weight = base.weight
+        for name in self.active_adapters:
+            if name not in self.lora_A.keys():
+                continue
+            if name in self.lora_variant:
+                raise ValueError(f"LoRA variant of adapter {name!r} is not supported by RoSTE.")
+            weight = weight + self.get_delta_weight(name).to(weight.dtype)
+        if base.quant_enabled and base.weight_spec.enabled:
+            weight = fake_quantize(weight, base.weight_spec)
+        return F.linear(base.quantize_input(x), weight, base.bias)
+
+    def __repr__(self) -> str:
+        return "roste." + super().__repr__()
+
+
+def register_roste_lora(config: LoraConfig) -> LoraConfig:
+    """Make `config` wrap `QATLinear` modules with `QATLoraLinear` (returns the same config)."""
+    check_lora_config(config)
+    config._register_custom_module({QATLinear: QATLoraLinear})
+    return config
+
+
+def load_roste_adapter(model, adapter_path: str, adapter_name: str = "default", is_trainable: bool = False) -> PeftModel:
+    """Load LoRA adapters trained with RoSTE onto a RoSTE base model (the one documented call).
+
+    The base must be prepared with the same `RoSTEConfig` (and rotation configuration) it was
+    trained with, e.g. loaded from the trainer's output or from the same full-precision checkpoint
+    and configuration.
+    """
+    config = LoraConfig.from_pretrained(adapter_path)
+    register_roste_lora(config)
+    config.inference_mode = not is_trainable
+    return PeftModel.from_pretrained(model, adapter_path, adapter_name=adapter_name, config=config,
+                                     is_trainable=is_trainable)

@@ -1,0 +1,271 @@
+"""`RoSTESFTTrainer`: TRL's SFTTrainer with the RoSTE rotation search and QAT bookkeeping.
+
+What it adds to `SFTTrainer`:
+- accepts a RoSTE model, or a path plus `quantization_config=RoSTEConfig(...)`;
+- before the optimizer exists, draws calibration samples from the (processed) training data
+  through the trainer's own collator and runs the rotation search; optionally re-runs it every
+  `rotation_search_interval` steps, transforming the optimizer moments with the weights;
+- LoRA adapters train inside the weight quantizer (`QATLoraLinear`), so merging is exact;
+- every checkpoint holds full-precision master weights plus `roste_state.json` (the rotation
+  configuration), and `resume_from_checkpoint` restores that exact configuration;
+- logs the search table and per-layer quantization errors through the usual `report_to`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import torch
+from transformers import AutoConfig, TrainerCallback
+from transformers.trainer_utils import get_last_checkpoint
+from transformers.utils import logging
+from trl import SFTTrainer
+
+from ..config import RoSTEConfig
+from ..io import atomic_write_text
+from ..rotation.apply import RoSTEState, get_state, set_rotation_config
+from ..rotation.search import search_rotation_config
+from .config import RoSTESFTConfig
+from .lora import register_roste_lora
+from .monitor import QuantErrorMonitor
+
+logger = logging.get_logger(__name__)
+
+STATE_FILE = "roste_state.json"
+_DATASET_FORMATS = (
+    "'text' (language modeling), 'messages' (conversational), 'prompt' + 'completion' "
+    "(prompt-completion, the paper's completion-only loss), or pre-tokenized 'input_ids'"
+)
+
+
+def _check_dataset_columns(dataset, name: str, has_formatting_func: bool) -> None:
+    columns = getattr(dataset, "column_names", None)
+    if columns is None or has_formatting_func:
+        return
+    cols = set(columns)
+    ok = "text" in cols or "messages" in cols or "input_ids" in cols or {"prompt", "completion"} <= cols
+    if not ok:
+        raise ValueError(
+            f"{name} has columns {sorted(cols)}, none of the formats RoSTESFTTrainer (TRL SFT) trains on: "
+            f"{_DATASET_FORMATS}. Rename your columns or pass formatting_func=..."
+        )
+
+
+def _is_roste_checkpoint(path: str) -> bool:
+    try:
+        cfg = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError):
+        return False
+    qc = getattr(cfg, "quantization_config", None)
+    method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
+    return method == "roste"
+
+
+class _RoSTECallback(TrainerCallback):
+    """Logs pending search results at train start, arms the error monitor, re-runs the search."""
+
+    def __init__(self, trainer: RoSTESFTTrainer) -> None:
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        pending, self.trainer._pending_logs = self.trainer._pending_logs, {}
+        if pending:
+            self.trainer.log(pending)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        monitor = self.trainer._monitor
+        if monitor is None or args.logging_strategy != "steps":
+            return
+        if (state.global_step + 1) % max(1, int(args.logging_steps)) == 0:
+            monitor.arm()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        interval = args.rotation_search_interval
+        if interval and state.global_step % interval == 0 and state.global_step < state.max_steps:
+            self.trainer.run_rotation_search(optimizer=kwargs.get("optimizer") or self.trainer.optimizer)
+
+    def on_save(self, args, state, control, **kwargs):
+        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        if os.path.isdir(folder):
+            self.trainer._write_state_file(folder)
+
+
+class RoSTESFTTrainer(SFTTrainer):
+    """QA-SFT with RoSTE: `SFTTrainer` plus rotation search, exact LoRA merges and RoSTE checkpoints.
+
+    Args:
+        model: a model loaded with `quantization_config=RoSTEConfig(...)`, a path or Hub id plus
+            `quantization_config`, or the path of a saved RoSTE checkpoint.
+        args: `RoSTESFTConfig` (a plain `SFTConfig` is upgraded with the RoSTE defaults).
+        quantization_config: the `RoSTEConfig` used when `model` is a path.
+        peft_config: optional `peft.LoraConfig` (lora_dropout must be 0).
+        Every other argument is `SFTTrainer`'s.
+    """
+
+    def __init__(
+        self,
+        model,
+        args: RoSTESFTConfig | None = None,
+        train_dataset=None,
+        processing_class=None,
+        quantization_config: RoSTEConfig | None = None,
+        peft_config=None,
+        **kwargs: Any,
+    ) -> None:
+        if args is None:
+            raise ValueError("RoSTESFTTrainer needs args=RoSTESFTConfig(output_dir=...).")
+        if not isinstance(args, RoSTESFTConfig):
+            args = RoSTESFTConfig(**{k: v for k, v in args.to_dict().items() if k in RoSTESFTConfig.__dataclass_fields__})
+        if quantization_config is not None and not isinstance(quantization_config, RoSTEConfig):
+            raise TypeError(
+                f"RoSTESFTTrainer(quantization_config=...) must be a RoSTEConfig, got {type(quantization_config).__name__}."
+            )
+        if isinstance(model, str):
+            if quantization_config is None and not _is_roste_checkpoint(model):
+                raise ValueError(
+                    f"{model!r} is not a RoSTE checkpoint: pass quantization_config=RoSTEConfig(...) to turn it into a "
+                    "RoSTE QAT model, or pass a model loaded with it."
+                )
+        else:
+            get_state(model)  # raises a clear error for models not prepared for RoSTE
+            if quantization_config is not None:
+                raise ValueError(
+                    "The model is already a RoSTE model; do not pass quantization_config again (it would be ignored)."
+                )
+        if train_dataset is not None:
+            _check_dataset_columns(train_dataset, "train_dataset", kwargs.get("formatting_func") is not None)
+        if peft_config is not None:
+            register_roste_lora(peft_config)
+        self._pending_logs: dict[str, float] = {}
+        self._monitor: QuantErrorMonitor | None = None
+        self._calibration: list[dict[str, torch.Tensor]] | None = None
+        self.last_search_result = None
+        super().__init__(
+            model=model,
+            args=args,
+            train_dataset=train_dataset,
+            processing_class=processing_class,
+            quantization_config=quantization_config,
+            peft_config=peft_config,
+            **kwargs,
+        )
+        self.roste_state: RoSTEState = get_state(self.model)
+        if args.log_quantization_error:
+            self._monitor = QuantErrorMonitor(self.model)
+        self.add_callback(_RoSTECallback(self))
+
+    # ------------------------------------------------------------------ search
+    def _wants_search(self) -> str | None:
+        strategy = self.args.rotation_search
+        if strategy == "none":
+            return None
+        if strategy is not None:
+            return strategy
+        cfg = self.roste_state.config
+        if cfg.rotation_search == "adaptive" and not self.roste_state.searched:
+            return "adaptive"
+        return None
+
+    def calibration_batches(self) -> list[dict[str, torch.Tensor]]:
+        """`rotation_calibration_samples` training samples, batched by the trainer's collator.
+
+        Deterministic given `rotation_search_seed` (default: the training seed) and identical on
+        every rank. Only `input_ids`, `attention_mask` (padding excluded from every statistic)
+        and `position_ids` are kept.
+        """
+        if self._calibration is not None:
+            return self._calibration
+        dataset = self.train_dataset
+        if dataset is None or not hasattr(dataset, "__len__") or len(dataset) == 0:
+            raise ValueError("The rotation search needs a non-empty, indexable train_dataset to draw calibration samples.")
+        seed = self.args.rotation_search_seed if self.args.rotation_search_seed is not None else self.args.seed
+        n = min(self.args.rotation_calibration_samples, len(dataset))
+        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:n].tolist()
+        size = max(1, self.args.per_device_train_batch_size)
+        batches = []
+        for start in range(0, n, size):
+            raw = self.data_collator([dataset[i] for i in order[start : start + size]])
+            batch = {k: raw[k] for k in ("input_ids", "attention_mask", "position_ids") if k in raw}
+            if "attention_mask" not in batch:
+                batch["attention_mask"] = torch.ones_like(batch["input_ids"])
+            batches.append(batch)
+        self._calibration = batches
+        return batches
+
+    def run_rotation_search(self, strategy: str | None = None, optimizer=None):
+        """Run the search now (before training, or between steps with the optimizer given)."""
+        strategy = strategy or self.args.rotation_search or "adaptive"
+        if strategy == "none":
+            raise ValueError("run_rotation_search() called with strategy 'none'.")
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            result = search_rotation_config(
+                self.model, self.calibration_batches(), strategy=strategy,
+                criterion=self.args.rotation_search_criterion, optimizer=optimizer,
+            )
+        finally:
+            self.model.train(was_training)
+        self.last_search_result = result
+        logs = {}
+        for i, row in enumerate(result.table()):
+            for name in ("R2", "R3", "R4"):
+                if name in row and isinstance(row[name], bool):
+                    logs[f"roste/search/layer_{i}/{name}"] = float(row[name])
+                err = row.get(f"{name}_error")
+                if err is not None:
+                    logs[f"roste/search/layer_{i}/{name}_error_off"] = float(err[0])
+                    logs[f"roste/search/layer_{i}/{name}_error_on"] = float(err[1])
+        logs.update({f"roste/search/{k}": float(v) for k, v in result.to_dict().get("totals", {}).items()
+                     if isinstance(v, (int, float))})
+        if optimizer is None:
+            self._pending_logs.update(logs)
+        else:
+            self.log(logs)
+        return result
+
+    # ------------------------------------------------------------------ train / resume
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any):
+        path = resume_from_checkpoint
+        if path is True:
+            path = get_last_checkpoint(self.args.output_dir)
+            if path is None:
+                raise ValueError(f"resume_from_checkpoint=True but {self.args.output_dir} holds no checkpoint-* folder.")
+        if path:
+            self._restore_rotation_state(path)
+        else:
+            strategy = self._wants_search()
+            if strategy is not None:
+                self.run_rotation_search(strategy)
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def _restore_rotation_state(self, checkpoint: str) -> None:
+        state_path = os.path.join(checkpoint, STATE_FILE)
+        if not os.path.isfile(state_path):
+            raise ValueError(
+                f"{checkpoint} has no {STATE_FILE}: it was not written by RoSTESFTTrainer, so its rotation configuration "
+                "is unknown and resuming would train different weights than were saved."
+            )
+        with open(state_path, encoding="utf-8") as f:
+            saved = json.load(f)
+        rc = saved["rotation_config"]
+        set_rotation_config(self.model, rc, record=True)
+        self.roste_state.searched = bool(saved.get("searched", True))
+        logger.info("RoSTE: restored the rotation configuration of %s", checkpoint)
+
+    def _write_state_file(self, folder: str) -> None:
+        state = self.roste_state
+        data = {
+            "rotation_config": {"R1": state.applied["R1"], "layers": state.applied["layers"]},
+            "searched": state.searched,
+            "quantization_config": state.config.to_dict(),
+        }
+        atomic_write_text(os.path.join(folder, STATE_FILE), json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+    # ------------------------------------------------------------------ logging
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        if self._monitor is not None and "loss" in logs:
+            logs = {**logs, **self._monitor.pop_metrics()}
+        super().log(logs, *args, **kwargs)

@@ -1,0 +1,146 @@
+"""RoSTESFTTrainer end to end on tiny models: search, loss, formats, resume, LoRA, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from tiny_data import char_tokenizer, messages_dataset, prompt_completion_dataset, text_dataset
+from tiny_models import build_tiny
+from transformers import AutoModelForCausalLM
+
+from hf_roste import RoSTEConfig, get_state
+from hf_roste.training import RoSTESFTConfig, RoSTESFTTrainer
+
+
+def _args(tmp_path, **kw):
+    base = dict(output_dir=str(tmp_path / "out"), max_steps=10, per_device_train_batch_size=8, learning_rate=5e-3,
+                logging_steps=2, report_to="none", save_strategy="no", use_cpu=True, gradient_checkpointing=False,
+                lr_scheduler_type="constant", rotation_calibration_samples=16, seed=0, max_length=32,
+                dataloader_num_workers=0, disable_tqdm=True, bf16=False)
+    base.update(kw)
+    return RoSTESFTConfig(**base)
+
+
+def _losses(trainer):
+    return {h["step"]: h["loss"] for h in trainer.state.log_history if "loss" in h}
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt_neox"])
+def test_prompt_completion_end_to_end(tiny_checkpoints, tmp_path, kind):
+    trainer = RoSTESFTTrainer(
+        model=str(tiny_checkpoints[kind]), args=_args(tmp_path), train_dataset=prompt_completion_dataset(),
+        processing_class=char_tokenizer(), quantization_config=RoSTEConfig(),
+    )
+    trainer.train()
+    state = get_state(trainer.model)
+    assert trainer.last_search_result is not None and state.searched
+    rc = trainer.model.config.quantization_config.rotation_config
+    assert rc is not None and len(rc["layers"]) == 2 and "errors" in rc
+    history = trainer.state.log_history
+    search_logs = [h for h in history if any(k.startswith("roste/search/") for k in h)]
+    assert search_logs and history.index(search_logs[0]) < min(i for i, h in enumerate(history) if "loss" in h)
+    losses = list(_losses(trainer).values())
+    assert losses[-1] < losses[0], losses
+    qerr = [h for h in history if "roste/input_qerr/mean" in h]
+    assert qerr and all(0 < h["roste/input_qerr/mean"] < 1 for h in qerr)
+    assert any("roste/input_qerr/layer_1" in h and "roste/weight_qerr/layer_0" in h for h in history)
+
+
+@pytest.mark.parametrize("dataset_fn,extra", [(messages_dataset, {"assistant_only_loss": True}), (text_dataset, {})])
+def test_other_dataset_formats(tiny_checkpoints, tmp_path, dataset_fn, extra):
+    model = AutoModelForCausalLM.from_pretrained(tiny_checkpoints["llama"], quantization_config=RoSTEConfig())
+    trainer = RoSTESFTTrainer(model=model, args=_args(tmp_path, max_steps=4, **extra), train_dataset=dataset_fn(),
+                              processing_class=char_tokenizer())
+    trainer.train()
+    assert get_state(trainer.model).searched
+    losses = list(_losses(trainer).values())
+    assert losses and all(torch.isfinite(torch.tensor(v)) for v in losses)
+
+
+def test_resume_equals_uninterrupted_run(tiny_checkpoints, tmp_path):
+    kw = dict(max_steps=6, logging_steps=1, save_strategy="steps", save_steps=3)
+    path = str(tiny_checkpoints["llama"])
+    full = RoSTESFTTrainer(model=path, args=_args(tmp_path, **kw), train_dataset=prompt_completion_dataset(),
+                           processing_class=char_tokenizer(), quantization_config=RoSTEConfig())
+    full.train()
+    reference = _losses(full)
+    ckpt = tmp_path / "out" / "checkpoint-3"
+    saved = json.loads((ckpt / "roste_state.json").read_text())
+    assert saved["rotation_config"]["layers"] == get_state(full.model).applied["layers"]
+    assert (ckpt / "model.safetensors").exists() and not list(ckpt.glob("pytorch_model*.bin"))
+    # a different calibration seed: a fresh search could choose differently; resume must not search
+    resumed = RoSTESFTTrainer(model=path, args=_args(tmp_path, rotation_search_seed=123, **kw),
+                              train_dataset=prompt_completion_dataset(), processing_class=char_tokenizer(),
+                              quantization_config=RoSTEConfig())
+    resumed.train(resume_from_checkpoint=str(ckpt))
+    assert resumed.last_search_result is None
+    assert get_state(resumed.model).applied["layers"] == saved["rotation_config"]["layers"]
+    again = _losses(resumed)
+    for step in (4, 5, 6):
+        assert again[step] == pytest.approx(reference[step], rel=1e-4, abs=1e-5), (step, again, reference)
+
+
+def test_lora_training_merges_exactly(tiny_checkpoints, tmp_path):
+    from peft import LoraConfig
+
+    from hf_roste.training import load_roste_adapter
+
+    path = str(tiny_checkpoints["llama"])
+    qc = RoSTEConfig(rotation_search="all")
+    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+    trainer = RoSTESFTTrainer(model=path, args=_args(tmp_path, max_steps=6, learning_rate=2e-2),
+                              train_dataset=prompt_completion_dataset(), processing_class=char_tokenizer(),
+                              quantization_config=qc, peft_config=lora)
+    trainer.train()
+    peft_model = trainer.model.eval()
+    assert any(p.abs().sum() > 0 for n, p in peft_model.named_parameters() if "lora_B" in n)
+    ids = char_tokenizer()(["12+30=", "7+7="], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        trained = peft_model(**ids).logits
+    trained_gen = peft_model.generate(**ids, max_new_tokens=6, do_sample=False)
+    adapter_dir = tmp_path / "adapter"
+    peft_model.save_pretrained(adapter_dir)
+    merged = peft_model.merge_and_unload().eval()
+    with torch.no_grad():
+        after = merged(**ids).logits
+    assert (after - trained).abs().max() <= 1e-5 * trained.abs().max()
+    assert torch.equal(merged.generate(**ids, max_new_tokens=6, do_sample=False), trained_gen)
+    # the documented call to load adapters back onto a RoSTE base with the same configuration
+    base = AutoModelForCausalLM.from_pretrained(path, quantization_config=RoSTEConfig(rotation_search="all")).eval()
+    reloaded = load_roste_adapter(base, str(adapter_dir))
+    with torch.no_grad():
+        assert (reloaded(**ids).logits - trained).abs().max() <= 1e-5 * trained.abs().max()
+
+
+def test_lora_dropout_is_refused(tiny_checkpoints, tmp_path):
+    from peft import LoraConfig
+
+    with pytest.raises(ValueError, match="lora_dropout=0.1 is not supported with RoSTE"):
+        RoSTESFTTrainer(model=str(tiny_checkpoints["llama"]), args=_args(tmp_path),
+                        train_dataset=prompt_completion_dataset(), processing_class=char_tokenizer(),
+                        quantization_config=RoSTEConfig(), peft_config=LoraConfig(r=2, lora_dropout=0.1))
+
+
+def test_bad_input(tiny_checkpoints, tmp_path):
+    from datasets import Dataset
+
+    tok = char_tokenizer()
+    with pytest.raises(ValueError, match=r"columns \['question'\].*'prompt' \+ 'completion'"):
+        RoSTESFTTrainer(model=str(tiny_checkpoints["llama"]), args=_args(tmp_path),
+                        train_dataset=Dataset.from_dict({"question": ["a"]}), processing_class=tok,
+                        quantization_config=RoSTEConfig())
+    with pytest.raises(ValueError, match="is not a RoSTE checkpoint: pass quantization_config"):
+        RoSTESFTTrainer(model=str(tiny_checkpoints["llama"]), args=_args(tmp_path),
+                        train_dataset=prompt_completion_dataset(), processing_class=tok)
+    with pytest.raises(ValueError, match="was not prepared for RoSTE"):
+        RoSTESFTTrainer(model=build_tiny("llama"), args=_args(tmp_path), train_dataset=prompt_completion_dataset(),
+                        processing_class=tok)
+    for bad in (0, -3):
+        with pytest.raises(ValueError, match=rf"rotation_search_interval={bad} is invalid"):
+            _args(tmp_path, rotation_search_interval=bad)
+    with pytest.raises(ValueError, match="rotation_calibration_samples=0"):
+        _args(tmp_path, rotation_calibration_samples=0)
+    with pytest.raises(ValueError, match="rotation_search='greedy'"):
+        _args(tmp_path, rotation_search="greedy")
