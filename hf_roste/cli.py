@@ -1,17 +1,13 @@
-"""The `hf-roste` command."""
+"""The `hf-roste` command: one subcommand per module in `hf_roste/commands/`."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Sequence
 
-
-def _demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
-
-    run_demo(output_dir=args.output_dir, seed=args.seed, steps=args.steps)
-    return 0
+from .commands import COMMANDS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,28 +16,22 @@ def build_parser() -> argparse.ArgumentParser:
         description="RoSTE quantization-aware fine-tuning (W4A4KV4) for Hugging Face models.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    demo = sub.add_parser(
-        "demo",
-        help="Run the built-in demo on a tiny model (no network, no GPU).",
-        description="Builds a tiny Llama-shaped model in memory, turns it into a RoSTE W4A4KV4 QAT model, checks "
-        "that the rotations preserve its full-precision function and trains it for a few steps.",
-    )
-    demo.add_argument("--output-dir", default="roste-demo", help="Folder for the demo's outputs (default: roste-demo).")
-    demo.add_argument("--seed", type=int, default=0, help="Random seed (default: 0).")
-    demo.add_argument("--steps", type=int, default=30, help="Optimizer steps of the QAT run (default: 30).")
-    demo.set_defaults(func=_demo)
+    for name in COMMANDS:
+        importlib.import_module(f"hf_roste.commands.{name}").register(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # `sft` parses its own arguments (TRL-style YAML + overrides), so hand them over untouched.
+    if argv and argv[0] == "sft" and "sft" in COMMANDS:
+        return importlib.import_module("hf_roste.commands.sft").main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    if getattr(args, "steps", 1) < 1:
-        parser.error(f"--steps must be >= 1, got {args.steps}")
-    return args.func(args)
+    return int(args.func(args) or 0)
 
 
 if __name__ == "__main__":
