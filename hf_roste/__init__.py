@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from .config import FORMAT_VERSION, RoSTEConfig
 from .quantizer import RoSTEHfQuantizer
-from .rotation.apply import get_state, set_quantization_enabled, set_rotation_config
+from .rotation.apply import get_state, save_format, set_quantization_enabled, set_rotation_config
 from .rotation.calibration import sample_calibration_batches
 from .rotation.optim_state import rotate_optimizer_state
 from .rotation.search import RotationSearchResult, search_rotation_config
@@ -39,6 +39,7 @@ __all__ = [
     "RoSTEHfQuantizer",
     "RotationSearchResult",
     "get_state",
+    "save_format",
     "rotate_optimizer_state",
     "sample_calibration_batches",
     "search_rotation_config",

@@ -17,7 +17,8 @@ from transformers.utils import logging
 
 from .arch import get_adapter
 from .config import RoSTEConfig
-from .rotation.apply import get_state, prepare_model, prepare_skeleton_for_checkpoint
+from .export.checkpoint import check_packed_values, checkpoint_metadata, packed_state_dict, verify_checkpoint
+from .rotation.apply import finish_packed_model, get_state, prepare_model, prepare_skeleton_for_checkpoint
 
 logger = logging.get_logger(__name__)
 
@@ -45,25 +46,23 @@ class RoSTEHfQuantizer(HfQuantizer):
         # Decided once, here: never from a field that saving changes later.
         self.load_format = fmt if self.pre_quantized else "full_precision"
 
-    def validate_environment(self, *args: Any, **kwargs: Any) -> None:
-        if self.load_format == "packed":
-            raise ValueError(
-                "This is a packed RoSTE checkpoint (checkpoint_format='packed'); this version of hf_roste only "
-                "loads master checkpoints. Upgrade hf_roste."
-            )
-
-    def _process_model_before_weight_loading(self, model, **kwargs: Any):
+    def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs: Any):
         get_adapter(model)  # unsupported families fail here, before any weight is read
-        if self.load_format == "master":
-            prepare_skeleton_for_checkpoint(model, self.quantization_config)
+        if self.load_format in ("master", "packed"):
+            prepare_skeleton_for_checkpoint(model, self.quantization_config, self.load_format)
+            verify_checkpoint(model, checkpoint_files, self.load_format, self)
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs: Any):
-        prepare_model(model, self.quantization_config, weights_are_rotated=self.load_format == "master")
+        if self.load_format == "packed":
+            check_packed_values(model)
+            finish_packed_model(model, self.quantization_config)
+        else:
+            prepare_model(model, self.quantization_config, weights_are_rotated=self.load_format == "master")
         return model
 
     def get_state_dict_and_metadata(self, model):
-        """Record what the saved weights hold: explicit rotation flags and the master format."""
+        """Packed (default) or master state dict, with per-tensor digests; records the format and rotations."""
         state = get_state(model)
         rc = dict(state.applied)
         rc["layers"] = [dict(f) for f in rc["layers"]]
@@ -72,8 +71,14 @@ class RoSTEHfQuantizer(HfQuantizer):
         if not state.searched:
             rc["strategy"] = "default"
         self.quantization_config.rotation_config = rc
-        self.quantization_config.checkpoint_format = "master"
-        return None, {"format": "pt", "roste_checkpoint_format": "master"}
+        if state.packed:
+            fmt, sd = "packed", model.state_dict()
+        elif state.save_format == "packed" and self.quantization_config.weight_bits < 16:
+            fmt, sd = "packed", packed_state_dict(model)
+        else:
+            fmt, sd = "master", model.state_dict()
+        self.quantization_config.checkpoint_format = fmt
+        return sd, checkpoint_metadata(model, sd, fmt)
 
     def is_serializable(self, **kwargs: Any) -> bool:
         return True

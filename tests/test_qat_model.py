@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from tiny_models import sample_ids
 from transformers import AutoModelForCausalLM
 
-from hf_roste import RoSTEConfig, get_state, set_quantization_enabled, set_rotation_config
+from hf_roste import RoSTEConfig, get_state, save_format, set_quantization_enabled, set_rotation_config
 from hf_roste.numerics import QuantSpec, fake_quantize
 from hf_roste.rotation.hadamard import hadamard_transform
 
@@ -143,7 +143,8 @@ def test_master_checkpoint_round_trip(tiny_checkpoints, tmp_path, kind):
     ids = sample_ids()
     with torch.no_grad():
         before = model(ids).logits
-    model.save_pretrained(tmp_path)
+    with save_format(model, "master"):
+        model.save_pretrained(tmp_path)
     saved = (tmp_path / "config.json").read_text()
     assert '"checkpoint_format": "master"' in saved and '"quant_method": "roste"' in saved
     assert "roste_" not in saved.split('"quantization_config"')[0], "the attention wrapper name must not be saved"

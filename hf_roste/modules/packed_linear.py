@@ -7,6 +7,9 @@ State (all in ``state_dict``):
 * ``weight_scale``       fp32 ``[out, G]``  (``G = 1`` per channel, ``in / group_size`` per group).
 * ``weight_zero_point``  fp32 ``[out, G]``  integer-valued (all zeros for symmetric weights).
 * ``bias``               optional float ``[out]`` parameter.
+* ``weight``             an EMPTY uint8 marker (shape ``[0]``): a loader that does not know RoSTE
+  expects a float ``[out, in]`` weight there, sees a shape mismatch and raises, instead of
+  silently random-initialising the layer (transformers' behaviour for an unknown quant_method).
 
 The int8 kernel layout (:class:`~hf_roste.numerics.int_matmul.IntWeight`) and, in weight-only
 mode (``act_spec.bits == 16``), the dequantized weight are built LAZILY on first use and kept in a
@@ -103,8 +106,11 @@ class PackedLinear(nn.Module):
         self.register_buffer(
             "weight_packed", torch.zeros(out_features, nbytes, dtype=torch.uint8, device=device)
         )
-        self.register_buffer("weight_scale", torch.ones(out_features, groups, device=device))
-        self.register_buffer("weight_zero_point", torch.zeros(out_features, groups, device=device))
+        self.register_buffer("weight_scale", torch.ones(out_features, groups, dtype=torch.float32, device=device))
+        self.register_buffer(
+            "weight_zero_point", torch.zeros(out_features, groups, dtype=torch.float32, device=device)
+        )
+        self.register_buffer("weight", torch.zeros(0, dtype=torch.uint8, device=device))
         if bias:
             self.bias: nn.Parameter | None = nn.Parameter(
                 torch.zeros(out_features, dtype=bias_dtype, device=device), requires_grad=False

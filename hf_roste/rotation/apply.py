@@ -15,11 +15,13 @@ from torch import nn
 from transformers.utils import logging
 
 from ..arch import ArchAdapter, get_adapter
-from ..config import PER_LAYER_ROTATIONS, RoSTEConfig
+from ..config import PER_LAYER_ROTATIONS, RoSTEConfig, validate_rotation_config
 from ..modules.attention import AttentionQuantState, install_attention
+from ..modules.kv_cache import install_generation_cache, install_kv_cache_hooks
+from ..modules.packed_linear import PackedLinear
 from ..modules.qat_linear import QATLinear
 from .fusion import apply_r1, fold_norms, prepare_skeleton, r1_signs, r2_signs, set_r2, set_r4, untie_embeddings
-from .hadamard import hadamard_factorization
+from .hadamard import hadamard_factorization, hadamard_transform
 
 logger = logging.get_logger(__name__)
 
@@ -40,6 +42,8 @@ class RoSTEState:
     applied: dict
     searched: bool = False
     attention_states: list[AttentionQuantState] = field(default_factory=list)
+    packed: bool = False
+    save_format: str = "packed"
 
 
 def get_state(model: nn.Module) -> RoSTEState:
@@ -100,12 +104,59 @@ def swap_linears(model: nn.Module, adapter: ArchAdapter, config: RoSTEConfig) ->
     return swapped
 
 
-def prepare_skeleton_for_checkpoint(model: nn.Module, config: RoSTEConfig) -> None:
-    """Make a (meta) model's module structure match a saved RoSTE master checkpoint."""
+def prepare_skeleton_for_checkpoint(model: nn.Module, config: RoSTEConfig, fmt: str = "master") -> None:
+    """Make a (meta) model's module structure match a saved RoSTE checkpoint of format `fmt`."""
     adapter = get_adapter(model)
+    if config.rotation_config is None:
+        raise ValueError(
+            "This RoSTE checkpoint's quantization_config has no rotation_config; hf_roste always writes it when "
+            "saving. The config.json was edited or comes from another tool."
+        )
+    validate_rotation_config(config.rotation_config, adapter.num_layers(model))
     untie_embeddings(model, adapter)
     prepare_skeleton(model, adapter)
-    swap_linears(model, adapter, config)
+    if fmt == "packed" and config.weight_bits < 16:
+        _swap_packed(model, adapter, config)
+    else:
+        swap_linears(model, adapter, config)
+
+
+def _swap_packed(model: nn.Module, adapter: ArchAdapter, config: RoSTEConfig) -> None:
+    for path in adapter.quantized_linear_paths(model):
+        if _excluded(path, config):
+            continue
+        lin = model.get_submodule(path)
+        packed = PackedLinear(
+            lin.in_features, lin.out_features, config.weight_spec, config.activation_spec,
+            bias=lin.bias is not None, bias_dtype=lin.weight.dtype, device=lin.weight.device,
+        )
+        adapter.set(model, path, packed)
+
+
+def finish_packed_model(model: nn.Module, config: RoSTEConfig) -> RoSTEState:
+    """After loading a packed checkpoint: online R4 on down_proj inputs, R3 / K-V quantization in attention."""
+    adapter = get_adapter(model)
+    target = validate_rotation_config(config.rotation_config, adapter.num_layers(model))
+    states = []
+    attn_modules = []
+    for layer, flags in zip(adapter.decoder_layers(model), target["layers"], strict=True):
+        down = adapter.get(layer, adapter.down_proj)
+        if flags["R4"]:
+            if isinstance(down, PackedLinear):
+                down.input_transform = hadamard_transform
+            elif isinstance(down, QATLinear):
+                down.input_hadamard = True
+            else:
+                raise ValueError(f"{adapter.down_proj} cannot apply R4 online ({type(down).__name__}).")
+        attn_modules.append(adapter.get(layer, adapter.attn))
+        states.append(AttentionQuantState(r3=flags["R3"], kv_spec=config.kv_spec))
+    install_attention(model, attn_modules, states)
+    install_kv_cache_hooks(attn_modules)  # RoSTEQuantizedCache: K/V rotated + quantized by the cache
+    install_generation_cache(model)  # generate() defaults to RoSTEQuantizedCache when kv_bits < 16
+    state = RoSTEState(adapter=adapter, config=config, applied={"R1": target["R1"], "layers": copy.deepcopy(target["layers"])},
+                       searched=target.get("strategy") != "default", attention_states=states, packed=True)
+    model.roste = state
+    return state
 
 
 def prepare_model(model: nn.Module, config: RoSTEConfig, *, weights_are_rotated: bool) -> RoSTEState:
@@ -135,6 +186,8 @@ def prepare_model(model: nn.Module, config: RoSTEConfig, *, weights_are_rotated:
         attn_modules.append(adapter.get(layer, adapter.attn))
         states.append(AttentionQuantState(r3=False, kv_spec=config.kv_spec))
     install_attention(model, attn_modules, states)
+    install_kv_cache_hooks(attn_modules)  # RoSTEQuantizedCache: K/V rotated + quantized by the cache
+    install_generation_cache(model)  # generate() defaults to RoSTEQuantizedCache when kv_bits < 16
     all_off = {"R1": target["R1"], "layers": [dict.fromkeys(PER_LAYER_ROTATIONS, False) for _ in range(num_layers)]}
     state = RoSTEState(adapter=adapter, config=config, applied=all_off, attention_states=states)
     model.roste = state
@@ -142,7 +195,7 @@ def prepare_model(model: nn.Module, config: RoSTEConfig, *, weights_are_rotated:
         _mark_applied(model, state, target)
     else:
         set_rotation_config(model, target, record=False)
-    state.searched = config.rotation_config is not None
+    state.searched = config.rotation_config is not None and config.rotation_config.get("strategy") != "default"
     if config.rotation_search == "adaptive" and config.rotation_config is None:
         logger.info(
             "RoSTE: rotation_search='adaptive' and no rotation_config yet: R2/R3/R4 are off until "
@@ -170,9 +223,12 @@ def set_rotation_config(model: nn.Module, rotation_config: dict, record: bool = 
     configuration is also written to `model.config.quantization_config.rotation_config`.
     Returns the applied configuration.
     """
-    from ..config import validate_rotation_config
-
     state = get_state(model)
+    if state.packed:
+        raise ValueError(
+            "This model was loaded from a packed RoSTE checkpoint: its rotations are fused into integer codes and "
+            "cannot be switched. Load the master checkpoint (or the full-precision model) to change rotations."
+        )
     adapter = state.adapter
     num_layers = adapter.num_layers(model)
     target = validate_rotation_config(rotation_config, num_layers)
@@ -198,8 +254,39 @@ def set_rotation_config(model: nn.Module, rotation_config: dict, record: bool = 
 
 def set_quantization_enabled(model: nn.Module, enabled: bool) -> None:
     """Turn every RoSTE fake quantizer (weights, activations, K/V) on or off; rotations stay."""
+    if get_state(model).packed:
+        raise ValueError(
+            "A packed RoSTE model computes with integer codes; quantization cannot be turned off. "
+            "Use model.dequantize() for a full-precision copy."
+        )
     for module in model.modules():
         if isinstance(module, QATLinear):
             module.quant_enabled = enabled
     for st in get_state(model).attention_states:
         st.quant_enabled = enabled
+
+
+class save_format:  # noqa: N801 (used as a context manager, like torch.no_grad)
+    """Choose what `save_pretrained` writes for a RoSTE model: `"packed"` (default) or `"master"`.
+
+    Example::
+
+        with hf_roste.save_format(model, "master"):
+            model.save_pretrained("ckpt")      # full-precision master weights, to resume training
+    """
+
+    def __init__(self, model: nn.Module, fmt: str) -> None:
+        if fmt not in ("packed", "master"):
+            raise ValueError(f"save_format must be 'packed' or 'master', got {fmt!r}.")
+        self.state = get_state(model)
+        if self.state.packed and fmt == "master":
+            raise ValueError("A model loaded from a packed checkpoint has no master weights to save.")
+        self.fmt = fmt
+        self.previous = self.state.save_format
+
+    def __enter__(self) -> save_format:
+        self.state.save_format = self.fmt
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.state.save_format = self.previous

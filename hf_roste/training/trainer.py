@@ -25,7 +25,7 @@ from trl import SFTTrainer
 
 from ..config import RoSTEConfig
 from ..io import atomic_write_text
-from ..rotation.apply import RoSTEState, get_state, set_rotation_config
+from ..rotation.apply import RoSTEState, get_state, save_format, set_rotation_config
 from ..rotation.search import search_rotation_config
 from .config import RoSTESFTConfig
 from .lora import register_roste_lora
@@ -263,6 +263,21 @@ class RoSTESFTTrainer(SFTTrainer):
             "quantization_config": state.config.to_dict(),
         }
         atomic_write_text(os.path.join(folder, STATE_FILE), json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+    # ------------------------------------------------------------------ saving
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Checkpoints (`_internal_call`) keep master weights; the final save writes the packed model.
+
+        With LoRA, the adapters are saved as usual (merge with `merge_and_unload()` and
+        `save_pretrained` for a packed model).
+        """
+        fmt = "master" if _internal_call else "packed"
+        if self.roste_state.packed:
+            fmt = "packed"
+        with save_format(self.model, fmt):
+            super().save_model(output_dir, _internal_call=_internal_call)
+        if not _internal_call and self.args.should_save:
+            self._write_state_file(output_dir or self.args.output_dir)
 
     # ------------------------------------------------------------------ logging
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:

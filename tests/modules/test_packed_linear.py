@@ -85,7 +85,10 @@ def test_kernel_cache_is_lazy_reused_and_not_in_state_dict():
     kw = layer.kernel_weight()
     layer(torch.randn(2, 96))
     assert layer.kernel_weight() is kw
-    assert set(layer.state_dict()) == {"weight_packed", "weight_scale", "weight_zero_point", "bias"}
+    sd = layer.state_dict()
+    assert set(sd) == {"weight_packed", "weight_scale", "weight_zero_point", "bias", "weight"}
+    # `weight` is only the empty marker that makes RoSTE-unaware loaders fail on its shape
+    assert sd["weight"].dtype == torch.uint8 and sd["weight"].numel() == 0
     layer.invalidate_cache()
     assert layer.kernel_weight() is not kw
 

@@ -1,0 +1,129 @@
+"""`hf-roste eval`: ROUGE, exact match or perplexity of a model on a dataset.
+
+    hf-roste eval MODEL_DIR --task rouge --dataset trl-lib/tldr --split test   # the paper's TL;DR metric
+    hf-roste eval MODEL_DIR --task exact-match --dataset test.jsonl --max-new-tokens 8
+    hf-roste eval MODEL_DIR --task perplexity --dataset test.jsonl --output scores.json
+
+MODEL_DIR may be a saved RoSTE checkpoint (evaluated with its fake quantizers, i.e. the function
+it was trained with) or a plain full-precision model; `--quantize` turns a full-precision model into
+a RoSTE W4A4KV4 model first (round-to-nearest PTQ, no rotation search: the paper's "RTN" row with
+`--rotations none`). Generation is greedy with left-padded batches; ROUGE needs
+`pip install hf-roste[eval]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from transformers.utils import logging
+
+from ..config import ROTATION_NAMES
+from ..evaluation import TASKS
+from ._common import DTYPES, CommandError, check_path_or_hub_id, fail, is_roste_checkpoint, load_model, load_tokenizer
+from .search import _positive
+
+logger = logging.get_logger("hf_roste.eval")
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "eval", help="Evaluate a model (RoSTE or full precision): ROUGE, exact match or perplexity.",
+        description=__doc__.split("\n\n", 1)[1] if __doc__ else None,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("model", metavar="MODEL_DIR", help="Model folder or Hub id (RoSTE checkpoint or full precision).")
+    p.add_argument("--task", required=True, choices=TASKS,
+                   help="rouge (ROUGE-1/2/L/Lsum of greedy completions), exact-match, or perplexity "
+                   "(completion-only and full).")
+    p.add_argument("--dataset", required=True,
+                   help="Hub dataset id or local .jsonl/.json/.parquet file or folder (prompt/completion, messages; "
+                   "text for perplexity).")
+    p.add_argument("--dataset-config", default=None, help="Dataset configuration name (Hub datasets).")
+    p.add_argument("--split", default="test", help="Dataset split (default: test; a single local file is used whole).")
+    p.add_argument("--max-samples", type=_positive, default=None, help="Evaluate the first N examples only.")
+    p.add_argument("--batch-size", type=_positive, default=8, help="Batch size (default: 8).")
+    p.add_argument("--max-new-tokens", type=_positive, default=32,
+                   help="Generated tokens per example (default: 32, the authors' TL;DR setting).")
+    p.add_argument("--max-length", type=_positive, default=2048,
+                   help="Truncation length: prompt tokens for generation, whole sequence for perplexity (default 2048).")
+    p.add_argument("--no-stemmer", action="store_true", help="ROUGE without the Porter stemmer.")
+    p.add_argument("--tokenizer", default=None, help="Tokenizer path or Hub id (default: MODEL_DIR).")
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help="Load dtype (default: float32).")
+    p.add_argument("--device", default=None, help="Device to evaluate on, e.g. cuda (default: cuda if available).")
+    p.add_argument("--quantize", action="store_true",
+                   help="Load a full-precision model as a RoSTE W4A4KV4 model (RTN, rotations fixed, no search).")
+    p.add_argument("--rotations", nargs="+", default=None, metavar="R",
+                   help="With --quantize: rotations to apply, from R1 R2 R3 R4, or 'none' (default: all four).")
+    p.add_argument("--output", default=None, metavar="FILE", help="Write the scores (and predictions) as JSON here.")
+    p.add_argument("--no-progress", action="store_true", help="Hide the progress bar.")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        return _run(args)
+    except CommandError as exc:
+        return fail("eval", str(exc))
+    except ImportError as exc:
+        return fail("eval", str(exc))
+
+
+def _quant_config(args):
+    from hf_roste import RoSTEConfig
+
+    rotations = list(ROTATION_NAMES) if args.rotations is None else args.rotations
+    if [r.lower() for r in rotations] == ["none"]:
+        rotations = []
+    bad = [r for r in rotations if r not in ROTATION_NAMES]
+    if bad:
+        raise CommandError(f"--rotations {' '.join(bad)} is invalid: choose from R1 R2 R3 R4, or 'none'.")
+    return RoSTEConfig(rotations=tuple(rotations), rotation_search="all")
+
+
+def _run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..data import load_any_dataset
+    from ..evaluation import _require_rouge, evaluate, format_table
+
+    if args.task == "rouge":
+        _require_rouge()  # fail before loading anything
+    if args.rotations is not None and not args.quantize:
+        raise CommandError("--rotations only applies with --quantize (a RoSTE checkpoint keeps its own rotations).")
+    check_path_or_hub_id("eval", "MODEL_DIR", args.model)
+    check_path_or_hub_id("eval", "--dataset", args.dataset)
+    qc = None
+    if args.quantize:
+        if is_roste_checkpoint(args.model):
+            raise CommandError(f"--quantize: {args.model} is already a RoSTE checkpoint; drop --quantize.")
+        qc = _quant_config(args)
+    dataset = load_any_dataset(args.dataset, args.dataset_config, split=args.split)
+    tokenizer = load_tokenizer(args.tokenizer or args.model)
+    model = load_model(args.model, quantization_config=qc, dtype=args.dtype)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    kwargs = dict(batch_size=args.batch_size, max_samples=args.max_samples, progress=not args.no_progress)
+    if args.task == "perplexity":
+        kwargs["max_length"] = args.max_length
+    else:
+        kwargs.update(max_new_tokens=args.max_new_tokens, max_prompt_length=args.max_length,
+                      return_predictions=args.output is not None)
+        if args.task == "rouge":
+            kwargs["use_stemmer"] = not args.no_stemmer
+    try:
+        results = evaluate(args.task, model, tokenizer, dataset, **kwargs)
+    except ValueError as exc:
+        raise CommandError(f"--dataset {args.dataset}: {exc}") from None
+    kind = "RoSTE " + model.config.quantization_config.scheme_name if getattr(model, "roste", None) else "full precision"
+    print(format_table(results, title=f"{args.task} - {args.model} ({kind})"))
+    if args.output:
+        report = {"task": args.task, "model": args.model, "dataset": args.dataset, "split": args.split,
+                  "model_kind": kind, "results": results}
+        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+        with open(args.output, "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=2)
+            f.write("\n")
+        print(f"scores written to {args.output}")
+    return 0

@@ -1,0 +1,128 @@
+"""`hf-roste search`: the adaptive rotation search on calibration samples, as a standalone step.
+
+    hf-roste search MODEL_DIR --dataset train.jsonl --samples 128 --output searched-model
+    hf-roste search MODEL_DIR --dataset trl-lib/tldr --rotation-config rotations.json
+
+Loads MODEL_DIR as a RoSTE QAT model (a RoSTE checkpoint keeps its own quantization config; a
+full-precision model gets `RoSTEConfig` with the bits given here), draws `--samples` calibration
+examples (prompt + completion, rendered conversation or text), runs `search_rotation_config`,
+prints the per-layer table and saves the model (`--output`) and/or the rotation configuration JSON
+(`--rotation-config`, which `hf-roste sft --rotation_config FILE` accepts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from transformers.utils import logging
+
+from ..config import ROTATION_NAMES, SUPPORTED_BITS
+from ._common import DTYPES, CommandError, check_path_or_hub_id, fail, is_roste_checkpoint, load_model, load_tokenizer
+
+logger = logging.get_logger("hf_roste.search")
+
+STRATEGIES = ("adaptive", "layerwise")
+CRITERIA = ("paper", "output")
+
+
+def _positive(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {n}")
+    return n
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "search", help="Run the RoSTE rotation search on calibration data; save the model or the rotation config.",
+        description=__doc__.split("\n\n", 1)[1] if __doc__ else None,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("model", metavar="MODEL_DIR", help="Model folder or Hub id (full precision or a RoSTE checkpoint).")
+    p.add_argument("--dataset", required=True,
+                   help="Calibration data: a Hub dataset id or a local .jsonl/.json/.parquet file or folder.")
+    p.add_argument("--dataset-config", default=None, help="Dataset configuration name (Hub datasets).")
+    p.add_argument("--split", default="train", help="Dataset split (default: train).")
+    p.add_argument("--samples", type=_positive, default=128, help="Calibration examples (default: 128, the paper).")
+    p.add_argument("--batch-size", type=_positive, default=8, help="Calibration batch size (default: 8).")
+    p.add_argument("--max-length", type=_positive, default=512, help="Truncate examples to this many tokens (default: 512).")
+    p.add_argument("--seed", type=int, default=0, help="Seed of the calibration draw (default: 0).")
+    p.add_argument("--strategy", choices=STRATEGIES, default="adaptive",
+                   help="'adaptive' (the paper) or 'layerwise' (also checks the mixed configuration as a whole).")
+    p.add_argument("--criterion", choices=CRITERIA, default="paper",
+                   help="'paper' (weight + input quantization error) or 'output' (error of each linear's output).")
+    p.add_argument("--tokenizer", default=None, help="Tokenizer path or Hub id (default: MODEL_DIR).")
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help="Load dtype (default: float32).")
+    p.add_argument("--weight-bits", type=int, choices=SUPPORTED_BITS, default=4,
+                   help="For a full-precision model: weight bits (default 4). A RoSTE checkpoint keeps its own.")
+    p.add_argument("--activation-bits", type=int, choices=SUPPORTED_BITS, default=4, help="Activation bits (default 4).")
+    p.add_argument("--kv-bits", type=int, choices=SUPPORTED_BITS, default=4, help="K/V cache bits (default 4).")
+    p.add_argument("--rotations", nargs="+", choices=ROTATION_NAMES, default=list(ROTATION_NAMES),
+                   help="Rotations the search may use (default: R1 R2 R3 R4).")
+    p.add_argument("--output", default=None, help="Save the searched model (save_pretrained, with the tokenizer) here.")
+    p.add_argument("--rotation-config", default=None, metavar="FILE",
+                   help="Write the searched rotation configuration (with the measured errors) to this JSON file.")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        return _run(args)
+    except CommandError as exc:
+        return fail("search", str(exc))
+
+
+def _run(args: argparse.Namespace) -> int:
+    import hf_roste
+    from hf_roste import RoSTEConfig
+
+    from ..data import dataset_format, example_text, load_any_dataset
+
+    if args.output is None and args.rotation_config is None:
+        logger.warning("Neither --output nor --rotation-config given: the search result is only printed.")
+    check_path_or_hub_id("search", "MODEL_DIR", args.model)
+    check_path_or_hub_id("search", "--dataset", args.dataset)
+    data = load_any_dataset(args.dataset, args.dataset_config, split=args.split)
+    try:
+        fmt = dataset_format(data.column_names)
+    except ValueError as exc:
+        raise CommandError(f"--dataset {args.dataset}: {exc}") from None
+    tokenizer = load_tokenizer(args.tokenizer or args.model)
+    qc = None
+    if not is_roste_checkpoint(args.model):
+        qc = RoSTEConfig(weight_bits=args.weight_bits, activation_bits=args.activation_bits, kv_bits=args.kv_bits,
+                         rotations=tuple(args.rotations), rotation_search="adaptive")
+    model = load_model(args.model, quantization_config=qc, dtype=args.dtype)
+    model.eval()
+    if fmt != "tokenized":
+        texts = [{"text": example_text(data[i], tokenizer)} for i in range(len(data))] if len(data) <= args.samples \
+            else None
+        if texts is None:
+            # draw the indices first so only the sampled rows are rendered
+            import torch
+
+            order = torch.randperm(len(data), generator=torch.Generator().manual_seed(args.seed))[:args.samples]
+            texts = [{"text": example_text(data[int(i)], tokenizer)} for i in order]
+        data = texts
+    batches = hf_roste.sample_calibration_batches(
+        data, n_samples=args.samples, seed=args.seed, batch_size=args.batch_size, max_length=args.max_length,
+        tokenizer=tokenizer, text_field="text",
+    )
+    result = hf_roste.search_rotation_config(model, batches, strategy=args.strategy, criterion=args.criterion)
+    print(result.to_markdown())
+    if args.rotation_config:
+        os.makedirs(os.path.dirname(os.path.abspath(args.rotation_config)), exist_ok=True)
+        with open(args.rotation_config, "w", encoding="utf-8") as f:
+            json.dump(result.rotation_config, f, indent=2, sort_keys=True)
+            f.write("\n")
+        print(f"rotation configuration written to {args.rotation_config}")
+    if args.output:
+        model.save_pretrained(args.output)
+        tokenizer.save_pretrained(args.output)
+        print(f"searched model saved to {args.output}")
+    return 0

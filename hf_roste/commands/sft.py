@@ -1,0 +1,255 @@
+"""`hf-roste sft`: RoSTE QA-SFT (or the full-precision SFT baseline) from a TRL-style YAML recipe.
+
+    hf-roste sft --config recipes/qwen2.5-0.5b/roste.yaml [--learning_rate 1e-5 --output_dir out ...]
+    accelerate launch --config_file recipes/accelerate/zero3.yaml -m hf_roste.cli sft --config ...
+
+Same parser conventions as `trl sft` (`trl.TrlParser`): YAML keys and `--flags` are the fields of
+`RoSTEScriptArguments` (dataset), `RoSTESFTConfig` (TRL `SFTConfig` + the rotation search),
+`trl.ModelConfig` (model) and `RoSTEArguments` (the `RoSTEConfig` quantization fields, same names,
+plus `quantize`); command-line flags override the YAML. Nothing here is process-specific, so the
+command runs unchanged under `accelerate launch` / `torchrun`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from transformers.utils import logging
+from trl import ModelConfig, ScriptArguments, TrlParser
+
+from ..config import FIELD_HELP, ROTATION_NAMES, SUPPORTED_BITS, RoSTEConfig
+from ..training.config import RoSTESFTConfig
+from ._common import CommandError, fail, load_model, load_tokenizer
+
+logger = logging.get_logger("hf_roste.sft")
+
+DESCRIPTION = (
+    "RoSTE quantization-aware SFT (W4A4KV4 by default) from a TRL-style YAML recipe plus command-line overrides "
+    "(--config recipes/<model>/<variant>.yaml --any_field value). Fields: dataset (RoSTEScriptArguments), "
+    "training (RoSTESFTConfig = TRL SFTConfig + rotation search), model (trl.ModelConfig) and quantization "
+    "(RoSTEArguments: the RoSTEConfig fields; quantize=false runs the full-precision SFT baseline)."
+)
+
+
+@dataclass
+class RoSTEScriptArguments(ScriptArguments):
+    """TRL's `ScriptArguments` plus sub-sampling, a separate tokenizer and the recipe's launch config."""
+
+    max_train_samples: int | None = field(
+        default=None,
+        metadata={"help": "Train on a random subset of this many examples (seeded by `seed`), e.g. 100000 for the "
+                  "paper's Tulu 3 subset. None = the whole split."},
+    )
+    tokenizer_name_or_path: str | None = field(
+        default=None, metadata={"help": "Tokenizer path or Hub id (default: model_name_or_path)."}
+    )
+    accelerate_config: str | None = field(
+        default=None,
+        metadata={"help": "The accelerate config the recipe was written for (its num_processes fixes the effective "
+                  "batch). Only checked: a different world size logs a warning with the effective batch you get."},
+    )
+
+
+def _roste_field(name: str, default, **extra):
+    return field(default=default, metadata={"help": FIELD_HELP[name], **extra})
+
+
+@dataclass
+class RoSTEArguments:
+    """The `RoSTEConfig` fields (same names in YAML, CLI and Python) plus `quantize`.
+
+    `rotation_search` is the shared field of `RoSTESFTConfig`: `none` also builds the model with
+    `RoSTEConfig(rotation_search="none")` (STE without rotation search); anything else builds it with
+    `"adaptive"` and lets the trainer search.
+    """
+
+    quantize: bool = field(
+        default=True,
+        metadata={"help": "True: RoSTE QA-SFT with RoSTESFTTrainer. False: the full-precision SFT baseline with "
+                  "TRL's SFTTrainer (every other quantization field is then ignored)."},
+    )
+    weight_bits: int = _roste_field("weight_bits", 4, choices=list(SUPPORTED_BITS))
+    activation_bits: int = _roste_field("activation_bits", 4, choices=list(SUPPORTED_BITS))
+    kv_bits: int = _roste_field("kv_bits", 4, choices=list(SUPPORTED_BITS))
+    weight_symmetric: bool = _roste_field("weight_symmetric", False)
+    activation_symmetric: bool = _roste_field("activation_symmetric", False)
+    kv_symmetric: bool = _roste_field("kv_symmetric", False)
+    weight_clip_ratio: float = _roste_field("weight_clip_ratio", 0.95)
+    activation_clip_ratio: float = _roste_field("activation_clip_ratio", 0.95)
+    kv_clip_ratio: float = _roste_field("kv_clip_ratio", 0.95)
+    weight_group_size: int | None = _roste_field("weight_group_size", None)
+    rotations: list[str] = field(
+        default_factory=lambda: list(ROTATION_NAMES),
+        metadata={"help": FIELD_HELP["rotations"] + " YAML: [] for none; command line: --rotations none."},
+    )
+    rotation_config: str | None = field(
+        default=None,
+        metadata={"help": "Path of a rotation configuration JSON (e.g. written by `hf-roste search --rotation-config "
+                  "FILE`); fixes the per-layer rotations, so the trainer does not search again."},
+    )
+    rotation_seed: int = _roste_field("rotation_seed", 0)
+    modules_to_not_convert: list[str] | None = _roste_field("modules_to_not_convert", None)
+
+    def __post_init__(self) -> None:
+        rotations = list(self.rotations or [])
+        if [r.lower() for r in rotations] in (["none"], ["[]"], [""]):
+            rotations = []
+        self.rotations = rotations
+        if self.rotation_config is not None and not os.path.isfile(self.rotation_config):
+            raise ValueError(
+                f"rotation_config={self.rotation_config!r} does not exist: pass the path of a JSON file written by "
+                "`hf-roste search MODEL --rotation-config FILE`."
+            )
+        if self.quantize:
+            self.to_roste_config()  # validate every field now, with RoSTEConfig's messages
+
+    def to_roste_config(self, trainer_rotation_search: str | None = None) -> RoSTEConfig:
+        rotation_config = None
+        if self.rotation_config is not None:
+            with open(self.rotation_config, encoding="utf-8") as f:
+                rotation_config = json.load(f)
+            if isinstance(rotation_config, dict) and "rotation_config" in rotation_config:
+                rotation_config = rotation_config["rotation_config"]  # a full `search` report
+        mode = "none" if trainer_rotation_search == "none" else "adaptive"
+        return RoSTEConfig(
+            weight_bits=self.weight_bits, activation_bits=self.activation_bits, kv_bits=self.kv_bits,
+            weight_symmetric=self.weight_symmetric, activation_symmetric=self.activation_symmetric,
+            kv_symmetric=self.kv_symmetric, weight_clip_ratio=self.weight_clip_ratio,
+            activation_clip_ratio=self.activation_clip_ratio, kv_clip_ratio=self.kv_clip_ratio,
+            weight_group_size=self.weight_group_size, rotations=tuple(self.rotations), rotation_search=mode,
+            rotation_config=rotation_config, rotation_seed=self.rotation_seed,
+            modules_to_not_convert=self.modules_to_not_convert,
+        )
+
+
+DATACLASSES = (RoSTEScriptArguments, RoSTESFTConfig, ModelConfig, RoSTEArguments)
+
+
+def make_parser() -> TrlParser:
+    """The parser of `hf-roste sft` (a fresh one each call: `--config` sets its defaults)."""
+    return TrlParser(DATACLASSES, prog="hf-roste sft", description=DESCRIPTION)
+
+
+def parse_args(argv: Sequence[str]):
+    """(script_args, training_args, model_args, roste_args) from `argv` (YAML via --config + overrides)."""
+    argv = list(argv)
+    if "--config" in argv:
+        i = argv.index("--config")
+        if i + 1 >= len(argv):
+            raise CommandError("--config needs a YAML file, e.g. --config recipes/qwen2.5-0.5b/roste.yaml.")
+        if not os.path.isfile(argv[i + 1]):
+            raise CommandError(f"--config {argv[i + 1]!r} does not exist; recipes are in recipes/<model>/<variant>.yaml.")
+    return make_parser().parse_args_and_config(argv)
+
+
+def register(subparsers) -> None:
+    # Listed in `hf-roste --help`; cli.main hands `sft` argv to `main` untouched (TrlParser parses it).
+    subparsers.add_parser(
+        "sft", help="QA-SFT with RoSTE (or the FP baseline) from a TRL-style YAML recipe: --config FILE [--field value].",
+        description=DESCRIPTION + " Run `hf-roste sft --help` for every field.", add_help=False,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        script_args, training_args, model_args, roste_args = parse_args(argv)
+    except SystemExit as exc:  # argparse: --help (0) or a usage error (2, message already printed)
+        return int(exc.code or 0)
+    except (CommandError, ValueError, TypeError) as exc:
+        message = str(exc)
+        if "bf16/gpu" in message:
+            message += " On a machine without a GPU add --use_cpu true (bf16 autocast on CPU) or --bf16 false."
+        return fail("sft", message)
+    try:
+        run_sft(script_args, training_args, model_args, roste_args)
+    except CommandError as exc:
+        return fail("sft", str(exc))
+    return 0
+
+
+def _check_world_size(script_args, training_args) -> None:
+    world = training_args.world_size
+    effective = training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps * world
+    logger.info("Effective batch: %d = per_device_train_batch_size %d x gradient_accumulation_steps %d x %d processes.",
+                effective, training_args.per_device_train_batch_size, training_args.gradient_accumulation_steps, world)
+    if script_args.accelerate_config:
+        expected = recipe_num_processes(script_args.accelerate_config)
+        if expected is not None and expected != world:
+            logger.warning(
+                "This recipe was written for %d processes (%s) but %d are running: the effective batch is %d, not "
+                "the recipe's %d. Adjust gradient_accumulation_steps to keep it.", expected,
+                script_args.accelerate_config, world, effective,
+                training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps * expected)
+
+
+def recipe_num_processes(accelerate_config: str) -> int | None:
+    """`num_processes` of an accelerate config YAML (None if the file is not there)."""
+    import yaml
+
+    if not os.path.isfile(accelerate_config):
+        return None
+    with open(accelerate_config, encoding="utf-8") as f:
+        data = yaml.safe_load(f) or {}
+    n = data.get("num_processes")
+    return int(n) if n is not None else None
+
+
+def run_sft(script_args, training_args, model_args, roste_args):
+    """Load data, tokenizer and model, train, `save_model`; returns the trainer."""
+    from trl import SFTTrainer, get_peft_config
+
+    from ..data import load_any_dataset
+    from ..training.trainer import RoSTESFTTrainer
+
+    if not model_args.model_name_or_path:
+        raise CommandError("model_name_or_path is required (YAML key or --model_name_or_path PATH_OR_HUB_ID).")
+    if not script_args.dataset_name:
+        raise CommandError("dataset_name is required (YAML key or --dataset_name HUB_ID_OR_LOCAL_FILE.jsonl).")
+    n = script_args.max_train_samples
+    if n is not None and n < 1:
+        raise CommandError(f"--max_train_samples {n} is invalid: expected an int >= 1 (or leave it unset).")
+    _check_world_size(script_args, training_args)
+
+    train_dataset = load_any_dataset(script_args.dataset_name, script_args.dataset_config,
+                                     split=script_args.dataset_train_split, streaming=script_args.dataset_streaming)
+    if n is not None and not script_args.dataset_streaming and n < len(train_dataset):
+        train_dataset = train_dataset.shuffle(seed=training_args.seed).select(range(n))
+    eval_dataset = None
+    if str(getattr(training_args, "eval_strategy", "no")) not in ("no", "IntervalStrategy.NO"):
+        eval_dataset = load_any_dataset(script_args.dataset_name, script_args.dataset_config,
+                                        split=script_args.dataset_test_split, streaming=script_args.dataset_streaming)
+
+    tokenizer = load_tokenizer(script_args.tokenizer_name_or_path or model_args.model_name_or_path,
+                               revision=model_args.model_revision if not script_args.tokenizer_name_or_path else None)
+    peft_config = get_peft_config(model_args)
+    revision = model_args.model_revision if model_args.model_revision != "main" else None
+
+    if roste_args.quantize:
+        qc = roste_args.to_roste_config(training_args.rotation_search)
+        logger.info("RoSTE QA-SFT: %s, rotations %s", qc.scheme_name, list(qc.rotations) or "none")
+        model = load_model(model_args.model_name_or_path, quantization_config=qc, dtype=model_args.dtype,
+                           attn_implementation=model_args.attn_implementation, revision=revision)
+        trainer = RoSTESFTTrainer(model=model, args=training_args, train_dataset=train_dataset,
+                                  eval_dataset=eval_dataset, processing_class=tokenizer, peft_config=peft_config)
+    else:
+        if training_args.rotation_search not in (None, "none"):
+            logger.warning("quantize=false: rotation_search=%r is ignored (full-precision SFT baseline).",
+                           training_args.rotation_search)
+        logger.info("Full-precision SFT baseline (quantize=false): TRL SFTTrainer.")
+        model = load_model(model_args.model_name_or_path, dtype=model_args.dtype,
+                           attn_implementation=model_args.attn_implementation, revision=revision)
+        trainer = SFTTrainer(model=model, args=training_args, train_dataset=train_dataset,
+                             eval_dataset=eval_dataset, processing_class=tokenizer, peft_config=peft_config)
+
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model(training_args.output_dir)
+    if trainer.is_world_process_zero():
+        logger.info("Saved the trained model to %s", training_args.output_dir)
+    if training_args.push_to_hub:
+        trainer.push_to_hub(dataset_name=script_args.dataset_name)
+    return trainer

@@ -1,0 +1,141 @@
+"""Dataset loading and example formatting shared by `hf-roste sft`, `search`, `eval` and the benchmarks.
+
+`load_any_dataset` accepts a Hub dataset id (`trl-lib/tldr`), a local data file (`.json`, `.jsonl`,
+`.parquet`, `.csv`, `.arrow`) or a local folder (a `save_to_disk` folder or a folder of data
+files), so everything can be exercised offline.
+
+Example formats (TRL's): `prompt` + `completion` (strings or conversations), `messages`
+(conversation), `text`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
+
+_FILE_BUILDERS = {
+    ".json": "json",
+    ".jsonl": "json",
+    ".parquet": "parquet",
+    ".csv": "csv",
+    ".arrow": "arrow",
+}
+
+FORMATS_HELP = "'prompt' + 'completion', 'messages' (conversation) or 'text'"
+
+
+def _builder_for(path: str) -> str | None:
+    lower = path.lower()
+    for suffix in (".json.gz", ".jsonl.gz"):
+        if lower.endswith(suffix):
+            return "json"
+    return _FILE_BUILDERS.get(os.path.splitext(lower)[1])
+
+
+def load_any_dataset(name_or_path: str, config: str | None = None, split: str | None = "train",
+                     streaming: bool = False):
+    """Load `name_or_path` (Hub id, local data file or local folder) and return `split`.
+
+    `split=None` returns the whole `DatasetDict`. A single local file has one split, `train`:
+    asking for another split of it returns that same data (with an info log), so a test file can be
+    passed as `--dataset test.jsonl` without naming a split.
+    """
+    import datasets
+
+    if not name_or_path:
+        raise ValueError("No dataset given: pass a Hub dataset id (e.g. trl-lib/tldr) or a local .jsonl/.json/.parquet file.")
+    if os.path.isfile(name_or_path):
+        builder = _builder_for(name_or_path)
+        if builder is None:
+            raise ValueError(
+                f"Cannot tell the format of the local file {name_or_path!r}: use a .json, .jsonl, .parquet, .csv or "
+                ".arrow file (or a folder written by Dataset.save_to_disk)."
+            )
+        data = datasets.load_dataset(builder, data_files={"train": name_or_path}, streaming=streaming)
+        if split is None:
+            return data
+        if split != "train":
+            logger.info("%s is a single file: using all of it for split %r.", name_or_path, split)
+        return data["train"]
+    if os.path.isdir(name_or_path) and (
+        os.path.isfile(os.path.join(name_or_path, "dataset_info.json"))
+        or os.path.isfile(os.path.join(name_or_path, "dataset_dict.json"))
+    ):
+        data = datasets.load_from_disk(name_or_path)
+        if isinstance(data, datasets.Dataset):
+            return data
+        return data if split is None else _pick_split(data, split, name_or_path)
+    data = datasets.load_dataset(name_or_path, config, streaming=streaming)
+    return data if split is None else _pick_split(data, split, name_or_path)
+
+
+def _pick_split(data, split: str, name: str):
+    if split in data:
+        return data[split]
+    raise ValueError(f"Dataset {name!r} has no split {split!r}; available splits: {sorted(data)}.")
+
+
+def dataset_format(columns) -> str:
+    """'prompt_completion', 'messages', 'text' or 'tokenized'; ValueError naming the accepted formats."""
+    cols = set(columns)
+    if {"prompt", "completion"} <= cols:
+        return "prompt_completion"
+    if "messages" in cols:
+        return "messages"
+    if "text" in cols:
+        return "text"
+    if "input_ids" in cols:
+        return "tokenized"
+    raise ValueError(f"The dataset has columns {sorted(cols)}; expected {FORMATS_HELP}.")
+
+
+def _is_conversation(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(m, Mapping) and "role" in m for m in value)
+
+
+def split_prompt_reference(example: Mapping[str, Any], tokenizer) -> tuple[str, str]:
+    """(prompt text, reference text) of a prompt/completion or messages example.
+
+    Conversations are rendered with the tokenizer's chat template: the prompt is every message
+    before the last assistant turn plus the generation prompt; the reference is that last turn's
+    content.
+    """
+    if "prompt" in example and "completion" in example:
+        prompt, completion = example["prompt"], example["completion"]
+        if _is_conversation(prompt):
+            prompt = _apply_template(tokenizer, prompt, add_generation_prompt=True)
+        if _is_conversation(completion):
+            completion = "".join(str(m.get("content", "")) for m in completion)
+        return str(prompt), str(completion)
+    if "messages" in example:
+        messages = list(example["messages"])
+        last = max((i for i, m in enumerate(messages) if m.get("role") == "assistant"), default=None)
+        if last is None:
+            raise ValueError("A 'messages' example has no assistant turn to use as the reference.")
+        prompt = _apply_template(tokenizer, messages[:last], add_generation_prompt=True)
+        return prompt, str(messages[last].get("content", ""))
+    raise ValueError(f"Example with keys {sorted(example)} is not prompt/completion or messages.")
+
+
+def _apply_template(tokenizer, messages, add_generation_prompt: bool) -> str:
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError(
+            "The data is conversational but the tokenizer has no chat template: set tokenizer.chat_template "
+            "(or pass a tokenizer that has one)."
+        )
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def example_text(example: Mapping[str, Any], tokenizer) -> str:
+    """The whole training text of an example (prompt + completion, rendered conversation, or text)."""
+    if "text" in example and not ("prompt" in example and "completion" in example):
+        return str(example["text"])
+    if "messages" in example and "prompt" not in example:
+        return _apply_template(tokenizer, list(example["messages"]), add_generation_prompt=False)
+    prompt, reference = split_prompt_reference(example, tokenizer)
+    return prompt + reference

@@ -1,0 +1,25 @@
+"""`hf-roste demo`: the paper's comparison on a small pre-trained model, on CPU, in minutes.
+
+- `tasks.py`: the character tokenizer, the synthetic pretraining mix and the held-out task;
+- `pretrain.py`: how the shipped base `hf_roste/data/demo_base/` was produced (`--pretrain`);
+- `run.py`: FP SFT, SFT + RTN, SFT + rotation + RTN, STE QA-SFT and RoSTE QA-SFT, evaluated on the
+  same held-out prompts, plus the save / reload / generate check of the RoSTE model;
+- `report.py`: paired differences against FP SFT, the noise rule, table, JSON, Markdown and plot.
+"""
+
+from __future__ import annotations
+
+from .run import DemoSettings, run_comparison, shipped_base_path
+
+QUICK = dict(seeds=2, steps=6, batch_size=8, train_examples=128, eval_prompts=48, calibration_samples=8,
+             reload_check_prompts=16)
+
+
+def run_demo(output_dir: str = "roste-demo", *, quick: bool = False, **overrides) -> dict:
+    """Run the demo (see `DemoSettings`); `quick=True` shrinks every size for tests."""
+    kw = dict(QUICK) if quick else {}
+    kw.update({k: v for k, v in overrides.items() if v is not None})
+    return run_comparison(DemoSettings(output_dir=output_dir, quick=quick, **kw))
+
+
+__all__ = ["DemoSettings", "QUICK", "run_comparison", "run_demo", "shipped_base_path"]

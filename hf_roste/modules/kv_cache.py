@@ -1,0 +1,556 @@
+"""A KV cache that really stores K and V as packed b-bit codes: :class:`RoSTEQuantizedCache`.
+
+What is stored (per layer, for K and for V, shapes ``[batch, kv_heads, seq, ...]``):
+
+* ``codes``: uint8 ``[b, h, s, packed_length(head_dim, bits)]``, the layer's ``kv_spec`` codes of
+  ``R3(K)`` (K after RoPE and, when the layer's ``r3`` flag is on, the online Hadamard) and of
+  ``V``, mapped to unsigned codes (:func:`~hf_roste.numerics.to_unsigned`) and packed
+  (:func:`~hf_roste.numerics.pack_codes`: 4-bit = two per byte);
+* ``scale``: one per token per head (``[b, h, s, G]``, ``G = 1`` for "token_head"), fp32 by
+  default (``scale_dtype``);
+* ``zero`` (asymmetric specs only): the integer zero points, stored as int8 while every zero point
+  of the layer fits (the usual case: a row whose range contains 0 has ``0 <= z <= 2^b - 1``) and
+  promoted losslessly to int32 the first time one does not (``|z| <= 2^20`` always fits).
+  Symmetric specs store no zero point.
+
+Exactness.  ``update`` quantizes the new tokens once with :func:`~hf_roste.numerics.quantize` (the
+one quantizer definition), appends their codes and returns ``dequantize`` of the whole cache cast
+to the key dtype.  With fp32 scales this is bit for bit ``fake_quantize(R3(K), kv_spec)``, i.e.
+exactly what the QAT attention wrapper computes from a plain ``DynamicCache``: quantization is per
+token per head, so quantizing each token once when it is cached equals quantizing the full cache
+again at every step.  With ``scale_dtype=torch.float16`` the scales are rounded (cheaper, NOT the
+QAT function any more).  There is no full-precision residual window.
+
+Cost.  Each step unpacks and dequantizes the whole cached K/V of the layer (O(seq) work per step,
+like attention itself) and appends with ``torch.cat`` (as ``DynamicLayer`` does).
+
+Wiring.
+
+* The attention wrapper must not rotate / quantize K and V a second time: :func:`install_kv_cache_hooks`
+  registers a forward pre-hook on every attention module that sets
+  ``AttentionQuantState.kv_quantized_by_cache`` when the call's cache (``past_key_values``, or
+  ``layer_past`` for GPT-NeoX) is a :class:`RoSTEQuantizedCache`, and a forward hook that clears it.
+  :meth:`RoSTEQuantizedCache.update` refuses to run when the flag is not set (hooks missing), since
+  the wrapper would then apply R3 and the quantizer twice.
+* ``generate()``: :func:`install_generation_cache` overrides, on the model instance only,
+  ``_prepare_cache_for_generation`` so that when no cache is passed, ``use_cache`` is on and
+  ``generation_config.cache_implementation`` is None, a :class:`RoSTEQuantizedCache` is created
+  (when every layer quantizes K/V, i.e. ``kv_bits < 16`` and quantization is enabled); otherwise
+  transformers' own logic runs unchanged (user caches, ``cache_implementation="dynamic"`` for a
+  fake-quant ``DynamicCache``, static caches, ...).  transformers 5.23 validates
+  ``cache_implementation`` against a fixed list, so a registered name is not an option.
+  ``prepare_model`` installs both.
+
+Sliding-window layers (Mistral) keep ``DynamicSlidingWindowLayer``'s semantics: the mask handles
+the window, the layer keeps the last ``sliding_window - 1`` tokens' codes (all of them, until
+``crop``, after ``activate_past_recording``) and returns the kept tokens plus the new ones.
+"""
+
+from __future__ import annotations
+
+import inspect
+import types
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, get_layer_types_and_kwargs
+
+from ..numerics import QuantSpec, dequantize, from_unsigned, pack_codes, quantize, to_unsigned, unpack_codes
+from ..rotation.hadamard import hadamard_transform
+from .attention import AttentionQuantState
+
+__all__ = [
+    "PackedKV",
+    "RoSTEQuantizedCache",
+    "RoSTEQuantizedLayer",
+    "RoSTEQuantizedSlidingWindowLayer",
+    "cache_bytes_per_token",
+    "expected_bytes_per_token",
+    "install_generation_cache",
+    "install_kv_cache_hooks",
+    "wants_quantized_cache",
+]
+
+_SCALE_DTYPES = (torch.float32, torch.float16)
+_CACHE_KWARGS = ("past_key_values", "layer_past")
+_INT8_ZERO_MAX = 127
+
+
+def _check_kv_spec(spec: QuantSpec, where: str) -> None:
+    if not spec.enabled:
+        raise ValueError(
+            f"{where}: kv_spec has bits=16 (K/V not quantized): nothing to store as codes; use a DynamicCache."
+        )
+    if spec.granularity == "tensor":
+        raise ValueError(
+            f"{where}: a per-tensor K/V quantizer depends on every cached token, so codes cannot be stored "
+            "incrementally without changing the function; RoSTE's K/V quantizer is per token per head."
+        )
+
+
+# --------------------------------------------------------------------------- packed storage
+@dataclass
+class PackedKV:
+    """Packed codes of a ``[batch, heads, seq, head_dim]`` tensor quantized with ``spec``.
+
+    Attributes:
+        codes: uint8 ``[b, h, s, packed_length(head_dim, bits)]`` (unsigned storage codes).
+        scale: ``[b, h, s, G]`` in ``scale_dtype`` (fp32: exact).
+        zero: int8 / int32 ``[b, h, s, G]`` integer zero points (None for a symmetric spec).
+        spec: the quantizer; head_dim: the unpacked last dim.
+    """
+
+    codes: Tensor
+    scale: Tensor
+    zero: Tensor | None
+    spec: QuantSpec
+    head_dim: int
+
+    @classmethod
+    def encode(cls, x: Tensor, spec: QuantSpec, scale_dtype: torch.dtype = torch.float32) -> PackedKV:
+        """Quantize ``x`` (``[b, h, s, d]``) with ``spec`` and pack the codes."""
+        codes, scale, zero = quantize(x, spec)
+        packed = pack_codes(to_unsigned(codes, spec), spec.bits)
+        zq: Tensor | None = None
+        if not spec.symmetric:
+            fits = zero.numel() == 0 or float(zero.abs().max()) <= _INT8_ZERO_MAX
+            zq = zero.to(torch.int8 if fits else torch.int32)
+        return cls(packed, scale.to(scale_dtype), zq, spec, x.shape[-1])
+
+    def decode(self, dtype: torch.dtype) -> Tensor:
+        """``dequantize`` in fp32 (exactly ``fake_quantize``'s value with fp32 scales), cast to ``dtype``."""
+        codes = unpack_codes(self.codes, self.spec.bits, self.head_dim)
+        if self.spec.symmetric:
+            codes = from_unsigned(codes, self.spec)  # asymmetric: the identity, skipped
+        scale = self.scale.float()
+        zero = torch.zeros_like(scale) if self.zero is None else self.zero.float()
+        out = dequantize(codes, scale, zero, self.spec, dtype=torch.float32)
+        return out if dtype == torch.float32 else out.to(dtype)
+
+    @property
+    def seq_len(self) -> int:
+        return self.codes.shape[-2]
+
+    @property
+    def batch_size(self) -> int:
+        return self.codes.shape[0]
+
+    def tensors(self) -> list[Tensor]:
+        return [t for t in (self.codes, self.scale, self.zero) if t is not None]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the stored tensors."""
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+    def map(self, fn: Callable[[Tensor], Tensor]) -> PackedKV:
+        """Apply ``fn`` to every stored tensor (all have batch at dim 0 and seq at dim 2)."""
+        zero = None if self.zero is None else fn(self.zero)
+        return PackedKV(fn(self.codes), fn(self.scale), zero, self.spec, self.head_dim)
+
+    def cat(self, other: PackedKV) -> PackedKV:
+        """``self`` followed by ``other`` along the sequence (zero points promoted to int32 if needed)."""
+        if other.spec != self.spec or other.head_dim != self.head_dim:
+            raise ValueError(f"cannot append codes of {other.spec}/{other.head_dim} to {self.spec}/{self.head_dim}")
+        zero = None
+        if self.zero is not None and other.zero is not None:
+            za, zb = self.zero, other.zero
+            if za.dtype != zb.dtype:
+                za, zb = za.to(torch.int32), zb.to(torch.int32)
+            zero = torch.cat([za, zb], dim=-2)
+        return PackedKV(
+            torch.cat([self.codes, other.codes], dim=-2),
+            torch.cat([self.scale, other.scale], dim=-2),
+            zero,
+            self.spec,
+            self.head_dim,
+        )
+
+    def last(self, n: int) -> PackedKV:
+        """The last ``n`` tokens (``n <= 0``: none)."""
+        start = max(self.seq_len - max(n, 0), 0)
+        return self.map(lambda t: t[:, :, start:])
+
+
+# --------------------------------------------------------------------------- cache layers
+class RoSTEQuantizedLayer(CacheLayerMixin):
+    """One full-attention layer of :class:`RoSTEQuantizedCache` (see the module docstring).
+
+    Args:
+        state: the attention module's :class:`AttentionQuantState` (``r3`` and ``kv_spec`` are read
+            at every ``update``).
+        scale_dtype: storage dtype of the scales: torch.float32 (exact, default) or torch.float16.
+    """
+
+    is_sliding = False
+    is_croppable = True
+    is_compileable = False
+
+    def __init__(self, state: AttentionQuantState, scale_dtype: torch.dtype = torch.float32, **kwargs):
+        super().__init__()
+        if scale_dtype not in _SCALE_DTYPES:
+            raise ValueError(f"scale_dtype must be one of {_SCALE_DTYPES}, got {scale_dtype}")
+        self.state = state
+        self.scale_dtype = scale_dtype
+        self.packed_keys: PackedKV | None = None
+        self.packed_values: PackedKV | None = None
+
+    def __repr__(self):
+        return f"{type(self).__name__}(r3={self.state.r3}, kv_spec={self.state.kv_spec}, tokens={self.stored_length})"
+
+    # -- bookkeeping
+    @property
+    def stored_length(self) -> int:
+        """Number of tokens whose codes are stored now."""
+        return 0 if self.packed_keys is None else self.packed_keys.seq_len
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by this layer's stored K and V (codes, scales, zero points)."""
+        return sum(p.nbytes for p in (self.packed_keys, self.packed_values) if p is not None)
+
+    def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.is_initialized = True
+
+    def _encode(self, key_states: Tensor, value_states: Tensor) -> tuple[PackedKV, PackedKV]:
+        st = self.state
+        if not (st.quant_enabled and st.kv_spec.enabled):
+            raise RuntimeError(
+                "RoSTEQuantizedCache: K/V quantization is disabled on this layer (kv_bits=16 or "
+                "set_quantization_enabled(model, False)); use a DynamicCache instead."
+            )
+        _check_kv_spec(st.kv_spec, "RoSTEQuantizedCache")
+        with torch.no_grad():
+            key = hadamard_transform(key_states) if st.r3 else key_states
+            return (
+                PackedKV.encode(key, st.kv_spec, self.scale_dtype),
+                PackedKV.encode(value_states, st.kv_spec, self.scale_dtype),
+            )
+
+    def _append(self, keys: PackedKV, values: PackedKV) -> tuple[PackedKV, PackedKV]:
+        if self.packed_keys is None or self.packed_keys.seq_len == 0:
+            return keys, values
+        return self.packed_keys.cat(keys), self.packed_values.cat(values)
+
+    def _decode(self, keys: PackedKV, values: PackedKV) -> tuple[Tensor, Tensor]:
+        return keys.decode(self.dtype), values.decode(self.dtype)
+
+    def _map(self, fn: Callable[[Tensor], Tensor]) -> None:
+        if self.packed_keys is not None:
+            self.packed_keys = self.packed_keys.map(fn)
+            self.packed_values = self.packed_values.map(fn)
+
+    # -- CacheLayerMixin API
+    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
+        """Quantize and append the new tokens; return the dequantized full K/V (key dtype)."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        keys, values = self._append(*self._encode(key_states, value_states))
+        self.packed_keys, self.packed_values = keys, values
+        return self._decode(keys, values)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.stored_length
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.packed_keys = self.packed_values = None
+        self.is_initialized = False
+        super().reset()
+
+    def offload(self):
+        if self.is_initialized:
+            self._map(lambda t: t.to("cpu", non_blocking=True))
+
+    def prefetch(self):
+        if self.is_initialized:
+            self._map(lambda t: t.to(self.device, non_blocking=True))
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self.stored_length > 0:
+            self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.stored_length > 0:
+            self._map(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: Tensor) -> None:
+        if self.stored_length > 0:
+            self._map(lambda t: t[indices, ...])
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Remove the last ``-tokens_to_remove`` tokens (a negative int, like ``DynamicLayer.crop``)."""
+        if tokens_to_remove > 0:
+            raise ValueError(
+                f"Calling `crop` with a positive value (`{tokens_to_remove}`) is not supported. "
+                "Use a negative integer to remove that number of tokens from the cache instead."
+            )
+        if tokens_to_remove == 0 or self.stored_length == 0:
+            return
+        keep = max(self.stored_length + tokens_to_remove, 0)
+        self._map(lambda t: t[:, :, :keep])
+
+
+class RoSTEQuantizedSlidingWindowLayer(RoSTEQuantizedLayer):
+    """Sliding-window layer with ``DynamicSlidingWindowLayer``'s semantics, storing packed codes."""
+
+    is_sliding = True
+
+    def __init__(self, state: AttentionQuantState, sliding_window: int, scale_dtype: torch.dtype = torch.float32,
+                 **kwargs):
+        super().__init__(state, scale_dtype)
+        self.sliding_window = int(sliding_window)
+        self.cumulative_length = 0
+        self.record_past = False
+
+    def activate_past_recording(self):
+        self.record_past = True
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.cumulative_length += key_states.shape[-2]
+        keys, values = self._append(*self._encode(key_states, value_states))
+        if not self.record_past:
+            keep = self.sliding_window - 1
+            self.packed_keys, self.packed_values = keys.last(keep), values.last(keep)
+            return self._decode(keys, values)
+        self.packed_keys, self.packed_values = keys, values
+        visible = self.sliding_window - 1 + key_states.shape[-2]
+        return self._decode(keys.last(visible), values.last(visible))
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        is_full = self.cumulative_length >= self.sliding_window
+        kv_offset = max(self.cumulative_length - self.sliding_window + 1, 0)
+        kv_length = (self.sliding_window - 1 if is_full else self.cumulative_length) + query_length
+        return kv_length, kv_offset
+
+    def get_seq_length(self) -> int:
+        return self.cumulative_length
+
+    def get_max_length(self) -> int:
+        return self.sliding_window
+
+    def reset(self) -> None:
+        super().reset()
+        self.cumulative_length = 0
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if self.get_seq_length() >= self.sliding_window:
+            if not self.record_past:
+                raise RuntimeError(
+                    "`crop` was called, but this layer does not track past states and the sliding window size was "
+                    "already reached. Call `activate_past_recording` before `crop` to be able to roll back the cache."
+                )
+            if tokens_to_remove > 0:
+                raise RuntimeError(
+                    "Once the sliding window size has been reached, the layer can only be cropped by a negative int "
+                    "(the number of tokens to remove)."
+                )
+            keep, drop = self.sliding_window - 1, -tokens_to_remove
+            n = self.stored_length
+
+            def window(t: Tensor) -> Tensor:
+                end = n - drop
+                return t[:, :, max(end - keep, 0) : end]
+
+            self._map(window)
+            self.cumulative_length -= drop
+        else:
+            super().crop(tokens_to_remove)
+            self.cumulative_length = self.stored_length
+
+
+# --------------------------------------------------------------------------- the cache
+class RoSTEQuantizedCache(Cache):
+    """KV cache of a RoSTE model storing K/V as packed codes (see the module docstring).
+
+    Args:
+        model: a model prepared for RoSTE (``from_pretrained(..., quantization_config=RoSTEConfig(...))``,
+            possibly PEFT-wrapped); its attention states give each layer's ``r3`` flag and ``kv_spec``.
+        scale_dtype: torch.float32 (default: generation computes exactly the QAT model's function) or
+            torch.float16 (2 bytes less per token per head and K/V, but scales are rounded).
+
+    Raises:
+        ValueError: the model was not prepared for RoSTE, K/V are not quantized (kv_bits=16), or a
+            layer type has no quantized-cache equivalent.
+    """
+
+    def __init__(self, model: nn.Module, scale_dtype: torch.dtype = torch.float32):
+        from ..rotation.apply import get_state  # rotation.apply imports this module
+
+        states = get_state(model).attention_states
+        config = model.config.get_text_config(decoder=True)
+        layers = self._build_layers(states, config, scale_dtype)
+        super().__init__(layers=layers)
+
+    @classmethod
+    def from_states(
+        cls, states: Sequence[AttentionQuantState], config, scale_dtype: torch.dtype = torch.float32
+    ) -> RoSTEQuantizedCache:
+        """Build from per-layer attention states and a (text) model config, without a model."""
+        cache = cls.__new__(cls)
+        Cache.__init__(cache, layers=cls._build_layers(states, config, scale_dtype))
+        return cache
+
+    @staticmethod
+    def _build_layers(states: Sequence[AttentionQuantState], config, scale_dtype: torch.dtype) -> list:
+        if not states:
+            raise ValueError("RoSTEQuantizedCache: the model has no RoSTE attention states.")
+        for st in states:
+            _check_kv_spec(st.kv_spec, "RoSTEQuantizedCache")
+        if hasattr(config, "get_text_config"):
+            config = config.get_text_config(decoder=True)
+        layer_types, layer_kwargs = get_layer_types_and_kwargs(config)
+        if len(layer_types) != len(states):
+            raise ValueError(
+                f"RoSTEQuantizedCache: the config describes {len(layer_types)} layers but the model has "
+                f"{len(states)} RoSTE attention states."
+            )
+        layers: list[RoSTEQuantizedLayer] = []
+        for i, (kind, kw, st) in enumerate(zip(layer_types, layer_kwargs, states, strict=True)):
+            if kind == "full_attention":
+                layers.append(RoSTEQuantizedLayer(st, scale_dtype))
+            elif kind in ("sliding_attention", "chunked_attention"):
+                layers.append(RoSTEQuantizedSlidingWindowLayer(st, kw["sliding_window"], scale_dtype))
+            else:
+                raise ValueError(f"RoSTEQuantizedCache: layer {i} has type {kind!r}, which it does not support.")
+        return layers
+
+    def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args, **kwargs):
+        layer = self.layers[layer_idx]
+        if not layer.state.kv_quantized_by_cache:
+            raise RuntimeError(
+                "RoSTEQuantizedCache.update was called while the attention module's RoSTE state does not know "
+                "that the cache quantizes K/V (the wrapper would rotate and quantize them twice). Install the "
+                "hooks with hf_roste.modules.kv_cache.install_kv_cache_hooks(model) (prepare_model does it)."
+            )
+        return layer.update(key_states, value_states, *args, **kwargs)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by all stored codes, scales and zero points."""
+        return sum(layer.nbytes for layer in self.layers)
+
+
+# --------------------------------------------------------------------------- memory accounting
+def _layer_bytes_and_tokens(layer) -> tuple[int, int]:
+    if isinstance(layer, RoSTEQuantizedLayer):
+        n = layer.packed_keys.batch_size * layer.stored_length if layer.packed_keys is not None else 0
+        return layer.nbytes, n
+    keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+    if keys is None or values is None or keys.dim() != 4:
+        return 0, 0
+    return keys.numel() * keys.element_size() + values.numel() * values.element_size(), keys.shape[0] * keys.shape[-2]
+
+
+def cache_bytes_per_token(cache: Cache) -> float:
+    """KV bytes per cached token (all layers, K and V, scales and zero points), from the actual tensors.
+
+    Works for :class:`RoSTEQuantizedCache` and for ``DynamicCache``-like caches (``layer.keys`` /
+    ``layer.values``).  Per layer: stored bytes / (batch * stored tokens); summed over layers
+    (sliding layers count the tokens they keep).  0.0 for an empty cache.
+    """
+    total = 0.0
+    for layer in cache.layers:
+        nbytes, tokens = _layer_bytes_and_tokens(layer)
+        if tokens:
+            total += nbytes / tokens
+    return total
+
+
+def expected_bytes_per_token(num_layers: int, kv_heads: int, head_dim: int, spec: QuantSpec,
+                             scale_dtype: torch.dtype = torch.float32, zero_bytes: int = 1) -> float:
+    """Analytic bytes per token of :class:`RoSTEQuantizedCache`: ``2 * layers * kv_heads * per_head``.
+
+    ``per_head = packed_length(head_dim, bits) + G * (scale bytes + zero bytes)`` (zero bytes: 1 for
+    int8 zero points, 4 once promoted, 0 for symmetric specs).
+    """
+    from ..numerics import packed_length
+
+    groups = spec.num_groups(head_dim)
+    zb = 0 if spec.symmetric else zero_bytes
+    sb = torch.empty((), dtype=scale_dtype).element_size()
+    return 2.0 * num_layers * kv_heads * (packed_length(head_dim, spec.bits) + groups * (sb + zb))
+
+
+# --------------------------------------------------------------------------- model wiring
+def _kv_cache_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    state = getattr(module, "roste_attention", None)
+    if state is None:
+        return None
+    cache = next((kwargs[k] for k in _CACHE_KWARGS if kwargs.get(k) is not None), None)
+    if cache is None:
+        cache = next((a for a in args if isinstance(a, Cache)), None)
+    state.kv_quantized_by_cache = isinstance(cache, RoSTEQuantizedCache)
+    return None
+
+
+def _kv_cache_post_hook(module: nn.Module, args: tuple, output) -> None:
+    state = getattr(module, "roste_attention", None)
+    if state is not None:
+        state.kv_quantized_by_cache = False
+    return None
+
+
+def install_kv_cache_hooks(attn_modules: Sequence[nn.Module]) -> None:
+    """Register (once per module) the hooks that set ``kv_quantized_by_cache`` for each forward call."""
+    for module in attn_modules:
+        if getattr(module, "_roste_kv_cache_hooks", None) is not None:
+            continue
+        pre = module.register_forward_pre_hook(_kv_cache_pre_hook, with_kwargs=True)
+        post = module.register_forward_hook(_kv_cache_post_hook, always_call=True)
+        module._roste_kv_cache_hooks = (pre, post)
+
+
+def wants_quantized_cache(model: nn.Module) -> bool:
+    """True when every RoSTE attention layer of ``model`` quantizes K/V per token (kv_bits < 16, enabled)."""
+    from ..rotation.apply import get_state
+
+    try:
+        states = get_state(model).attention_states
+    except ValueError:
+        return False
+    return bool(states) and all(
+        st.quant_enabled and st.kv_spec.enabled and st.kv_spec.granularity != "tensor" for st in states
+    )
+
+
+def _roste_prepare_cache_for_generation(self, *args, **kwargs):
+    """``_prepare_cache_for_generation`` of a RoSTE model: default to :class:`RoSTEQuantizedCache`."""
+    original = type(self)._prepare_cache_for_generation
+    bound = inspect.signature(original).bind(self, *args, **kwargs)
+    generation_config = bound.arguments["generation_config"]
+    model_kwargs = bound.arguments["model_kwargs"]
+    if (
+        model_kwargs.get("past_key_values") is None
+        and generation_config.use_cache is not False
+        and generation_config.cache_implementation is None
+        and not self.config.is_encoder_decoder
+        and wants_quantized_cache(self)
+    ):
+        model_kwargs["past_key_values"] = RoSTEQuantizedCache(self)
+        if generation_config.is_assistant:
+            model_kwargs["past_key_values"].activate_past_recording()
+        return None
+    return original(self, *args, **kwargs)
+
+
+def install_generation_cache(model: nn.Module) -> None:
+    """Make :class:`RoSTEQuantizedCache` the default ``generate()`` cache of ``model`` (this instance only)."""
+    if not hasattr(type(model), "_prepare_cache_for_generation"):
+        return
+    model._prepare_cache_for_generation = types.MethodType(_roste_prepare_cache_for_generation, model)
+
+
+def default_dynamic_cache(model: nn.Module) -> DynamicCache:
+    """A plain ``DynamicCache`` for ``model`` (the fake-quant path: the wrapper quantizes the full cache)."""
+    return DynamicCache(config=model.config.get_text_config(decoder=True))

@@ -1,0 +1,202 @@
+"""`hf-roste sft / search / eval` end to end on a tiny model, a tiny tokenizer and local jsonl data (offline)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from tiny_data import char_tokenizer, prompt_completion_dataset, text_dataset
+from tiny_models import save_tiny
+from transformers import AutoModelForCausalLM
+
+import hf_roste
+from hf_roste.cli import main
+
+
+def _jsonl(path, dataset):
+    with open(path, "w") as f:
+        for row in dataset:
+            f.write(json.dumps(row) + "\n")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    model_dir = save_tiny("llama", root / "model")
+    char_tokenizer().save_pretrained(model_dir)
+    return {
+        "root": root,
+        "model": str(model_dir),
+        "train": _jsonl(root / "train.jsonl", prompt_completion_dataset(32)),
+        "test": _jsonl(root / "test.jsonl", prompt_completion_dataset(8, seed=1)),
+        "text": _jsonl(root / "text.jsonl", text_dataset(8)),
+    }
+
+
+@pytest.fixture(scope="module")
+def trained(workdir):
+    out = workdir["root"] / "sft-out"
+    recipe = workdir["root"] / "recipe.yaml"
+    recipe.write_text(
+        f"model_name_or_path: {workdir['model']}\n"
+        f"dataset_name: {workdir['train']}\n"
+        "max_steps: 2\nper_device_train_batch_size: 4\nlearning_rate: 1.0e-3\nmax_length: 32\n"
+        "report_to: none\nsave_strategy: 'no'\nuse_cpu: true\ngradient_checkpointing: false\n"
+        "rotation_calibration_samples: 8\nlogging_steps: 1\ndisable_tqdm: true\n"
+        "weight_bits: 4\nactivation_bits: 4\nkv_bits: 4\nrotations: [R1, R2, R3, R4]\nrotation_search: adaptive\n"
+    )
+    # the command line overrides the YAML (kv_bits, output_dir)
+    rc = main(["sft", "--config", str(recipe), "--output_dir", str(out), "--kv_bits", "8"])
+    assert rc == 0
+    return out
+
+
+def test_sft_writes_a_loadable_roste_checkpoint(trained):
+    cfg = json.loads((trained / "config.json").read_text())["quantization_config"]
+    assert cfg["quant_method"] == "roste" and cfg["kv_bits"] == 8 and cfg["rotation_config"] is not None
+    model = AutoModelForCausalLM.from_pretrained(trained)
+    state = hf_roste.get_state(model)
+    assert state.searched and state.config.kv_bits == 8
+    assert (trained / "tokenizer_config.json").exists()
+
+
+def test_sft_full_precision_baseline(workdir, tmp_path):
+    out = tmp_path / "fp"
+    rc = main(["sft", "--model_name_or_path", workdir["model"], "--dataset_name", workdir["train"], "--output_dir",
+               str(out), "--max_steps", "1", "--per_device_train_batch_size", "4", "--max_length", "32",
+               "--report_to", "none", "--save_strategy", "no", "--use_cpu", "true", "--gradient_checkpointing",
+               "false", "--quantize", "false", "--disable_tqdm", "true"])
+    assert rc == 0
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+
+
+def test_search_prints_table_and_writes_outputs(workdir, tmp_path, capsys):
+    rc_file, out = tmp_path / "rc.json", tmp_path / "searched"
+    rc = main(["search", workdir["model"], "--dataset", workdir["train"], "--samples", "8", "--batch-size", "4",
+               "--rotation-config", str(rc_file), "--output", str(out)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "| layer |" in printed and "R4" in printed
+    saved = json.loads(rc_file.read_text())
+    assert len(saved["layers"]) == 2 and saved["R1"] is True
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert hf_roste.get_state(model).applied["layers"] == saved["layers"]
+    # the written configuration is accepted by `hf-roste sft --rotation_config`
+    from hf_roste.commands.sft import parse_args
+
+    _, _, _, roste = parse_args(["--rotation_config", str(rc_file), "--use_cpu", "true"])
+    assert roste.to_roste_config().rotation_config["layers"] == saved["layers"]
+
+
+@pytest.mark.parametrize("task,key", [("rouge", "rouge_avg"), ("exact-match", "exact_match"),
+                                      ("perplexity", "perplexity_completion")])
+def test_eval_on_roste_checkpoint(trained, workdir, tmp_path, capsys, task, key):
+    out = tmp_path / "scores.json"
+    rc = main(["eval", str(trained), "--task", task, "--dataset", workdir["test"], "--max-new-tokens", "4",
+               "--batch-size", "4", "--output", str(out), "--no-progress"])
+    assert rc == 0
+    assert key in capsys.readouterr().out
+    report = json.loads(out.read_text())
+    assert report["model_kind"] == "RoSTE w4a4kv8" and report["results"]["samples"] == 8
+    value = report["results"][key]
+    assert value >= 0 and (task == "perplexity" or value <= 100)
+    if task != "perplexity":
+        assert len(report["results"]["predictions"]) == 8
+
+
+def test_eval_full_precision_and_quantized(workdir, tmp_path):
+    out = tmp_path / "ppl.json"
+    assert main(["eval", workdir["model"], "--task", "perplexity", "--dataset", workdir["text"], "--output", str(out),
+                 "--no-progress"]) == 0
+    fp = json.loads(out.read_text())
+    assert fp["model_kind"] == "full precision" and "perplexity_completion" not in fp["results"]
+    assert main(["eval", workdir["model"], "--task", "perplexity", "--dataset", workdir["text"], "--output", str(out),
+                 "--quantize", "--rotations", "none", "--no-progress"]) == 0
+    rtn = json.loads(out.read_text())
+    assert rtn["model_kind"] == "RoSTE w4a4kv4"
+    assert rtn["results"]["perplexity_full"] != fp["results"]["perplexity_full"]
+
+
+def test_evaluation_api_matches_between_calls(workdir):
+    from datasets import load_dataset
+
+    from hf_roste.evaluation import evaluate_exact_match, evaluate_perplexity
+
+    model = AutoModelForCausalLM.from_pretrained(workdir["model"])
+    tok = char_tokenizer()
+    data = load_dataset("json", data_files=workdir["test"], split="train")
+    a = evaluate_perplexity(model, tok, data, batch_size=3, progress=False)
+    b = evaluate_perplexity(model, tok, data, batch_size=8, progress=False)  # padding must not change the score
+    assert a["perplexity_completion"] == pytest.approx(b["perplexity_completion"], rel=1e-4)
+    em1 = evaluate_exact_match(model, tok, data, max_new_tokens=3, batch_size=3, progress=False,
+                               return_predictions=True)
+    em8 = evaluate_exact_match(model, tok, data, max_new_tokens=3, batch_size=8, progress=False,
+                               return_predictions=True)
+    assert em1["predictions"] == em8["predictions"]  # left padding: batching does not change greedy outputs
+
+
+def test_rouge_without_package_names_the_extra(monkeypatch):
+    import builtins
+
+    from hf_roste import evaluation
+
+    real_import = builtins.__import__
+
+    def fake_import(name, *args, **kwargs):
+        if name.startswith("rouge_score"):
+            raise ImportError("No module named 'rouge_score'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", fake_import)
+    with pytest.raises(ImportError, match=r"pip install hf-roste\[eval\]"):
+        evaluation.rouge_scores(["a"], ["a"])
+
+
+@pytest.mark.parametrize("command", ["sft", "search", "eval", "demo"])
+def test_help(command, capsys):
+    assert main([command, "--help"]) == 0 if command == "sft" else _exits(lambda: main([command, "--help"])) == 0
+    text = capsys.readouterr().out
+    assert f"hf-roste {command}" in text
+    if command == "sft":
+        assert "--weight_bits" in text and "--rotation_search" in text and "--model_name_or_path" in text
+    if command == "eval":
+        assert "--task" in text and "exact-match" in text
+
+
+def _exits(fn) -> int:
+    with pytest.raises(SystemExit) as exc:
+        fn()
+    return int(exc.value.code or 0)
+
+
+def test_bad_arguments(workdir, tmp_path, capsys):
+    # sft: unknown recipe file, invalid field value, unknown field
+    assert main(["sft", "--config", str(tmp_path / "missing.yaml")]) == 2
+    assert "--config" in capsys.readouterr().err
+    assert main(["sft", "--model_name_or_path", workdir["model"], "--weight_clip_ratio", "1.5",
+                 "--use_cpu", "true"]) == 2
+    assert "weight_clip_ratio" in capsys.readouterr().err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model_name_or_path: x\nuse_cpu: true\nweight_bitz: 4\n")
+    assert main(["sft", "--config", str(bad)]) == 2
+    assert "weight_bitz" in capsys.readouterr().err
+    assert main(["sft", "--weight_bits", "5", "--use_cpu", "true"]) == 2
+    assert "weight_bits" in capsys.readouterr().err
+    assert main(["sft", "--output_dir", str(tmp_path / "o")]) == 2  # bf16 default on a CPU-only machine
+    assert "--use_cpu true" in capsys.readouterr().err
+    assert main(["sft", "--use_cpu", "true", "--output_dir", str(tmp_path / "o")]) == 2
+    assert "model_name_or_path is required" in capsys.readouterr().err
+    # eval / search
+    assert _exits(lambda: main(["eval", workdir["model"], "--task", "bleu", "--dataset", workdir["test"]])) == 2
+    assert "--task" in capsys.readouterr().err
+    assert main(["eval", workdir["model"], "--task", "perplexity", "--dataset", str(tmp_path / "nope.jsonl")]) == 2
+    assert "--dataset" in capsys.readouterr().err
+    assert main(["eval", workdir["model"], "--task", "perplexity", "--dataset", workdir["test"],
+                 "--rotations", "R1"]) == 2
+    assert "--quantize" in capsys.readouterr().err
+    assert _exits(lambda: main(["search", workdir["model"], "--dataset", workdir["train"], "--samples", "0"])) == 2
+    assert "--samples" in capsys.readouterr().err
+    bad_data = _jsonl(tmp_path / "cols.jsonl", [{"question": "q", "answer": "a"}])
+    assert main(["search", workdir["model"], "--dataset", bad_data]) == 2
+    assert "prompt" in capsys.readouterr().err
