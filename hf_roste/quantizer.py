@@ -80,6 +80,12 @@ class RoSTEHfQuantizer(HfQuantizer):
         self.quantization_config.checkpoint_format = fmt
         return sd, checkpoint_metadata(model, sd, fmt)
 
+    def _dequantize(self, model, dtype=None):
+        """An ordinary transformers model (see `hf_roste.export.dequantize`)."""
+        from .export.dequantize import dequantize_model
+
+        return dequantize_model(model, dtype)
+
     def is_serializable(self, **kwargs: Any) -> bool:
         return True
 

@@ -41,8 +41,9 @@ def is_roste_checkpoint(path: str) -> bool:
 def load_model(path: str, *, quantization_config=None, dtype: str | None = None, attn_implementation: str | None = None,
                revision: str | None = None):
     """`from_pretrained` after `import hf_roste` (RoSTE checkpoints come back as QAT models)."""
-    import hf_roste  # noqa: F401  (registers quant_method "roste")
     from transformers import AutoModelForCausalLM
+
+    import hf_roste  # noqa: F401  (registers quant_method "roste")
 
     kwargs: dict[str, Any] = {}
     td = torch_dtype(dtype)

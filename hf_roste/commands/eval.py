@@ -21,7 +21,15 @@ from transformers.utils import logging
 
 from ..config import ROTATION_NAMES
 from ..evaluation import TASKS
-from ._common import DTYPES, CommandError, check_path_or_hub_id, fail, is_roste_checkpoint, load_model, load_tokenizer
+from ._common import (
+    DTYPES,
+    CommandError,
+    check_path_or_hub_id,
+    fail,
+    is_roste_checkpoint,
+    load_model,
+    load_tokenizer,
+)
 from .search import _positive
 
 logger = logging.get_logger("hf_roste.eval")

@@ -19,7 +19,15 @@ import os
 from transformers.utils import logging
 
 from ..config import ROTATION_NAMES, SUPPORTED_BITS
-from ._common import DTYPES, CommandError, check_path_or_hub_id, fail, is_roste_checkpoint, load_model, load_tokenizer
+from ._common import (
+    DTYPES,
+    CommandError,
+    check_path_or_hub_id,
+    fail,
+    is_roste_checkpoint,
+    load_model,
+    load_tokenizer,
+)
 
 logger = logging.get_logger("hf_roste.search")
 
