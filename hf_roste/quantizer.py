@@ -59,6 +59,9 @@ class RoSTEHfQuantizer(HfQuantizer):
             finish_packed_model(model, self.quantization_config)
         else:
             prepare_model(model, self.quantization_config, weights_are_rotated=self.load_format == "master")
+        from .export.hub import install_push_to_hub
+
+        install_push_to_hub(model)  # push_to_hub uploads the packed model with the RoSTE card (one commit)
         return model
 
     def get_state_dict_and_metadata(self, model):

@@ -24,6 +24,8 @@ def register(subparsers) -> None:
     p.add_argument("--stress", action="store_true", help="Also run the whole comparison at W3A3KV3.")
     p.add_argument("--quick", action="store_true", help="Tiny sizes (for tests; about a minute).")
     p.add_argument("--base", default=None, help="Use this base checkpoint instead of the shipped one.")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice; 1 is faster on a heavily shared machine).")
     p.add_argument("--pretrain", action="store_true",
                    help="Regenerate the base checkpoint from scratch instead (long: about 20-40 minutes on 2 cores) "
                    "into OUTPUT_DIR/demo_base.")
@@ -32,7 +34,11 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    for name in ("seeds", "steps", "eval_prompts", "calibration_samples", "pretrain_steps"):
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    for name in ("threads", "seeds", "steps", "eval_prompts", "calibration_samples", "pretrain_steps"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise SystemExit(f"hf-roste demo: error: --{name.replace('_', '-')} must be >= 1, got {value}")

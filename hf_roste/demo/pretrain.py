@@ -18,7 +18,7 @@ import torch
 
 from .tasks import BOS_ID, EOS_ID, PAD_ID, PRETRAIN_TASKS, VOCAB_SIZE, char_tokenizer, encode, pretrain_example, pretrain_sequence
 
-PRETRAIN_DEFAULTS = dict(seed=1234, steps=1000, batch_size=12, seq_len=64, lr=3e-3, warmup=50, weight_decay=0.01)
+PRETRAIN_DEFAULTS = dict(seed=1234, steps=2400, batch_size=16, seq_len=64, lr=3e-3, warmup=100, weight_decay=0.01)
 
 
 def base_config():

@@ -55,7 +55,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, get_layer_types_and_kwargs
+from transformers.cache_utils import Cache, CacheLayerMixin, get_layer_types_and_kwargs
 
 from ..numerics import QuantSpec, dequantize, from_unsigned, pack_codes, quantize, to_unsigned, unpack_codes
 from ..rotation.hadamard import hadamard_transform
@@ -550,7 +550,3 @@ def install_generation_cache(model: nn.Module) -> None:
         return
     model._prepare_cache_for_generation = types.MethodType(_roste_prepare_cache_for_generation, model)
 
-
-def default_dynamic_cache(model: nn.Module) -> DynamicCache:
-    """A plain ``DynamicCache`` for ``model`` (the fake-quant path: the wrapper quantizes the full cache)."""
-    return DynamicCache(config=model.config.get_text_config(decoder=True))

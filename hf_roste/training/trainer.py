@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 from transformers import AutoConfig, TrainerCallback
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from transformers.utils import logging
 from trl import SFTTrainer
 
@@ -63,6 +63,18 @@ def _is_roste_checkpoint(path: str) -> bool:
     return method == "roste"
 
 
+def last_complete_checkpoint(output_dir: str) -> str | None:
+    """The newest `checkpoint-N` folder of `output_dir` that holds `roste_state.json` (None if none)."""
+    if not os.path.isdir(output_dir):
+        return None
+    found = []
+    for name in os.listdir(output_dir):
+        prefix, _, step = name.rpartition("-")
+        if prefix == PREFIX_CHECKPOINT_DIR and step.isdigit() and os.path.isfile(os.path.join(output_dir, name, STATE_FILE)):
+            found.append((int(step), os.path.join(output_dir, name)))
+    return max(found)[1] if found else None
+
+
 class _RoSTECallback(TrainerCallback):
     """Logs pending search results at train start, arms the error monitor, re-runs the search."""
 
@@ -85,11 +97,6 @@ class _RoSTECallback(TrainerCallback):
         interval = args.rotation_search_interval
         if interval and state.global_step % interval == 0 and state.global_step < state.max_steps:
             self.trainer.run_rotation_search(optimizer=kwargs.get("optimizer") or self.trainer.optimizer)
-
-    def on_save(self, args, state, control, **kwargs):
-        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-        if os.path.isdir(folder):
-            self.trainer._write_state_file(folder)
 
 
 class RoSTESFTTrainer(SFTTrainer):
@@ -183,9 +190,13 @@ class RoSTESFTTrainer(SFTTrainer):
         seed = self.args.rotation_search_seed if self.args.rotation_search_seed is not None else self.args.seed
         n = min(self.args.rotation_calibration_samples, len(dataset))
         order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:n].tolist()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # each rank measures its share; the search all-reduces the errors, so every rank decides alike
+            rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+            order = order[rank::world]
         size = max(1, self.args.per_device_train_batch_size)
         batches = []
-        for start in range(0, n, size):
+        for start in range(0, len(order), size):
             raw = self.data_collator([dataset[i] for i in order[start : start + size]])
             batch = {k: raw[k] for k in ("input_ids", "attention_mask", "position_ids") if k in raw}
             if "attention_mask" not in batch:
@@ -230,9 +241,13 @@ class RoSTESFTTrainer(SFTTrainer):
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any):
         path = resume_from_checkpoint
         if path is True:
-            path = get_last_checkpoint(self.args.output_dir)
+            path = last_complete_checkpoint(self.args.output_dir)
             if path is None:
-                raise ValueError(f"resume_from_checkpoint=True but {self.args.output_dir} holds no checkpoint-* folder.")
+                raise ValueError(
+                    f"resume_from_checkpoint=True but {self.args.output_dir} holds no complete checkpoint-* folder "
+                    f"(a complete one ends with {STATE_FILE})."
+                )
+            resume_from_checkpoint = path
         if path:
             self._restore_rotation_state(path)
         else:
@@ -265,6 +280,26 @@ class RoSTESFTTrainer(SFTTrainer):
         atomic_write_text(os.path.join(folder, STATE_FILE), json.dumps(data, indent=2, sort_keys=True) + "\n")
 
     # ------------------------------------------------------------------ saving
+    def _save_checkpoint(self, model, trial) -> None:
+        """transformers' checkpoint, then `roste_state.json` written last (atomically) as the completion mark.
+
+        Old checkpoints are rotated out (`save_total_limit`) only after the new one is complete, so
+        a process killed at any moment leaves at least one complete checkpoint.
+        """
+        limit = self.args.save_total_limit
+        self.args.save_total_limit = None
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = limit
+        run_dir = self._get_output_dir(trial=trial)
+        folder = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        if self.args.should_save:
+            self._write_state_file(folder)
+            if limit:
+                rotate_checkpoints(output_dir=run_dir, save_total_limit=limit,
+                                   best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Checkpoints (`_internal_call`) keep master weights; the final save writes the packed model.
 
@@ -278,6 +313,32 @@ class RoSTESFTTrainer(SFTTrainer):
             super().save_model(output_dir, _internal_call=_internal_call)
         if not _internal_call and self.args.should_save:
             self._write_state_file(output_dir or self.args.output_dir)
+
+    # ------------------------------------------------------------------ hub
+    def push_to_hub(self, commit_message: str | None = "End of training", blocking: bool = True,
+                    token: str | None = None, revision: str | None = None, private: bool | None = None, **kwargs: Any):
+        """Push the packed model, tokenizer and the RoSTE model card (with the training hyperparameters,
+        the rotation search and `eval_results=` when given) in one commit (`hf_roste.export.hub`).
+
+        The repository is `args.hub_model_id` (default: the output folder's name); `token` defaults to
+        `args.hub_token`, `private` to `args.hub_private_repo`. Extra keyword arguments go to the card.
+        """
+        from ..export.hub import push_roste_model
+
+        self.save_model()
+        if not self.is_world_process_zero():
+            return None
+        repo_id = self.args.hub_model_id or os.path.basename(os.path.normpath(self.args.output_dir))
+        kwargs.pop("model_name", None)
+        if kwargs.get("datasets") is None and kwargs.get("dataset_name"):
+            kwargs["datasets"] = kwargs.pop("dataset_name")
+        kwargs.pop("dataset_name", None)
+        return push_roste_model(
+            self.model, repo_id, token=token if token is not None else self.args.hub_token,
+            private=private if private is not None else self.args.hub_private_repo,
+            commit_message=commit_message or "End of training", revision=revision,
+            tokenizer=self.processing_class, training_args=self.args, **kwargs,
+        )
 
     # ------------------------------------------------------------------ logging
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:

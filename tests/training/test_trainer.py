@@ -46,6 +46,19 @@ def test_prompt_completion_end_to_end(tiny_checkpoints, tmp_path, kind):
     qerr = [h for h in history if "roste/input_qerr/mean" in h]
     assert qerr and all(0 < h["roste/input_qerr/mean"] < 1 for h in qerr)
     assert any("roste/input_qerr/layer_1" in h and "roste/weight_qerr/layer_0" in h for h in history)
+    # the final save packs; it reloads as the same model
+    final = tmp_path / "final"
+    trainer.save_model(str(final))
+    saved = json.loads((final / "config.json").read_text())["quantization_config"]
+    assert saved["checkpoint_format"] == "packed" and saved["rotation_config"]["layers"] == rc["layers"]
+    assert (final / "roste_state.json").exists()
+    packed = AutoModelForCausalLM.from_pretrained(final, attn_implementation="eager").eval()
+    assert get_state(packed).packed
+    trainer.model.eval()
+    ids = torch.tensor([[5, 9, 12, 40, 33, 21, 7]])
+    with torch.no_grad():
+        a, b = trainer.model(ids).logits, packed(ids).logits
+    assert (a - b).abs().max() <= 1e-4 * a.abs().max()
 
 
 @pytest.mark.parametrize("dataset_fn,extra", [(messages_dataset, {"assistant_only_loss": True}), (text_dataset, {})])

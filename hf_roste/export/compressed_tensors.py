@@ -1,0 +1,409 @@
+"""Export a RoSTE model to the compressed-tensors `pack-quantized` format (vLLM, plain transformers).
+
+    from hf_roste.export.compressed_tensors import export_compressed_tensors
+    export_compressed_tensors("my-roste-model", "my-model-ct")     # or a loaded RoSTE model
+
+What is written (built with compressed-tensors' own `QuantizationArgs` / `QuantizationScheme` /
+`QuantizationConfig`, `PackedQuantizationCompressor` and `TransformConfig` / `TransformScheme` /
+`TransformArgs`, and its `ModelCompressor.update_config` for config.json):
+
+- every RoSTE-quantized linear as `weight_packed` (int32, eight 4-bit codes per word), `weight_scale`,
+  `weight_shape` (+ packed `weight_zero_point` for asymmetric weights). The integer codes are exactly
+  the RoSTE packed codes (checked by decompressing every layer with compressed-tensors and comparing
+  with hf_roste's dequantized weight, bit for bit);
+- `config_groups.group_0`: weights (`channel` or `group` strategy) and, when activations are
+  quantized, dynamic symmetric per-token `input_activations`; `ignore` lists every other Linear
+  (lm_head and `modules_to_not_convert`);
+- `kv_cache_scheme`: dynamic symmetric per-token int K/V (compressed-tensors applies it to
+  `[batch, heads, seq, head_dim]` states, i.e. per token per head, RoSTE's granularity);
+- `transform_config.config_groups.R4`: the online Hadamard on the input of the down_proj layers that
+  have R4 on (`location: input`), and its inverse already fused into those weights
+  (`location: weight_input, inverse: true`, informational: offline transforms are not re-applied
+  by loaders). The transform matrix is also stored as `<down_proj>.R4_input.weight` (unnormalised
+  +-1 entries; the loaders divide by sqrt(n)), which is how vLLM loads online transforms. Sizes that
+  are powers of two use the `hadamard` type (Sylvester, vLLM's fast kernel); other sizes use the
+  `random-hadamard` type with the stored matrix (our matrix is compressed-tensors' `_matmul_hadU`
+  construction with all signs +1; vLLM applies it as a dense matmul). Per-layer mixed R4 is expressed
+  with explicit module names as targets;
+- R1 and R2 need nothing: they are fused into the weights (embeddings and lm_head hold R1, so the
+  exported config unties the embeddings).
+
+Only what the format can express is exported. `check_exportable(config, model)` returns the reasons
+a model cannot be exported, each naming the RoSTEConfig setting that would make it exportable:
+
+- asymmetric activations or K/V (`activation_symmetric=True`, `kv_symmetric=True`): compressed-tensors'
+  dynamic activations are symmetric in the kernels that serve them;
+- 2- or 3-bit weights (`weight_bits=4` or `8`): vLLM's packed int kernels take 4 and 8 bits;
+- online R3 with quantized K/V (`rotations` without `"R3"`): vLLM does not apply `q_attn`/`k_cache`
+  transforms. With `kv_bits=16`, R3 cancels exactly in `Q K^T` and is dropped;
+- the clip ratio of dynamic activations / K/V: compressed-tensors computes a dynamic symmetric scale
+  as `amax / ((2^b - 1) / 2)` (e.g. amax / 7.5 for 4 bits) and clamps codes to `[-2^(b-1), 2^(b-1)-1]`;
+  RoSTE's symmetric scale is `c * amax / (2^(b-1) - 1)`. They are the same quantizer exactly when
+  `c = (2^(b-1) - 1) / (2^(b-1) - 1/2)` (14/15 = 0.9333... for 4 bits, 254/255 for 8 bits). Any other
+  clip ratio is refused (or, with `strict=False`, exported with a warning: the served activations are
+  then quantized with compressed-tensors' rule, not the trained one). Weight clip ratios are always
+  exact (weight scales are stored);
+- asymmetric weights are exported (compressed-tensors stores zero points) when every zero point fits
+  the signed `b`-bit range after the shift to signed codes, i.e. RoSTE's `z` in `[0, 2^b - 1]`;
+  otherwise the export names the layer and suggests `weight_symmetric=True`;
+- LayerNorm families (GPT-NeoX): RoSTE turns their LayerNorms into RMSNorms to fuse R1, which the
+  plain architecture cannot express (`model.dequantize()` gives a full-precision model instead);
+- an online R4 on a down_proj with a bias (vLLM's transform path takes bias-free layers only).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.utils import logging
+
+from ..config import RoSTEConfig
+from ..numerics import QuantSpec, dequantize, unpack_codes
+
+logger = logging.get_logger(__name__)
+
+TRANSFORM_NAME = "R4"
+SUMMARY_FILE = "roste_export.json"
+
+
+class ExportError(ValueError):
+    """The model uses an option the compressed-tensors format (or its serving engines) cannot express."""
+
+
+def exact_dynamic_clip_ratio(bits: int) -> float:
+    """The RoSTE clip ratio whose symmetric dynamic quantizer equals compressed-tensors' (see module doc)."""
+    half = 1 << (bits - 1)
+    return (half - 1) / (half - 0.5)
+
+
+def _clip_matches(clip: float, bits: int) -> bool:
+    return math.isclose(clip, exact_dynamic_clip_ratio(bits), rel_tol=0, abs_tol=1e-6)
+
+
+def check_exportable(config: RoSTEConfig, model: nn.Module | None = None, *, strict: bool = True) -> list[str]:
+    """Reasons the model cannot be exported (empty when it can). Each names the option and the fix."""
+    problems = []
+    if config.weight_bits not in (4, 8):
+        problems.append(
+            f"weight_bits={config.weight_bits}: pack-quantized int weights are served with 4 or 8 bits; "
+            "train with RoSTEConfig(weight_bits=4) (or 8)."
+        )
+    if config.activation_bits < 16:
+        if not config.activation_symmetric:
+            problems.append(
+                "asymmetric activations (activation_symmetric=False): compressed-tensors' dynamic per-token "
+                "activations are served symmetric; train with RoSTEConfig(activation_symmetric=True)."
+            )
+        if config.activation_bits not in (4, 8):
+            problems.append(f"activation_bits={config.activation_bits}: use RoSTEConfig(activation_bits=4) or 8 (or 16).")
+        if strict and not _clip_matches(config.activation_clip_ratio, config.activation_bits):
+            c = exact_dynamic_clip_ratio(config.activation_bits)
+            problems.append(
+                f"activation_clip_ratio={config.activation_clip_ratio}: dynamic activation scales are computed by "
+                f"the serving engine as amax/{(2 ** config.activation_bits - 1) / 2}; that equals RoSTE's quantizer only "
+                f"with RoSTEConfig(activation_clip_ratio={c!r}). Train with it, or export with strict=False "
+                "(--allow-clip-mismatch) to accept the engine's rule."
+            )
+    if config.kv_bits < 16:
+        if not config.kv_symmetric:
+            problems.append(
+                "asymmetric K/V cache (kv_symmetric=False): the kv_cache_scheme is served symmetric; train with "
+                "RoSTEConfig(kv_symmetric=True)."
+            )
+        if config.kv_bits not in (4, 8):
+            problems.append(f"kv_bits={config.kv_bits}: use RoSTEConfig(kv_bits=4) or 8 (or 16).")
+        if strict and not _clip_matches(config.kv_clip_ratio, config.kv_bits):
+            c = exact_dynamic_clip_ratio(config.kv_bits)
+            problems.append(
+                f"kv_clip_ratio={config.kv_clip_ratio}: dynamic K/V scales are computed as amax/"
+                f"{(2 ** config.kv_bits - 1) / 2}; that equals RoSTE's quantizer only with "
+                f"RoSTEConfig(kv_clip_ratio={c!r}). Train with it, or export with strict=False."
+            )
+    rc = config.rotation_config
+    if model is not None:
+        from ..rotation.apply import get_state
+
+        state = get_state(model)
+        rc = state.applied
+        adapter = state.adapter
+        if adapter.norm_kind != "rmsnorm":
+            problems.append(
+                f"model_type {model.config.model_type!r}: RoSTE turned its LayerNorms into RMSNorms to fuse R1, "
+                "which the plain architecture cannot load; use model.dequantize() for a full-precision export."
+            )
+        if any(f["R4"] for f in rc["layers"]):
+            down = adapter.get(adapter.decoder_layers(model)[0], adapter.down_proj)
+            if getattr(down, "bias", None) is not None:
+                problems.append(
+                    f"online R4 on a {adapter.down_proj} with a bias: vLLM's online transforms take bias-free "
+                    "layers; train with RoSTEConfig(rotations=('R1', 'R2', 'R3')) (no R4)."
+                )
+    if rc is not None and config.kv_bits < 16 and any(f["R3"] for f in rc["layers"]):
+        problems.append(
+            "online R3 (Hadamard on Q and K before K/V quantization): serving engines do not apply q_attn/k_cache "
+            "transforms; train with RoSTEConfig(rotations=('R1', 'R2', 'R4')) (no R3)."
+        )
+    return problems
+
+
+def _load(model_or_dir):
+    if isinstance(model_or_dir, nn.Module):
+        return model_or_dir
+    from ..commands._common import load_model
+
+    return load_model(os.fspath(model_or_dir), dtype=None).eval()
+
+
+def _hadamard_weight(n: int, dtype: torch.dtype) -> tuple[str, torch.Tensor]:
+    """(`TransformScheme.type`, unnormalised matrix) for the online R4 of size n (equal to our R * sqrt(n))."""
+    from ..rotation.hadamard import hadamard_matrix
+
+    h = torch.round(hadamard_matrix(n) * math.sqrt(n))
+    kind = "hadamard" if n & (n - 1) == 0 else "random-hadamard"
+    if kind == "hadamard":
+        from compressed_tensors.transform.utils.hadamard import deterministic_hadamard_matrix
+
+        if not torch.equal(deterministic_hadamard_matrix(n, torch.float64), h):
+            raise ExportError(f"internal: the R4 matrix of size {n} differs from compressed-tensors' Sylvester matrix.")
+    return kind, h.to(dtype)
+
+
+def _weight_args(config: RoSTEConfig):
+    from compressed_tensors.quantization import QuantizationArgs
+
+    kw: dict[str, Any] = {"num_bits": config.weight_bits, "type": "int", "symmetric": config.weight_symmetric,
+                          "dynamic": False}
+    if config.weight_group_size is None:
+        kw["strategy"] = "channel"
+    else:
+        kw.update(strategy="group", group_size=config.weight_group_size)
+    return QuantizationArgs(**kw)
+
+
+def _dynamic_args(bits: int):
+    from compressed_tensors.quantization import QuantizationArgs
+
+    return QuantizationArgs(num_bits=bits, type="int", symmetric=True, strategy="token", dynamic=True)
+
+
+def build_quantization_config(config: RoSTEConfig, ignore: list[str], targets: list[str] | None = None):
+    """compressed-tensors `QuantizationConfig` of a RoSTE config (`pack-quantized`, status compressed)."""
+    from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme
+
+    scheme = QuantizationScheme(
+        targets=targets or ["Linear"],
+        weights=_weight_args(config),
+        input_activations=_dynamic_args(config.activation_bits) if config.activation_bits < 16 else None,
+    )
+    return QuantizationConfig(
+        config_groups={"group_0": scheme},
+        kv_cache_scheme=_dynamic_args(config.kv_bits) if config.kv_bits < 16 else None,
+        format="pack-quantized",
+        quantization_status="compressed",
+        ignore=ignore,
+    )
+
+
+def build_transform_config(r4_modules: list[str], size: int, kind: str):
+    """compressed-tensors `TransformConfig` of the online R4 (None when no layer has it)."""
+    if not r4_modules:
+        return None
+    from compressed_tensors.transform import TransformArgs, TransformConfig, TransformScheme
+
+    scheme = TransformScheme(
+        type=kind,
+        apply=[
+            TransformArgs(targets=list(r4_modules), location="input"),
+            TransformArgs(targets=list(r4_modules), location="weight_input", inverse=True),
+        ],
+        precision=torch.float32,
+    )
+    return TransformConfig(config_groups={TRANSFORM_NAME: scheme})
+
+
+def _linear_tensors(model: nn.Module, state) -> dict[str, dict[str, torch.Tensor]]:
+    """Per quantized linear: unsigned codes, scale, zero (fp32) and bias, from a packed or QAT model."""
+    from ..export.checkpoint import packed_state_dict
+
+    sd = model.state_dict() if state.packed else packed_state_dict(model)
+    out = {}
+    for key in sd:
+        if not key.endswith(".weight_packed"):
+            continue
+        prefix = key[: -len(".weight_packed")]
+        module = model.get_submodule(prefix)
+        out[prefix] = {
+            "codes": unpack_codes(sd[key], state.config.weight_bits, module.in_features),
+            "scale": sd[f"{prefix}.weight_scale"].float(),
+            "zero": sd[f"{prefix}.weight_zero_point"].float(),
+            "bias": sd.get(f"{prefix}.bias"),
+        }
+    rest = {k: v for k, v in sd.items() if k.rpartition(".")[0] not in out}
+    return out, rest
+
+
+@torch.no_grad()
+def _compress_linear(name: str, t: dict[str, torch.Tensor], config: RoSTEConfig, scheme) -> dict[str, torch.Tensor]:
+    """compressed-tensors tensors of one linear, checked bit for bit against RoSTE's dequantized weight."""
+    from compressed_tensors.compressors import PackedQuantizationCompressor
+
+    bits = config.weight_bits
+    half = 1 << (bits - 1)
+    spec = QuantSpec(bits, config.weight_symmetric, config.weight_clip_ratio,
+                     "channel" if config.weight_group_size is None else "group", config.weight_group_size)
+    codes_u, scale, zero = t["codes"], t["scale"], t["zero"]
+    if config.weight_symmetric:
+        signed = codes_u.to(torch.int16) - half
+        ours = dequantize(signed.to(torch.int8), scale, zero, spec, dtype=torch.float32)
+        sd = {"weight": ours, "weight_scale": scale}
+    else:
+        bad = (zero < 0) | (zero > 2 * half - 1)
+        if bool(bad.any()):
+            raise ExportError(
+                f"{name}: {int(bad.sum())} weight zero points lie outside [0, {2 * half - 1}] and cannot be stored in "
+                f"compressed-tensors' signed {bits}-bit zero points; train with RoSTEConfig(weight_symmetric=True)."
+            )
+        ours = dequantize(codes_u, scale, zero, spec, dtype=torch.float32)
+        sd = {"weight": ours, "weight_scale": scale, "weight_zero_point": (zero - half).to(torch.int8)}
+    comp = PackedQuantizationCompressor.compress(dict(sd), scheme)
+    back = PackedQuantizationCompressor.decompress(dict(comp), scheme)["weight"].float()
+    if not torch.equal(back, ours):
+        err = (back - ours).abs().max().item()
+        raise ExportError(f"internal: {name} does not decompress to the RoSTE weight (max abs diff {err:.3g}).")
+    comp = {k: v for k, v in comp.items() if k != "weight"}
+    if t["bias"] is not None:
+        comp["bias"] = t["bias"]
+    return comp
+
+
+def export_compressed_tensors(model_or_dir, out_dir: str | os.PathLike, *, strict: bool = True,
+                              tokenizer: Any = None, max_shard_size: str = "5GB") -> dict[str, Any]:
+    """Write a compressed-tensors `pack-quantized` checkpoint of a RoSTE model to `out_dir`.
+
+    Args:
+        model_or_dir: a RoSTE model (packed or QAT) or a saved RoSTE folder.
+        out_dir: output folder (config.json, safetensors, generation_config.json, tokenizer if found).
+        strict: refuse clip ratios whose dynamic quantizer differs from compressed-tensors' (see the
+            module docstring); `False` exports anyway with a warning.
+        tokenizer: saved next to the model; by default the source folder's tokenizer is copied if any.
+
+    Returns:
+        a summary dict (also written to `roste_export.json`).
+
+    Raises:
+        ExportError: the model uses an option the format cannot express (the message names it).
+    """
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import QuantizationScheme
+    from huggingface_hub import save_torch_state_dict
+    from transformers.core_model_loading import revert_weight_conversion
+
+    from ..rotation.apply import get_state
+
+    src_dir = None if isinstance(model_or_dir, nn.Module) else os.fspath(model_or_dir)
+    if src_dir is not None:
+        from ..commands._common import is_roste_checkpoint
+
+        if not is_roste_checkpoint(src_dir):
+            raise ExportError(f"{src_dir} is not a RoSTE checkpoint (config.json has no quant_method 'roste').")
+    model = _load(model_or_dir)
+    state = get_state(model)
+    config = state.config
+    problems = check_exportable(config, model, strict=strict)
+    if problems:
+        raise ExportError("This RoSTE model cannot be exported to compressed-tensors:\n- " + "\n- ".join(problems))
+    notes = []
+    for what in ("activation", "kv"):
+        bits = getattr(config, f"{what}_bits")
+        clip = getattr(config, f"{what}_clip_ratio")
+        if bits < 16 and not _clip_matches(clip, bits):
+            msg = (f"{what}_clip_ratio={clip} is not expressible: the served {what} quantizer uses "
+                   f"amax/{(2 ** bits - 1) / 2} (RoSTE equivalent clip {exact_dynamic_clip_ratio(bits):.6f}).")
+            logger.warning(msg)
+            notes.append(msg)
+    if config.kv_bits == 16 and any(f["R3"] for f in state.applied["layers"]):
+        notes.append("R3 dropped: with unquantized K/V it cancels exactly in Q K^T.")
+
+    adapter = state.adapter
+    quantized = set(adapter.quantized_linear_paths(model))
+    linears, rest = _linear_tensors(model, state)
+    quantized &= set(linears)
+    ignore = sorted(n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in quantized)
+    ignore += sorted(n for n in quantized - set(linears))
+    weights_scheme = QuantizationScheme(targets=["Linear"], weights=_weight_args(config))
+
+    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    tensors: dict[str, torch.Tensor] = {}
+    for k, v in rest.items():
+        if v.dtype == torch.uint8 and v.numel() == 0:
+            continue  # the packed layers' empty `weight` marker
+        tensors[k] = v
+    for name, t in linears.items():
+        for leaf, v in _compress_linear(name, t, config, weights_scheme).items():
+            tensors[f"{name}.{leaf}"] = v
+
+    r4_modules = []
+    layers = adapter.decoder_layers(model)
+    for i, flags in enumerate(state.applied["layers"]):
+        if flags["R4"]:
+            r4_modules.append(f"{adapter.layers}.{i}.{adapter.down_proj}")
+    transform_config, kind = None, None
+    if r4_modules:
+        size = adapter.get(layers[0], adapter.down_proj).in_features
+        kind, h = _hadamard_weight(size, dtype)
+        transform_config = build_transform_config(r4_modules, size, kind)
+        for name in r4_modules:
+            tensors[f"{name}.{TRANSFORM_NAME}_input.weight"] = h  # shared storage: one copy per layer is written
+    file_tensors = revert_weight_conversion(model, tensors)
+    file_tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in file_tensors.items()}
+
+    os.makedirs(out_dir, exist_ok=True)
+    cfg = copy.deepcopy(model.config)
+    if hasattr(cfg, "quantization_config"):
+        del cfg.quantization_config
+    cfg.tie_word_embeddings = False  # R1 is fused into the embeddings and lm_head separately
+    if hasattr(cfg, "get_text_config") and cfg.get_text_config() is not cfg:
+        cfg.get_text_config().tie_word_embeddings = False
+    cfg.dtype = dtype
+    cfg.save_pretrained(out_dir)
+    config_path = os.path.join(out_dir, "config.json")
+    with open(config_path, encoding="utf-8") as f:
+        raw = json.load(f)
+    raw.pop("_attn_implementation", None)
+    raw.pop("attn_implementation", None)
+    with open(config_path, "w", encoding="utf-8") as f:
+        json.dump(raw, f, indent=2, sort_keys=True)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(out_dir)
+    qconfig = build_quantization_config(config, ignore)
+    ModelCompressor(quantization_config=qconfig, transform_config=transform_config).update_config(out_dir)
+    save_torch_state_dict(file_tensors, out_dir, max_shard_size=max_shard_size, metadata={"format": "pt"})
+
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
+    elif src_dir is not None:
+        try:
+            from transformers import AutoTokenizer
+
+            AutoTokenizer.from_pretrained(src_dir).save_pretrained(out_dir)
+        except (OSError, ValueError, TypeError):
+            pass
+    summary = {
+        "format": "compressed-tensors pack-quantized",
+        "scheme": config.scheme_name,
+        "quantized_linears": len(linears),
+        "ignore": ignore,
+        "r4_layers": len(r4_modules),
+        "r4_transform_type": kind,
+        "notes": notes,
+    }
+    with open(os.path.join(out_dir, SUMMARY_FILE), "w", encoding="utf-8") as f:
+        json.dump(summary, f, indent=2, sort_keys=True)
+        f.write("\n")
+    return summary
