@@ -16,7 +16,17 @@ from pathlib import Path
 
 import torch
 
-from .tasks import BOS_ID, EOS_ID, PAD_ID, PRETRAIN_TASKS, VOCAB_SIZE, char_tokenizer, encode, pretrain_example, pretrain_sequence
+from .tasks import (
+    BOS_ID,
+    EOS_ID,
+    PAD_ID,
+    PRETRAIN_TASKS,
+    VOCAB_SIZE,
+    char_tokenizer,
+    encode,
+    pretrain_example,
+    pretrain_sequence,
+)
 
 PRETRAIN_DEFAULTS = dict(seed=1234, steps=2400, batch_size=16, seq_len=64, lr=3e-3, warmup=100, weight_decay=0.01)
 

@@ -93,7 +93,7 @@ def table_rows(result: dict) -> tuple[list[str], list[list[str]]]:
 def print_table(result: dict) -> None:
     header, body = table_rows(result)
     widths = [max(len(str(x)) for x in col) for col in zip(header, *body, strict=True)]
-    line = "  ".join("{:<%d}" % w for w in widths)
+    line = "  ".join(f"{{:<{w}}}" for w in widths)
     n = result["settings"]["seeds"]
     print(f"\nResults: mean over {n} seed(s); {result['task']['eval_prompts']} held-out prompts; differences paired "
           "against FP SFT of the same seed")

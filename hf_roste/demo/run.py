@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .tasks import EOS_ID, char_tokenizer, encode, held_out_split
+from .tasks import EOS_ID, char_tokenizer, decode, encode, held_out_split
 
 METHODS = ("fp_sft", "sft_rtn", "sft_rot_rtn", "ste", "roste")
 METHOD_LABELS = {
@@ -204,8 +204,7 @@ def _reload_check(model, folder: Path, pairs) -> dict:
     after = greedy_tokens(reloaded, pairs)
     same = sum(a == b for a, b in zip(before, after, strict=True))
     state = get_state(reloaded)
-    tok = char_tokenizer()
-    sample = [(p, tok.decode(g, skip_special_tokens=False)) for (p, _), g in list(zip(pairs, after, strict=True))[:3]]
+    sample = [(p, decode(g)) for (p, _), g in list(zip(pairs, after, strict=True))[:3]]
     return {"prompts": len(pairs), "identical_generations": same, "all_identical": same == len(pairs),
             "reloaded_packed": bool(state.packed), "load_seconds": load_s, "samples": sample}
 
@@ -285,7 +284,6 @@ def run_comparison(s: DemoSettings) -> dict:
                     for p, g in check["samples"]:
                         print(f"    {p!r} -> {g!r}")
                 del model
-    wall = time.perf_counter() - wall0
     result = {
         "settings": asdict(s),
         "base": {"path": str(base), "parameters": n_params},
@@ -300,7 +298,6 @@ def run_comparison(s: DemoSettings) -> dict:
     result["wall_seconds"] = time.perf_counter() - wall0
     print_table(result)
     write_outputs(result, out)
-    print(f"\nwall time: {result['wall_seconds']:.1f}s ({result['wall_seconds'] / 60:.1f} min; training and evaluation "
-          f"{wall:.1f}s)")
+    print(f"\nwall time: {result['wall_seconds']:.1f}s ({result['wall_seconds'] / 60:.1f} min)")
     return result
 

@@ -48,6 +48,12 @@ def encode(text: str) -> list[int]:
     return [_CHAR_ID.get(ch, UNK_ID) for ch in text]
 
 
+def decode(ids) -> str:
+    """Inverse of `encode`; special tokens are shown as `<eos>`, `<pad>`, ..."""
+    table = SPECIALS + CHARS
+    return "".join(table[i] if 0 <= i < len(table) else "<unk>" for i in ids)
+
+
 def _word(rng: random.Random, lo: int, hi: int) -> str:
     return "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(lo, hi)))
 

@@ -132,7 +132,7 @@ def check_exportable(config: RoSTEConfig, model: nn.Module | None = None, *, str
         state = get_state(model)
         rc = state.applied
         adapter = state.adapter
-        if adapter.norm_kind != "rmsnorm":
+        if adapter.norm_kind == "layernorm":
             problems.append(
                 f"model_type {model.config.model_type!r}: RoSTE turned its LayerNorms into RMSNorms to fuse R1, "
                 "which the plain architecture cannot load; use model.dequantize() for a full-precision export."
