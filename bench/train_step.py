@@ -28,9 +28,9 @@ SHAPES = {
 
 
 def build(variant: str, shape: dict, base_dir: str):
-    import hf_roste  # noqa: F401
     from transformers import AutoModelForCausalLM, LlamaConfig
 
+    import hf_roste  # noqa: F401
     from hf_roste import RoSTEConfig
 
     if not os.path.exists(os.path.join(base_dir, "config.json")):
@@ -68,12 +68,16 @@ def make_step(model, shape: dict):
 
 def peak_rss_child(variant: str, shape_name: str, base_dir: str) -> int:
     """Peak resident memory (bytes) of a fresh process doing 3 steps of `variant`."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    # peak RSS of the training steps alone: reset the high-water mark after building and one warm-up step
     code = (
-        "import resource, sys, torch; torch.set_num_threads(2); sys.path.insert(0, %r);"
+        f"import sys, torch; torch.set_num_threads(2); sys.path.insert(0, {root!r});"
         "from bench.train_step import build, make_step, SHAPES;"
-        "s = SHAPES[%r]; m = build(%r, s, %r); st = make_step(m, s); [st() for _ in range(3)];"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
-    ) % (os.path.dirname(os.path.dirname(os.path.abspath(__file__))), shape_name, variant, base_dir)
+        f"s = SHAPES[{shape_name!r}]; m = build({variant!r}, s, {base_dir!r}); st = make_step(m, s); st();"
+        "open('/proc/self/clear_refs', 'w').write('5');"
+        "[st() for _ in range(3)];"
+        "print([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1])"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return int(out.stdout.strip().splitlines()[-1]) * 1024
 

@@ -33,7 +33,25 @@ def _register() -> None:
 
 _register()
 
+_LAZY = {
+    "RoSTESFTConfig": "hf_roste.training",
+    "RoSTESFTTrainer": "hf_roste.training",
+    "load_roste_adapter": "hf_roste.training",
+}
+
+
+def __getattr__(name: str):
+    # the trainer pulls in TRL; import it only when asked for
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'hf_roste' has no attribute {name!r}")
+
 __all__ = [
+    "RoSTESFTConfig",
+    "RoSTESFTTrainer",
+    "load_roste_adapter",
     "FORMAT_VERSION",
     "RoSTEConfig",
     "RoSTEHfQuantizer",

@@ -56,7 +56,7 @@ def test_mixed_layer_flags_preserve_function(tiny_checkpoints, kind):
     combos = list(itertools.product([False, True], repeat=3))
     n = get_state(model).adapter.num_layers(model)
     for step, start in enumerate(range(0, len(combos), n)):
-        flags = [dict(zip(("R2", "R3", "R4"), combos[(start + i) % len(combos)])) for i in range(n)]
+        flags = [dict(zip(("R2", "R3", "R4"), combos[(start + i) % len(combos)], strict=True)) for i in range(n)]
         set_rotation_config(model, {"R1": True, "layers": flags})
         assert model.config.quantization_config.rotation_config["layers"] == flags
         with torch.no_grad():

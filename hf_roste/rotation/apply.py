@@ -20,7 +20,16 @@ from ..modules.attention import AttentionQuantState, install_attention
 from ..modules.kv_cache import install_generation_cache, install_kv_cache_hooks
 from ..modules.packed_linear import PackedLinear
 from ..modules.qat_linear import QATLinear
-from .fusion import apply_r1, fold_norms, prepare_skeleton, r1_signs, r2_signs, set_r2, set_r4, untie_embeddings
+from .fusion import (
+    apply_r1,
+    fold_norms,
+    prepare_skeleton,
+    r1_signs,
+    r2_signs,
+    set_r2,
+    set_r4,
+    untie_embeddings,
+)
 from .hadamard import hadamard_factorization, hadamard_transform
 
 logger = logging.get_logger(__name__)
