@@ -19,7 +19,7 @@ from ..config import PER_LAYER_ROTATIONS, RoSTEConfig, validate_rotation_config
 from ..modules.attention import AttentionQuantState, install_attention
 from ..modules.kv_cache import install_generation_cache, install_kv_cache_hooks
 from ..modules.packed_linear import PackedLinear
-from ..modules.qat_linear import QATLinear
+from ..modules.qat_linear import QATLinear, SharedInputQuant
 from .fusion import (
     apply_r1,
     fold_norms,
@@ -110,7 +110,20 @@ def swap_linears(model: nn.Module, adapter: ArchAdapter, config: RoSTEConfig) ->
             raise TypeError(f"{path} is a {type(lin).__name__}; RoSTE expects a plain nn.Linear there.")
         adapter.set(model, path, QATLinear.from_linear(lin, config.weight_spec, config.activation_spec))
         swapped.append(path)
+    _share_input_quantization(model, adapter)
     return swapped
+
+
+def _share_input_quantization(model: nn.Module, adapter: ArchAdapter) -> None:
+    """Linears reading the same activation (q/k/v; gate/up) quantize it once (see `SharedInputQuant`)."""
+    for layer in adapter.decoder_layers(model):
+        for group in (adapter.qkv, adapter.mlp_in):
+            mods = [adapter.get(layer, p) for p in group]
+            mods = [m for m in mods if isinstance(m, QATLinear)]
+            if len(mods) > 1:
+                shared = SharedInputQuant()
+                for m in mods:
+                    m.shared_input = shared
 
 
 def prepare_skeleton_for_checkpoint(model: nn.Module, config: RoSTEConfig, fmt: str = "master") -> None:
