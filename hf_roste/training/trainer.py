@@ -93,6 +93,15 @@ class _RoSTECallback(TrainerCallback):
         if (state.global_step + 1) % max(1, int(args.logging_steps)) == 0:
             monitor.arm()
 
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if self.trainer._nonfinite_loss:
+            # a non-finite loss is never applied: drop every gradient of this optimizer step
+            self.trainer._nonfinite_loss = False
+            self.trainer.skipped_nonfinite_steps.append(state.global_step + 1)
+            self.trainer.model.zero_grad(set_to_none=True)
+            if self.trainer.optimizer is not None:
+                self.trainer.optimizer.zero_grad(set_to_none=True)
+
     def on_step_end(self, args, state, control, **kwargs):
         interval = args.rotation_search_interval
         if interval and state.global_step % interval == 0 and state.global_step < state.max_steps:
@@ -148,6 +157,9 @@ class RoSTESFTTrainer(SFTTrainer):
         self._pending_logs: dict[str, float] = {}
         self._monitor: QuantErrorMonitor | None = None
         self._calibration: list[dict[str, torch.Tensor]] | None = None
+        self._nonfinite_loss = False
+        #: optimizer steps (1-based, as `state.global_step` after them) skipped for a non-finite loss
+        self.skipped_nonfinite_steps: list[int] = []
         self.last_search_result = None
         super().__init__(
             model=model,
@@ -231,10 +243,8 @@ class RoSTESFTTrainer(SFTTrainer):
                     logs[f"roste/search/layer_{i}/{name}_error_on"] = float(err[1])
         logs.update({f"roste/search/{k}": float(v) for k, v in result.to_dict().get("totals", {}).items()
                      if isinstance(v, (int, float))})
-        if optimizer is None:
-            self._pending_logs.update(logs)
-        else:
-            self.log(logs)
+        # logged with the next training log (before training: at train start)
+        self._pending_logs.update(logs)
         return result
 
     # ------------------------------------------------------------------ train / resume
@@ -340,8 +350,29 @@ class RoSTESFTTrainer(SFTTrainer):
             tokenizer=self.processing_class, training_args=self.args, **kwargs,
         )
 
+    # ------------------------------------------------------------------ non-finite losses
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """transformers' step, plus: a non-finite loss is reported and its optimizer step skipped.
+
+        transformers only hides a NaN/Inf loss from the logged average (`logging_nan_inf_filter`)
+        and still applies its gradients. Here the whole optimizer step the micro-batch belongs to is
+        skipped (gradients dropped, weights and optimizer moments unchanged; the scheduler and
+        `global_step` advance as usual), a warning names the step, and the step is recorded in
+        `trainer.skipped_nonfinite_steps` and logged as `roste/skipped_nonfinite_steps`.
+        """
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if not bool(torch.isfinite(loss.detach()).all()):
+            self._nonfinite_loss = True
+            logger.warning(
+                "RoSTE: non-finite training loss (%s) at optimizer step %d: the gradients of this step are dropped "
+                "and the weights are not updated.", loss.detach().float().item(), self.state.global_step + 1,
+            )
+        return loss
+
     # ------------------------------------------------------------------ logging
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         if self._monitor is not None and "loss" in logs:
             logs = {**logs, **self._monitor.pop_metrics()}
+        if "loss" in logs and self.skipped_nonfinite_steps:
+            logs = {**logs, "roste/skipped_nonfinite_steps": float(len(self.skipped_nonfinite_steps))}
         super().log(logs, *args, **kwargs)

@@ -157,3 +157,34 @@ def test_bad_input(tiny_checkpoints, tmp_path):
         _args(tmp_path, rotation_calibration_samples=0)
     with pytest.raises(ValueError, match="rotation_search='greedy'"):
         _args(tmp_path, rotation_search="greedy")
+
+
+def test_periodic_re_search_keeps_function_and_optimizer_coherent(tiny_checkpoints, tmp_path, monkeypatch):
+    import hf_roste.training.trainer as trainer_mod
+    from hf_roste import set_quantization_enabled
+
+    calls = []
+    real = trainer_mod.search_rotation_config
+
+    def spy(model, batches, strategy="adaptive", criterion="paper", **kw):
+        set_quantization_enabled(model, False)
+        ids = torch.tensor([[3, 14, 15, 92, 65, 35]])
+        with torch.no_grad():
+            before = model(ids).logits
+        result = real(model, batches, strategy=strategy, criterion=criterion, **kw)
+        with torch.no_grad():
+            after = model(ids).logits
+        set_quantization_enabled(model, True)
+        calls.append((kw.get("optimizer") is not None, float((after - before).abs().max() / before.abs().max())))
+        return result
+
+    monkeypatch.setattr(trainer_mod, "search_rotation_config", spy)
+    trainer = RoSTESFTTrainer(model=str(tiny_checkpoints["llama"]), args=_args(tmp_path, max_steps=6,
+                              rotation_search_interval=2, logging_steps=1), train_dataset=prompt_completion_dataset(),
+                              processing_class=char_tokenizer(), quantization_config=RoSTEConfig())
+    trainer.train()
+    # once before training (no optimizer yet), then after steps 2 and 4 with the optimizer's moments
+    assert [c[0] for c in calls] == [False, True, True]
+    assert all(err <= 1e-4 for _, err in calls), calls
+    losses = list(_losses(trainer).values())
+    assert len(losses) == 6 and all(torch.isfinite(torch.tensor(losses)))
