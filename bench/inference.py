@@ -1,0 +1,174 @@
+"""Inference of a packed RoSTE W4A4KV4 model against the same model in fp32 and bf16.
+
+Model: a randomly initialised Llama-shaped model of ~110M parameters (hidden 768, 12 layers,
+12 heads, head_dim 64, intermediate 3072, vocab 32000), all rotations on. One process, 2 threads,
+interleaved repetitions, medians with min-max spread. Figures:
+
+- checkpoint bytes per quantized-linear parameter (codes + scales + zero points) and whole
+  checkpoint sizes;
+- resident memory of the loaded model (RSS growth of a fresh process after loading and one forward,
+  which builds the packed model's kernel layouts);
+- prefill throughput at batch 8 x 256 (no cache) and decode tokens/s at batch 1 (greedy, cache on);
+- KV cache bytes per cached token (the packed model's quantized cache vs a bf16 DynamicCache).
+
+Last output line: JSON with `bytes_per_linear_param`, `prefill_speedup_vs_fp32`,
+`decode_speedup_vs_fp32`, `kv_bytes_ratio_vs_bf16` and the rest.
+
+    python bench/inference.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from bench._common import emit, interleaved, ratio  # noqa: E402
+
+SHAPES = {
+    "full": dict(hidden=768, layers=12, heads=12, inter=3072, vocab=32000, prefill=(8, 256), prompt=32, new=32),
+    "quick": dict(hidden=256, layers=2, heads=4, inter=1024, vocab=4096, prefill=(2, 64), prompt=8, new=8),
+}
+
+
+def build_checkpoints(shape: dict, root: str) -> dict[str, str]:
+    import hf_roste  # noqa: F401
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from hf_roste import RoSTEConfig
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=shape["hidden"], intermediate_size=shape["inter"], num_hidden_layers=shape["layers"],
+                      num_attention_heads=shape["heads"], num_key_value_heads=shape["heads"],
+                      vocab_size=shape["vocab"], max_position_embeddings=2048)
+    paths = {k: os.path.join(root, k) for k in ("fp32", "bf16", "packed")}
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    model.save_pretrained(paths["fp32"])
+    model.to(torch.bfloat16).save_pretrained(paths["bf16"])
+    qat = AutoModelForCausalLM.from_pretrained(paths["fp32"], quantization_config=RoSTEConfig(rotation_search="all"),
+                                               dtype=torch.float32)
+    qat.save_pretrained(paths["packed"])
+    return paths
+
+
+def load(path: str, variant: str):
+    import hf_roste  # noqa: F401
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch.bfloat16 if variant == "bf16" else torch.float32
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").eval()
+
+
+def checkpoint_bytes(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path) if f.endswith(".safetensors"))
+
+
+def linear_bytes_per_param(packed_model) -> float:
+    """Stored bytes (codes + scales + zero points) per parameter of the packed linears."""
+    from hf_roste.modules.packed_linear import PackedLinear
+
+    stored, params = 0, 0
+    for module in packed_model.modules():
+        if isinstance(module, PackedLinear):
+            params += module.in_features * module.out_features
+            for t in (module.weight_packed, module.weight_scale, module.weight_zero_point):
+                stored += t.numel() * t.element_size()
+    return stored / params
+
+
+def resident_bytes(path: str, variant: str) -> int:
+    """RSS growth of a fresh process from before loading to after loading and one forward."""
+    code = (
+        f"import sys, torch; sys.path.insert(0, {ROOT!r}); torch.set_num_threads(2);"
+        "import hf_roste, transformers;"
+        "rss = lambda: int([l for l in open('/proc/self/status') if l.startswith('VmRSS')][0].split()[1]) * 1024;"
+        "before = rss(); from bench.inference import load;"
+        f"m = load({path!r}, {variant!r});"
+        "m(torch.zeros(1, 8, dtype=torch.long));"
+        "print(rss() - before)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return int(out.stdout.strip().splitlines()[-1])
+
+
+def kv_bytes_per_token(model, prompt: torch.Tensor) -> float:
+    from hf_roste.modules.kv_cache import cache_bytes_per_token
+
+    out = model.generate(prompt, max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
+    return cache_bytes_per_token(out.past_key_values)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--reps", type=int, default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    shape = SHAPES["quick" if args.quick else "full"]
+    reps = args.reps or (2 if args.quick else 5)
+    with tempfile.TemporaryDirectory() as root:
+        paths = build_checkpoints(shape, root)
+        models = {v: load(paths[v], v) for v in ("fp32", "bf16", "packed")}
+        g = torch.Generator().manual_seed(0)
+        b, s = shape["prefill"]
+        prefill_ids = torch.randint(0, shape["vocab"], (b, s), generator=g)
+        prompt = torch.randint(0, shape["vocab"], (1, shape["prompt"]), generator=g)
+
+        def prefill(m):
+            def run():
+                with torch.no_grad():
+                    m(prefill_ids, use_cache=False)
+            return run
+
+        def decode(m):
+            def run():
+                m.generate(prompt, max_new_tokens=shape["new"], min_new_tokens=shape["new"], do_sample=False)
+            return run
+
+        pre = interleaved({v: prefill(m) for v, m in models.items()}, reps=reps)
+        dec = interleaved({v: decode(m) for v, m in models.items()}, reps=reps)
+        kv = {v: kv_bytes_per_token(m, prompt) for v, m in models.items() if v in ("bf16", "packed")}
+        sizes = {v: checkpoint_bytes(p) for v, p in paths.items()}
+        bpp = linear_bytes_per_param(models["packed"])
+        rss = {v: resident_bytes(paths[v], v) for v in paths}
+    tokens_prefill, tokens_decode = b * s, shape["new"]
+    print(f"model: {shape}, threads 2, repetitions {reps}")
+    print(f"checkpoint: fp32 {sizes['fp32'] / 2**20:.1f} MiB, bf16 {sizes['bf16'] / 2**20:.1f} MiB, "
+          f"packed {sizes['packed'] / 2**20:.1f} MiB; quantized linears: {bpp:.4f} bytes/param (target <= 0.53)")
+    print(f"resident after load + 1 forward: fp32 {rss['fp32'] / 2**20:.0f} MiB, bf16 {rss['bf16'] / 2**20:.0f} MiB, "
+          f"packed {rss['packed'] / 2**20:.0f} MiB")
+    for name, st, toks in (("prefill", pre, tokens_prefill), ("decode", dec, tokens_decode)):
+        for v in ("fp32", "bf16", "packed"):
+            m = st[v]
+            print(f"  {name:7s} {v:6s}: {toks / m['median']:9.1f} tok/s  (median {m['median'] * 1e3:.1f} ms, "
+                  f"min {m['min'] * 1e3:.1f}, max {m['max'] * 1e3:.1f})")
+    pr_fp32, pr_bf16 = ratio(pre, "fp32", "packed"), ratio(pre, "bf16", "packed")
+    de_fp32, de_bf16 = ratio(dec, "fp32", "packed"), ratio(dec, "bf16", "packed")
+    print(f"  prefill speed-up vs fp32 {pr_fp32['median']:.2f}x (target >= 1.5), vs bf16 {pr_bf16['median']:.2f}x")
+    print(f"  decode  speed-up vs fp32 {de_fp32['median']:.2f}x (target >= 1.2), vs bf16 {de_bf16['median']:.2f}x")
+    kv_ratio = kv["packed"] / kv["bf16"]
+    print(f"KV cache: bf16 {kv['bf16']:.0f} B/token, packed {kv['packed']:.0f} B/token ({kv_ratio:.3f}x; target <= 0.3)")
+    emit({
+        "bytes_per_linear_param": bpp,
+        "checkpoint_ratio_vs_fp32": sizes["packed"] / sizes["fp32"],
+        "checkpoint_ratio_vs_bf16": sizes["packed"] / sizes["bf16"],
+        "resident_ratio_vs_fp32": rss["packed"] / rss["fp32"],
+        "resident_ratio_vs_bf16": rss["packed"] / rss["bf16"],
+        "prefill_speedup_vs_fp32": pr_fp32["median"], "prefill_speedup_vs_fp32_min": pr_fp32["min"],
+        "prefill_speedup_vs_fp32_max": pr_fp32["max"], "prefill_speedup_vs_bf16": pr_bf16["median"],
+        "decode_speedup_vs_fp32": de_fp32["median"], "decode_speedup_vs_fp32_min": de_fp32["min"],
+        "decode_speedup_vs_fp32_max": de_fp32["max"], "decode_speedup_vs_bf16": de_bf16["median"],
+        "kv_bytes_per_token_packed": kv["packed"], "kv_bytes_per_token_bf16": kv["bf16"],
+        "kv_bytes_ratio_vs_bf16": kv_ratio, "shape": "quick" if args.quick else "full",
+    })
+
+
+if __name__ == "__main__":
+    main()
