@@ -6,6 +6,9 @@ Importing the package registers `quant_method="roste"` with transformers (safe t
 from __future__ import annotations
 
 from .config import FORMAT_VERSION, RoSTEConfig
+from .export.compressed_tensors import export_compressed_tensors
+from .export.hub import push_roste_model
+from .modules.kv_cache import RoSTEQuantizedCache, cache_bytes_per_token
 from .quantizer import RoSTEHfQuantizer
 from .rotation.apply import get_state, save_format, set_quantization_enabled, set_rotation_config
 from .rotation.calibration import sample_calibration_batches
@@ -49,6 +52,8 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'hf_roste' has no attribute {name!r}")
 
 __all__ = [
+    "RoSTEQuantizedCache",
+    "cache_bytes_per_token",
     "RoSTESFTConfig",
     "RoSTESFTTrainer",
     "load_roste_adapter",
@@ -56,7 +61,9 @@ __all__ = [
     "RoSTEConfig",
     "RoSTEHfQuantizer",
     "RotationSearchResult",
+    "export_compressed_tensors",
     "get_state",
+    "push_roste_model",
     "save_format",
     "rotate_optimizer_state",
     "sample_calibration_batches",

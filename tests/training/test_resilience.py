@@ -17,6 +17,15 @@ from train_script import build_trainer
 from hf_roste import get_state
 from hf_roste.training.trainer import last_complete_checkpoint
 
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 SCRIPT = str(Path(__file__).with_name("train_script.py"))
 
 
@@ -75,7 +84,7 @@ def test_two_process_gloo_run_matches_single_process(tiny_checkpoints, tmp_path)
            "OMP_NUM_THREADS": "1"}
     out = tmp_path / "ddp"
     report = tmp_path / "report"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533", SCRIPT,
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()), SCRIPT,
            "--model", path, "--output", str(out), "--max-steps", "4", "--save-steps", "4", "--per-device", "4",
            "--report", str(report)]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
