@@ -28,7 +28,6 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -39,77 +38,12 @@ from transformers.utils import logging
 from ..config import PER_LAYER_ROTATIONS
 from ..modules.qat_linear import QATLinear
 from .apply import get_state, set_rotation_config
+from .search_result import RotationSearchResult, layer_table
 from .search_stats import CRITERIA, TYPE_INDEX, ErrorCollector
 
 logger = logging.get_logger(__name__)
 
 STRATEGIES = ("adaptive", "layerwise")
-
-
-@dataclass
-class RotationSearchResult:
-    """Outcome of `search_rotation_config`.
-
-    Attributes:
-        rotation_config: the applied configuration (the JSON shape of `RoSTEConfig.rotation_config`,
-            with "errors", "criterion" and "strategy").
-        errors: per layer `{type: (error_off, error_on)}` for the searched types (floats, see
-            `search_stats` for the normalisation: per non-padding token, weight terms as totals).
-        totals: sum over layers and searched types of the error with everything "off", "on", and
-            with the "chosen" configuration (adaptive choice: always <= both extremes).
-        whole_model: layerwise only: mean KL per token for "all_off", "all_on", "adaptive", "final".
-        tokens: non-padding calibration tokens (all ranks); `samples`: calibration rows.
-        seconds: wall time of the search.
-    """
-
-    rotation_config: dict
-    errors: list[dict[str, tuple[float, float]]]
-    criterion: str
-    strategy: str
-    totals: dict[str, float]
-    tokens: int
-    samples: int
-    seconds: float
-    whole_model: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def layers(self) -> list[dict[str, bool]]:
-        return self.rotation_config["layers"]
-
-    def table(self) -> list[dict[str, Any]]:
-        """One row per layer: `layer`, `R2`/`R3`/`R4` (on/off) and `<type>_error` = `[off, on]`."""
-        rows = []
-        for i, (flags, errs) in enumerate(zip(self.layers, self.errors, strict=True)):
-            row: dict[str, Any] = {"layer": i, **flags}
-            for name in PER_LAYER_ROTATIONS:
-                row[f"{name}_error"] = list(errs[name]) if name in errs else None
-            rows.append(row)
-        return rows
-
-    def to_markdown(self) -> str:
-        """The per-layer table as Markdown (for model cards)."""
-        head = "| layer | R2 | R3 | R4 | R2 error off / on | R3 error off / on | R4 error off / on |"
-        lines = [head, "|---:|:---:|:---:|:---:|---:|---:|---:|"]
-        for row in self.table():
-            cells = [str(row["layer"])] + ["on" if row[n] else "off" for n in PER_LAYER_ROTATIONS]
-            for n in PER_LAYER_ROTATIONS:
-                e = row[f"{n}_error"]
-                cells.append("-" if e is None else f"{e[0]:.4g} / {e[1]:.4g}")
-            lines.append("| " + " | ".join(cells) + " |")
-        t = self.totals
-        lines.append(f"\nTotal error ({self.criterion} criterion): all off {t['off']:.4g}, all on {t['on']:.4g}, "
-                     f"chosen {t['chosen']:.4g}.")
-        if self.whole_model:
-            w = self.whole_model
-            lines.append("Whole-model KL per token: " + ", ".join(f"{k} {v:.4g}" for k, v in w.items()) + ".")
-        return "\n".join(lines)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "rotation_config": copy.deepcopy(self.rotation_config), "table": self.table(), "criterion": self.criterion,
-            "strategy": self.strategy, "totals": dict(self.totals), "whole_model": dict(self.whole_model),
-            "tokens": self.tokens, "samples": self.samples, "seconds": self.seconds,
-        }
 
 
 # --------------------------------------------------------------------------- input checks
@@ -304,22 +238,6 @@ def _config_with(base: dict, layers: list[dict[str, bool]]) -> dict:
     return {"R1": base["R1"], "layers": copy.deepcopy(layers)}
 
 
-def _layer_table(result: RotationSearchResult) -> str:
-    lines = ["layer  R2   R3   R4   | R2 err off/on          | R3 err off/on          | R4 err off/on"]
-    for row in result.table():
-        flags = "  ".join(f"{'on ' if row[n] else 'off'}" for n in PER_LAYER_ROTATIONS)
-        errs = []
-        for n in PER_LAYER_ROTATIONS:
-            e = row[f"{n}_error"]
-            errs.append("-".ljust(22) if e is None else f"{e[0]:10.4g} / {e[1]:<9.4g}")
-        lines.append(f"{row['layer']:5d}  {flags}  | " + " | ".join(errs))
-    t = result.totals
-    lines.append(f"total ({result.criterion}): off {t['off']:.4g}, on {t['on']:.4g}, chosen {t['chosen']:.4g}")
-    if result.whole_model:
-        lines.append("whole-model KL/token: " + ", ".join(f"{k} {v:.4g}" for k, v in result.whole_model.items()))
-    return "\n".join(lines)
-
-
 # --------------------------------------------------------------------------- public API
 def search_rotation_config(
     model: nn.Module,
@@ -383,20 +301,21 @@ def search_rotation_config(
             snapshot.restore()
     finally:
         flags.restore()
-    error_list = [{n: (float(errs[i, TYPE_INDEX[n], 0]), float(errs[i, TYPE_INDEX[n], 1]))
-                   for n in PER_LAYER_ROTATIONS if ok[n]} for i, ok in enumerate(searchable)]
+    rotation_config = {
+        "R1": state.applied["R1"], "layers": layers,
+        "errors": [{n: [float(errs[i, TYPE_INDEX[n], 0]), float(errs[i, TYPE_INDEX[n], 1])]
+                    for n in PER_LAYER_ROTATIONS if ok[n]} for i, ok in enumerate(searchable)],
+        "criterion": criterion, "strategy": strategy,
+    }
+    n_rows = float(sum(int(b["input_ids"].shape[0]) for b in batches))
+    samples = int(round(float(_all_reduce(torch.tensor([n_rows]))[0])))
+    rotation_config, whole = _broadcast((rotation_config, whole))  # one decision for every rank
     totals = {"off": 0.0, "on": 0.0, "chosen": 0.0}
-    for e, chosen in zip(error_list, layers, strict=True):
+    for e, chosen in zip(rotation_config["errors"], rotation_config["layers"], strict=True):
         for n, (off, on) in e.items():
             totals["off"] += off
             totals["on"] += on
             totals["chosen"] += on if chosen[n] else off
-    rotation_config = {
-        "R1": state.applied["R1"], "layers": layers,
-        "errors": [{n: [v[0], v[1]] for n, v in e.items()} for e in error_list],
-        "criterion": criterion, "strategy": strategy,
-    }
-    rotation_config = _broadcast(rotation_config)
     if apply:
         set_rotation_config(model, rotation_config, record=True)
         if optimizer is not None:
@@ -407,12 +326,12 @@ def search_rotation_config(
         rotation_config=rotation_config,
         errors=[{n: tuple(v) for n, v in e.items()} for e in rotation_config["errors"]],
         criterion=criterion, strategy=strategy, totals=totals, tokens=tokens,
-        samples=int(round(float(_all_reduce(torch.tensor([float(sum(int(b["input_ids"].shape[0]) for b in batches))]))[0]))),
+        samples=samples,
         seconds=time.perf_counter() - start, whole_model=whole,
     )
     if _rank() == 0:
         logger.info("RoSTE rotation search (%s, criterion=%s, %d tokens):\n%s", strategy, criterion, tokens,
-                    _layer_table(result))
+                    layer_table(result))
     return result
 
 
