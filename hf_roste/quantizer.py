@@ -18,6 +18,7 @@ from transformers.utils import logging
 from .arch import get_adapter
 from .config import RoSTEConfig
 from .export.checkpoint import check_packed_values, checkpoint_metadata, packed_state_dict, verify_checkpoint
+from .io import install_atomic_save
 from .rotation.apply import finish_packed_model, get_state, prepare_model, prepare_skeleton_for_checkpoint
 
 logger = logging.get_logger(__name__)
@@ -62,6 +63,7 @@ class RoSTEHfQuantizer(HfQuantizer):
         from .export.hub import install_push_to_hub
 
         install_push_to_hub(model)  # push_to_hub uploads the packed model with the RoSTE card (one commit)
+        install_atomic_save(model)  # save_pretrained: temporary sibling folder, then an atomic swap
         return model
 
     def get_state_dict_and_metadata(self, model):
@@ -69,8 +71,10 @@ class RoSTEHfQuantizer(HfQuantizer):
         state = get_state(model)
         rc = dict(state.applied)
         rc["layers"] = [dict(f) for f in rc["layers"]]
-        if state.config.rotation_config and "errors" in state.config.rotation_config:
-            rc["errors"] = state.config.rotation_config["errors"]
+        recorded = state.config.rotation_config or {}
+        for key in ("errors", "criterion", "strategy"):
+            if key in recorded:
+                rc[key] = recorded[key]
         if not state.searched:
             rc["strategy"] = "default"
         self.quantization_config.rotation_config = rc
@@ -81,7 +85,7 @@ class RoSTEHfQuantizer(HfQuantizer):
         else:
             fmt, sd = "master", model.state_dict()
         self.quantization_config.checkpoint_format = fmt
-        return sd, checkpoint_metadata(model, sd, fmt)
+        return sd, checkpoint_metadata(model, sd, fmt, self.quantization_config)
 
     def _dequantize(self, model, dtype=None):
         """An ordinary transformers model (see `hf_roste.export.dequantize`)."""

@@ -37,7 +37,9 @@ from hf_roste.numerics import (
     to_unsigned,
     unpack_codes,
 )
-from hf_roste.numerics.int_matmul import IntWeight, int_linear, prepare_int_weight
+from hf_roste.numerics.int_matmul import IntWeight, int_linear, prepare_int_weight, quantize_activation
+
+from .shared_input import SharedInputQuant
 
 __all__ = ["PackedLinear"]
 
@@ -119,6 +121,7 @@ class PackedLinear(nn.Module):
             self.register_parameter("bias", None)
         self._cache: Any = None
         self._cache_key: tuple | None = None
+        self.shared_input: SharedInputQuant | None = None
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -229,7 +232,15 @@ class PackedLinear(nn.Module):
             w = self._cached("float", x.dtype)
             b = None if self.bias is None else self.bias.to(x.dtype)
             return F.linear(x, w, b)
-        return int_linear(x, self.kernel_weight(), self.act_spec, self.bias)
+        act = None
+        shared = self.shared_input
+        if shared is not None and self.input_transform is None and x.numel():
+            key = (self.act_spec,)
+            act = shared.lookup(x, key)
+            if act is None:
+                act = quantize_activation(x, self.act_spec)
+                shared.store(x, key, act)
+        return int_linear(x, self.kernel_weight(), self.act_spec, self.bias, act=act)
 
     def extra_repr(self) -> str:
         return (

@@ -355,7 +355,41 @@ def _general(a: Tensor, zx: Tensor | None, zmax: float, max_a: int, weight: IntW
     return acc
 
 
-def int_linear(x: Tensor, weight: IntWeight, act_spec: QuantSpec, bias: Tensor | None = None) -> Tensor:
+@dataclass
+class QuantizedActivation:
+    """Per-token integer form of an activation, ready for :func:`int_linear` (reusable by several layers).
+
+    Attributes: ``a`` int8 codes ``[m, in]`` (shifted for 8-bit asymmetric), ``sx`` fp32 scales
+    ``[m, 1]``, ``zx_eff`` effective zero points (None when the codes are centred), bounds ``max_a``
+    and ``zmax``, and the leading shape ``lead`` of the original ``x``.
+    """
+
+    a: Tensor
+    sx: Tensor
+    zx_eff: Tensor | None
+    max_a: int
+    zmax: float
+    lead: tuple[int, ...]
+
+
+def quantize_activation(x: Tensor, act_spec: QuantSpec) -> QuantizedActivation:
+    """Quantize ``x`` ``[..., in]`` per token with ``act_spec`` into :class:`QuantizedActivation`."""
+    lead = tuple(x.shape[:-1])
+    x2 = x.reshape(-1, x.shape[-1])
+    m = x2.shape[0]
+    codes, sx, zx = quantize(x2, act_spec)
+    sx = sx.reshape(-1, 1).expand(m, 1)
+    a, zx_eff, max_a, zmax = _act_codes(codes, zx.reshape(-1).expand(m), act_spec)
+    return QuantizedActivation(a, sx, zx_eff, max_a, zmax, lead)
+
+
+def int_linear(
+    x: Tensor,
+    weight: IntWeight,
+    act_spec: QuantSpec,
+    bias: Tensor | None = None,
+    act: QuantizedActivation | None = None,
+) -> Tensor:
     """Quantize ``x`` per token at run time and apply the integer linear layer.
 
     Args:
@@ -363,6 +397,7 @@ def int_linear(x: Tensor, weight: IntWeight, act_spec: QuantSpec, bias: Tensor |
         weight: :class:`IntWeight` from :func:`prepare_int_weight`.
         act_spec: activation spec; granularity "token" (or "tensor"), bits 2..8.
         bias: optional float ``[out]``.
+        act: ``quantize_activation(x, act_spec)`` when already computed (layers sharing an input).
 
     Returns:
         ``[..., out]`` in ``x.dtype``; equals
@@ -391,13 +426,11 @@ def int_linear(x: Tensor, weight: IntWeight, act_spec: QuantSpec, bias: Tensor |
         )
     lead = x.shape[:-1]
     k, n = weight.in_features, weight.out_features
-    x2 = x.reshape(-1, k)
-    m = x2.shape[0]
-    if m == 0:
+    if x.numel() == 0:
         return x.new_zeros(*lead, n)
-    codes, sx, zx = quantize(x2, act_spec)
-    sx = sx.reshape(-1, 1).expand(m, 1)
-    a, zx_eff, max_a, zmax = _act_codes(codes, zx.reshape(-1).expand(m), act_spec)
+    if act is None:
+        act = quantize_activation(x, act_spec)
+    a, sx, zx_eff, max_a, zmax = act.a, act.sx, act.zx_eff, act.max_a, act.zmax
 
     group_exact = weight.group_size * max_a * weight.max_abs_code < _FP32_EXACT
     if zx_eff is None and weight.zero is None and (weight.group_size == k or group_exact):

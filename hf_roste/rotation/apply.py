@@ -19,7 +19,8 @@ from ..config import PER_LAYER_ROTATIONS, RoSTEConfig, validate_rotation_config
 from ..modules.attention import AttentionQuantState, install_attention
 from ..modules.kv_cache import install_generation_cache, install_kv_cache_hooks
 from ..modules.packed_linear import PackedLinear
-from ..modules.qat_linear import QATLinear, SharedInputQuant
+from ..modules.qat_linear import QATLinear
+from ..modules.shared_input import SharedInputQuant
 from .fusion import (
     apply_r1,
     fold_norms,
@@ -119,7 +120,7 @@ def _share_input_quantization(model: nn.Module, adapter: ArchAdapter) -> None:
     for layer in adapter.decoder_layers(model):
         for group in (adapter.qkv, adapter.mlp_in):
             mods = [adapter.get(layer, p) for p in group]
-            mods = [m for m in mods if isinstance(m, QATLinear)]
+            mods = [m for m in mods if isinstance(m, (QATLinear, PackedLinear))]
             if len(mods) > 1:
                 shared = SharedInputQuant()
                 for m in mods:
@@ -153,6 +154,7 @@ def _swap_packed(model: nn.Module, adapter: ArchAdapter, config: RoSTEConfig) ->
             bias=lin.bias is not None, bias_dtype=lin.weight.dtype, device=lin.weight.device,
         )
         adapter.set(model, path, packed)
+    _share_input_quantization(model, adapter)
 
 
 def finish_packed_model(model: nn.Module, config: RoSTEConfig) -> RoSTEState:

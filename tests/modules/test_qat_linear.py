@@ -8,7 +8,8 @@ from transformers import AutoModelForCausalLM
 
 import hf_roste.modules.qat_linear as qat_linear
 from hf_roste import RoSTEConfig
-from hf_roste.modules.qat_linear import QATLinear, SharedInputQuant
+from hf_roste.modules.qat_linear import QATLinear
+from hf_roste.modules.shared_input import SharedInputQuant
 from hf_roste.numerics import QuantSpec
 
 
