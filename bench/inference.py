@@ -39,9 +39,9 @@ SHAPES = {
 
 
 def build_checkpoints(shape: dict, root: str) -> dict[str, str]:
-    import hf_roste  # noqa: F401
     from transformers import AutoModelForCausalLM, LlamaConfig
 
+    import hf_roste  # noqa: F401
     from hf_roste import RoSTEConfig
 
     torch.manual_seed(0)
@@ -59,8 +59,9 @@ def build_checkpoints(shape: dict, root: str) -> dict[str, str]:
 
 
 def load(path: str, variant: str):
-    import hf_roste  # noqa: F401
     from transformers import AutoModelForCausalLM
+
+    import hf_roste  # noqa: F401
 
     dtype = torch.bfloat16 if variant == "bf16" else torch.float32
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").eval()

@@ -1,6 +1,7 @@
 """Training-step cost of RoSTE W4A4KV4 (all rotations on) relative to plain fp32 training.
 
-Same model, same batch, one process, interleaved repetitions. Default shape (issue 3): Llama,
+Same model, same batch, one process, interleaved repetitions. Also the peer torchao QAT (int8
+per-token activations, int4 group-32 weights), when torchao imports. Default shape (issue 3): Llama,
 hidden 512, 6 layers, intermediate 2048, batch 4 x 256, 2 threads. Also reports STE (no
 rotations) and peak-memory ratios (measured in separate child processes, so each figure is the
 peak of one variant alone). Last line: JSON with `step_time_ratio` and `peak_memory_ratio`.
@@ -42,6 +43,8 @@ def build(variant: str, shape: dict, base_dir: str):
     kwargs = dict(dtype=torch.float32, attn_implementation="sdpa")
     if variant == "plain":
         return AutoModelForCausalLM.from_pretrained(base_dir, **kwargs)
+    if variant == "torchao":
+        return torchao_qat(AutoModelForCausalLM.from_pretrained(base_dir, **kwargs))
     if variant == "roste":
         q = RoSTEConfig(rotation_search="all")
     elif variant == "ste":
@@ -49,6 +52,26 @@ def build(variant: str, shape: dict, base_dir: str):
     else:
         raise ValueError(variant)
     return AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=q, **kwargs)
+
+
+def torchao_available() -> bool:
+    try:
+        import torchao.quantization.qat  # noqa: F401
+    except Exception:  # noqa: BLE001 - missing or incompatible with this torch: the variant is skipped
+        return False
+    return True
+
+
+def torchao_qat(model):
+    """The peer: torchao QAT (int8 per-token asymmetric activations, int4 group-32 symmetric weights)
+    on every linear of the decoder blocks (embeddings and lm_head stay full precision, as in RoSTE)."""
+    from torchao.quantization import quantize_
+    from torchao.quantization.qat import IntxFakeQuantizeConfig, QATConfig
+
+    act = IntxFakeQuantizeConfig(torch.int8, "per_token", is_symmetric=False)
+    weight = IntxFakeQuantizeConfig(torch.int4, group_size=32)
+    quantize_(model.model, QATConfig(activation_config=act, weight_config=weight, step="prepare"))
+    return model
 
 
 def make_step(model, shape: dict):
@@ -91,23 +114,34 @@ def main() -> None:
     shape_name = "quick" if args.quick else "full"
     shape = SHAPES[shape_name]
     reps = args.reps or (3 if args.quick else 7)
+    variants = ("plain", "roste", "ste") + (("torchao",) if torchao_available() else ())
     with tempfile.TemporaryDirectory() as base_dir:
-        steps = {v: make_step(build(v, shape, base_dir), shape) for v in ("plain", "roste", "ste")}
+        steps = {v: make_step(build(v, shape, base_dir), shape) for v in variants}
         stats = interleaved(steps, reps=reps, warmup=1)
-        rss = {v: peak_rss_child(v, shape_name, base_dir) for v in ("plain", "roste", "ste")}
+        rss = {v: peak_rss_child(v, shape_name, base_dir) for v in variants}
     print(f"shape: {shape}, threads: 2, repetitions: {reps}")
     for v, s in stats.items():
         print(f"  {v:6s} step: median {s['median'] * 1e3:8.1f} ms  (min {s['min'] * 1e3:.1f}, max {s['max'] * 1e3:.1f})")
     r_roste, r_ste = ratio(stats, "roste", "plain"), ratio(stats, "ste", "plain")
     print(f"  RoSTE / plain: {r_roste['median']:.3f}  (spread {r_roste['min']:.3f}-{r_roste['max']:.3f}); target <= 1.25")
     print(f"  STE   / plain: {r_ste['median']:.3f}  (spread {r_ste['min']:.3f}-{r_ste['max']:.3f})")
+    extra = {"torchao_available": "torchao" in stats}
+    if "torchao" in stats:
+        r_tao = ratio(stats, "torchao", "plain")
+        print(f"  torchao QAT / plain: {r_tao['median']:.3f}  (spread {r_tao['min']:.3f}-{r_tao['max']:.3f}); "
+              f"peak RSS {rss['torchao'] / 2**20:.0f} MiB ({rss['torchao'] / rss['plain']:.3f}x)")
+        extra.update(torchao_step_time_ratio=r_tao["median"], torchao_step_time_ratio_min=r_tao["min"],
+                     torchao_step_time_ratio_max=r_tao["max"], torchao_peak_memory_ratio=rss["torchao"] / rss["plain"])
+    else:
+        print("  torchao QAT: not importable here, skipped")
     mem_roste, mem_ste = rss["roste"] / rss["plain"], rss["ste"] / rss["plain"]
     print(f"  peak RSS: plain {rss['plain'] / 2**20:.0f} MiB, RoSTE {rss['roste'] / 2**20:.0f} MiB "
           f"({mem_roste:.3f}x; target <= 1.3), STE {rss['ste'] / 2**20:.0f} MiB ({mem_ste:.3f}x)")
     emit({"shape": shape_name, "step_time_ratio": r_roste["median"], "step_time_ratio_min": r_roste["min"],
           "step_time_ratio_max": r_roste["max"], "ste_step_time_ratio": r_ste["median"],
           "peak_memory_ratio": mem_roste, "ste_peak_memory_ratio": mem_ste,
-          "plain_step_ms": stats["plain"]["median"] * 1e3})
+          "plain_step_ms": stats["plain"]["median"] * 1e3, "ste_step_time_ratio_min": r_ste["min"],
+          "ste_step_time_ratio_max": r_ste["max"], "reps": reps, "peak_rss_bytes": rss, **extra})
 
 
 if __name__ == "__main__":

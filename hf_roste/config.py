@@ -39,6 +39,8 @@ PER_LAYER_ROTATIONS = ("R2", "R3", "R4")
 SEARCH_STRATEGIES = ("adaptive", "all", "none")
 CHECKPOINT_FORMATS = ("master", "packed")
 SUPPORTED_BITS = (2, 3, 4, 8, 16)
+#: Exclusive upper bound of `rotation_seed` (torch generators take 64-bit seeds; R2 of layer i uses seed + 1 + i).
+MAX_SEED = 2**63
 
 
 
@@ -64,6 +66,11 @@ FIELD_HELP: dict[str, str] = {
 
 def _err(field: str, value: Any, accepted: str) -> ValueError:
     return ValueError(f"RoSTEConfig.{field}={value!r} is invalid: expected {accepted}.")
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _check_bool(field: str, value: Any) -> bool:
@@ -101,7 +108,7 @@ def validate_rotation_config(value: Any, num_layers: int | None = None) -> dict 
         raise TypeError(
             "RoSTEConfig.rotation_config must be None or a dict "
             "{'R1': bool, 'layers': [{'R2': bool, 'R3': bool, 'R4': bool}, ...]}, "
-            f"got {type(value).__name__}."
+            f"got {type(value).__name__} {_short(value)}."
         )
     unknown = set(value) - {"R1", "layers", "errors", "criterion", "strategy"}
     if unknown:
@@ -114,7 +121,10 @@ def validate_rotation_config(value: Any, num_layers: int | None = None) -> dict 
     out: dict[str, Any] = {"R1": _check_bool("rotation_config['R1']", value["R1"])}
     layers = value["layers"]
     if not isinstance(layers, list):
-        raise TypeError(f"RoSTEConfig.rotation_config['layers'] must be a list, got {type(layers).__name__}.")
+        raise TypeError(
+            "RoSTEConfig.rotation_config['layers'] must be a list of {'R2': bool, 'R3': bool, 'R4': bool} dicts, "
+            f"got {type(layers).__name__} {_short(layers)}."
+        )
     if num_layers is not None and len(layers) != num_layers:
         raise ValueError(
             f"RoSTEConfig.rotation_config has {len(layers)} layer entries but the model has {num_layers} "
@@ -221,8 +231,8 @@ class RoSTEConfig(QuantizationConfigMixin):
         self.rotation_config = validate_rotation_config(rotation_config)
         if self.rotation_config is not None:
             self._check_rotation_config_against_rotations(self.rotation_config)
-        if isinstance(rotation_seed, bool) or not isinstance(rotation_seed, int) or rotation_seed < 0:
-            raise _err("rotation_seed", rotation_seed, "a non-negative int")
+        if isinstance(rotation_seed, bool) or not isinstance(rotation_seed, int) or not 0 <= rotation_seed < MAX_SEED:
+            raise _err("rotation_seed", rotation_seed, "a non-negative int below 2**63")
         self.rotation_seed = rotation_seed
         if modules_to_not_convert is not None:
             if isinstance(modules_to_not_convert, str) or not isinstance(modules_to_not_convert, (list, tuple)):
@@ -320,7 +330,18 @@ class RoSTEConfig(QuantizationConfigMixin):
         qm = config_dict.get("quant_method", QUANT_METHOD)
         if qm != QUANT_METHOD:
             raise ValueError(f"RoSTEConfig.from_dict got quant_method={qm!r}; expected {QUANT_METHOD!r}.")
-        config = cls(**{**config_dict, **kwargs})
+        merged = {**config_dict, **kwargs}
+        bad_keys = [k for k in merged if not isinstance(k, str)]
+        if bad_keys:
+            raise TypeError(f"RoSTEConfig.from_dict: field names must be strings, got {bad_keys!r}.")
+        unknown = sorted(set(merged) - set(FIELD_HELP) - {"quant_method", "format_version", "checkpoint_format"})
+        if unknown:
+            raise ValueError(
+                f"RoSTEConfig got unknown fields {unknown}; accepted fields: {sorted(FIELD_HELP)} (plus format_version "
+                "and checkpoint_format written by the library). If this config was saved by a newer hf_roste, upgrade "
+                "hf_roste."
+            )
+        config = cls(**merged)
         return (config, {}) if return_unused_kwargs else config
 
     def to_json_string(self, use_diff: bool = True) -> str:

@@ -56,23 +56,23 @@ def test_shipped_base_is_pretrained():
     assert trained < 0.5 * untrained, (trained, untrained)
     shipped_tok = PreTrainedTokenizerFast.from_pretrained(path)
     assert shipped_tok("rev(abc)=cba")["input_ids"] == encode("rev(abc)=cba")
-    # greedy answers to a few fresh pretraining prompts are mostly right
+    # the skill the demo's held-out format relies on (`len`) is learned: greedy answers are right
     rng, right = random.Random(3), 0
-    for task in PRETRAIN_TASKS:
-        for _ in range(3):
+    for task in ["len"] * 6:
+        if task in PRETRAIN_TASKS:
             p, a = pretrain_example(rng, task)
             ids = torch.tensor([encode(p)])
             gen = base.generate(ids, max_new_tokens=len(a) + 1, do_sample=False, pad_token_id=0)
             right += gen[0, ids.shape[1]:].tolist()[: len(a)] == encode(a)
-    assert right >= 12, right
+    assert right >= 5, right
 
 
 def test_held_out_task_is_not_in_the_mix():
     rng = random.Random(0)
     prompts = {pretrain_example(rng)[0].split("(")[0] for _ in range(500)}
-    assert not any(p.startswith("ru") for p in prompts)
+    assert prompts and not any(p.startswith("count") for p in prompts)
     train, evals = held_out_split(50, 1), held_out_split(50, 2)
-    assert len({p for p, _ in train}) == 50 and all(c == p[3:-2][::-1].upper() for p, c in evals)
+    assert len({p for p, _ in train}) == 50 and all(c == str(len(p[6:-2])) for p, c in evals)
 
 
 @pytest.mark.parametrize("bad", ["0", "-2"])

@@ -17,7 +17,7 @@ def register(subparsers) -> None:
     )
     p.add_argument("--output-dir", default="roste-demo", help="Folder for the demo's outputs (default: roste-demo).")
     p.add_argument("--seeds", type=int, default=None, help="Number of seeds, 0..N-1 (default: 2).")
-    p.add_argument("--steps", type=int, default=None, help="Optimizer steps of every fine-tuning run (default: 150).")
+    p.add_argument("--steps", type=int, default=None, help="Optimizer steps of every fine-tuning run (default: 80).")
     p.add_argument("--eval-prompts", type=int, default=None, help="Held-out prompts evaluated (default: 1000).")
     p.add_argument("--calibration-samples", type=int, default=None,
                    help="Calibration samples of the RoSTE rotation search (default: 32).")
@@ -29,7 +29,7 @@ def register(subparsers) -> None:
     p.add_argument("--pretrain", action="store_true",
                    help="Regenerate the base checkpoint from scratch instead (long: about 20-40 minutes on 2 cores) "
                    "into OUTPUT_DIR/demo_base.")
-    p.add_argument("--pretrain-steps", type=int, default=None, help="Pretraining steps with --pretrain (default: 1000).")
+    p.add_argument("--pretrain-steps", type=int, default=None, help="Pretraining steps with --pretrain (default: 2400).")
     p.set_defaults(func=run)
 
 

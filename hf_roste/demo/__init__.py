@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from .run import DemoSettings, run_comparison, shipped_base_path
 
-QUICK = dict(seeds=2, steps=6, batch_size=8, train_examples=128, eval_prompts=48, calibration_samples=8,
-             reload_check_prompts=16)
+QUICK = dict(seeds=2, steps=4, batch_size=8, train_examples=64, eval_prompts=32, calibration_samples=8,
+             reload_check_prompts=8)
 
 
 def run_demo(output_dir: str = "roste-demo", *, quick: bool = False, **overrides) -> dict:

@@ -44,7 +44,7 @@ def shipped_base_path() -> Path:
 class DemoSettings:
     output_dir: str = "roste-demo"
     seeds: int = 2
-    steps: int = 150
+    steps: int = 80
     batch_size: int = 16
     learning_rate: float = 2e-3
     train_examples: int = 3000
@@ -226,7 +226,7 @@ def run_comparison(s: DemoSettings) -> dict:
     reload_pairs = eval_pairs[: s.reload_check_prompts]
     n_params = sum(p.numel() for p in _load(base).parameters())
     print(f"hf-roste demo: base {base} ({n_params:,} parameters, pre-trained in full precision on the synthetic mix)")
-    print(f"  held-out task 'ru(word)=' -> WORD reversed and uppercased: {len(train_pairs)} training examples, "
+    print(f"  held-out task 'count(word)=' -> number of letters (held-out format): {len(train_pairs)} training examples, "
           f"{len(eval_pairs)} held-out eval prompts (disjoint)")
     print(f"  settings: seeds={s.seeds}, steps={s.steps}, batch={s.batch_size}, lr={s.learning_rate}, "
           f"schemes={s.schemes}, rotation-search calibration samples={s.calibration_samples}, "
@@ -287,7 +287,7 @@ def run_comparison(s: DemoSettings) -> dict:
     result = {
         "settings": asdict(s),
         "base": {"path": str(base), "parameters": n_params},
-        "task": {"name": "ru", "description": "ru(word)= -> word reversed and uppercased (3..10 letters)",
+        "task": {"name": "count", "description": "count(word)= -> number of letters (1..10; held-out format of len)",
                  "train_examples": len(train_pairs), "eval_prompts": len(eval_pairs), "data_seed": DATA_SEED},
         "runs": runs,
         "reload_checks": reload_checks,

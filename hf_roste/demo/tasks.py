@@ -11,8 +11,10 @@ Pretraining mix (one example per line, each ending with `<eos>`), exact answers 
 - ``len``:  ``len(abcd)=4``
 - ``max``:  ``max(3,9,4)=9``         (2..5 numbers 0..99)
 
-Held-out fine-tuning task (a family NOT in the mix): ``ru(abcd)=`` -> ``DCBA``, reverse *and*
-uppercase 3..10 letters in one step. The base has seen both skills only separately.
+Held-out fine-tuning task: ``count(abcd)=4``, a held-out *format* (the prompt word ``count`` never
+appears in the mix) of a skill the small base did learn (``len``). A first choice, ``ru(abcd)=DCBA``
+(reverse and uppercase in one step), was not learnable in the demo's budget: the shipped base never
+got good at ``rev``/``up`` (see ``pretrain_log.json``).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ PAD_ID, EOS_ID, BOS_ID, UNK_ID = 0, 1, 2, 3
 _CHAR_ID = {ch: i + len(SPECIALS) for i, ch in enumerate(CHARS)}
 
 PRETRAIN_TASKS = ("add", "sub", "mul", "rev", "up", "sort", "len", "max")
-HELD_OUT_TASK = "ru"
+HELD_OUT_TASK = "count"
 
 
 def char_tokenizer():
@@ -99,8 +101,8 @@ def pretrain_sequence(rng: random.Random, seq_len: int) -> list[int]:
 
 
 def held_out_example(rng: random.Random) -> tuple[str, str]:
-    w = _word(rng, 3, 10)
-    return f"ru({w})=", w[::-1].upper()
+    w = _word(rng, 1, 10)
+    return f"count({w})=", str(len(w))
 
 
 def held_out_split(n: int, seed: int, exclude: set[str] | None = None) -> list[tuple[str, str]]:

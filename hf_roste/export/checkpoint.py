@@ -32,6 +32,9 @@ from ..modules.qat_linear import QATLinear
 
 DIGEST_KEY = "roste_digests"
 FORMAT_KEY = "roste_checkpoint_format"
+CONFIG_KEY = "roste_quantization_config"
+#: |zero point| bound implied by the quantizer's relative scale floor (see `hf_roste.numerics.quantize`).
+MAX_ABS_ZERO_POINT = 2.0**20
 _ST_DTYPES = {
     torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
     torch.uint8: "U8", torch.int8: "I8", torch.int32: "I32", torch.int64: "I64", torch.bool: "BOOL",
@@ -77,8 +80,11 @@ def packed_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def checkpoint_metadata(model: nn.Module, state: dict[str, torch.Tensor], fmt: str) -> dict[str, str]:
+def checkpoint_metadata(model: nn.Module, state: dict[str, torch.Tensor], fmt: str, config=None) -> dict[str, str]:
     """safetensors header metadata: format plus the digest of every tensor, keyed by file names.
+
+    With `config` (the `RoSTEConfig` written to config.json by the same save), its JSON is recorded
+    too, so a config.json edited or swapped afterwards (bits, rotation flags, ...) is refused on load.
 
     transformers renames some keys when saving (e.g. GPT-NeoX `lm_head` -> `embed_out`); the same
     renaming is applied here so the table lists the names found in the files.
@@ -87,7 +93,30 @@ def checkpoint_metadata(model: nn.Module, state: dict[str, torch.Tensor], fmt: s
 
     file_state = revert_weight_conversion(model, dict(state))
     digests = {k: tensor_digest(v) for k, v in file_state.items()}
-    return {"format": "pt", FORMAT_KEY: fmt, DIGEST_KEY: json.dumps(digests, sort_keys=True)}
+    meta = {"format": "pt", FORMAT_KEY: fmt, DIGEST_KEY: json.dumps(digests, sort_keys=True)}
+    if config is not None:
+        meta[CONFIG_KEY] = json.dumps(config.to_dict(), sort_keys=True)
+    return meta
+
+
+def _config_disagreement(name: str, saved_json: str, config) -> str | None:
+    """Fields where config.json's quantization_config differs from the one recorded in the file."""
+    try:
+        saved = json.loads(saved_json)
+    except json.JSONDecodeError:
+        return f"{name}: the quantization config recorded in its metadata is unreadable"
+    if not isinstance(saved, dict):
+        return f"{name}: the quantization config recorded in its metadata is not a JSON object"
+    current = config.to_dict()
+    diffs = []
+    for key in sorted(set(saved) | set(current)):
+        a, b = json.dumps(saved.get(key), sort_keys=True), json.dumps(current.get(key), sort_keys=True)
+        if a != b:
+            diffs.append(f"{key}: {a[:120]} when saved, {b[:120]} in config.json")
+    if diffs:
+        return (f"{name}: config.json's quantization_config differs from the one this file was saved with ("
+                + "; ".join(diffs[:6]) + ")")
+    return None
 
 
 def _model_key_mapper(model: nn.Module, hf_quantizer=None):
@@ -135,6 +164,7 @@ def verify_checkpoint(
     seen: dict[str, tuple[tuple[int, ...], str]] = {}
     file_keys: set[str] = set()
     digests: dict[str, str] | None = None
+    config_problem: str | None = None
     for path in files:
         name = os.path.basename(path)
         try:
@@ -149,6 +179,9 @@ def verify_checkpoint(
                     f"{name}: safetensors metadata says checkpoint format {fmt!r} but config.json says "
                     f"{expected_format!r}; the files and the config come from different saves."
                 )
+            config = getattr(hf_quantizer, "quantization_config", None)
+            if CONFIG_KEY in meta and config is not None and config_problem is None:
+                config_problem = _config_disagreement(name, meta[CONFIG_KEY], config)
             try:
                 file_digests = json.loads(meta[DIGEST_KEY])
             except (KeyError, json.JSONDecodeError) as exc:
@@ -196,10 +229,12 @@ def verify_checkpoint(
             + "; ".join(problems[:12])
             + ". Re-save the model with hf_roste, or load the config it was saved with."
         )
+    if config_problem:  # same shapes, different quantizer or rotations: a silently different model otherwise
+        raise CheckpointError(config_problem + "; the files and the config come from different saves.")
 
 
 def check_packed_values(model: nn.Module) -> None:
-    """After loading: scales finite and positive, zero points integer-valued and finite."""
+    """After loading: scales finite and positive, zero points finite integers with |z| <= 2**20."""
     for name, module in model.named_modules():
         if not isinstance(module, PackedLinear):
             continue
@@ -208,5 +243,10 @@ def check_packed_values(model: nn.Module) -> None:
             raise CheckpointError(f"{name}.weight_scale has non-finite or non-positive values.")
         if not bool(torch.isfinite(z).all()) or not bool((z == z.round()).all()):
             raise CheckpointError(f"{name}.weight_zero_point must hold finite integers.")
+        if z.numel() and float(z.abs().max()) > MAX_ABS_ZERO_POINT:
+            raise CheckpointError(
+                f"{name}.weight_zero_point has |values| up to {float(z.abs().max()):g}; the quantizer never writes more "
+                f"than 2**20 = {MAX_ABS_ZERO_POINT:g}."
+            )
         if module.weight_spec.symmetric and bool((z != 0).any()):
             raise CheckpointError(f"{name}.weight_zero_point must be 0 for symmetric weights.")

@@ -42,10 +42,20 @@ a model cannot be exported, each naming the RoSTEConfig setting that would make 
   `c = (2^(b-1) - 1) / (2^(b-1) - 1/2)` (14/15 = 0.9333... for 4 bits, 254/255 for 8 bits). Any other
   clip ratio is refused (or, with `strict=False`, exported with a warning: the served activations are
   then quantized with compressed-tensors' rule, not the trained one). Weight clip ratios are always
-  exact (weight scales are stored);
-- asymmetric weights are exported (compressed-tensors stores zero points) when every zero point fits
-  the signed `b`-bit range after the shift to signed codes, i.e. RoSTE's `z` in `[0, 2^b - 1]`;
-  otherwise the export names the layer and suggests `weight_symmetric=True`;
+  exact (weight scales are stored). Caveat, measured: even at that clip ratio the two scales can
+  differ by one float ulp (`amax * (c / 7)` vs `amax / 7.5`), and a token whose largest magnitude is
+  negative sits exactly on the rounding tie `-7.5`, so that one element may become -7 in one
+  implementation and -8 in the other. Dynamic activations are therefore "the same rule", not bit-exact;
+- K/V granularity: RoSTE quantizes K/V per token per head. The `kv_cache_scheme` written says
+  dynamic symmetric `token`; compressed-tensors' reference hooks (used by transformers) reduce a
+  4-D `[batch, heads, seq, head_dim]` state over everything but the first two dims, i.e. ONE scale
+  per head over the whole sequence. transformers therefore does not reproduce RoSTE's K/V quantizer;
+  what a serving engine does depends on its own KV-cache setting (not verified here: no vLLM);
+- asymmetric weights: compressed-tensors stores packed zero points, which fit when every RoSTE zero
+  point `z` lies in `[0, 2^b - 1]` (checked per layer; otherwise the export names the layer and
+  suggests `weight_symmetric=True`). But transformers 5.23 + compressed-tensors 0.20 cannot LOAD
+  packed zero points (its meta-device skeleton keeps `[out, groups]` and the load stops on the size
+  mismatch; measured), so asymmetric weights are refused unless `strict=False`;
 - LayerNorm families (GPT-NeoX): RoSTE turns their LayerNorms into RMSNorms to fuse R1, which the
   plain architecture cannot express (`model.dequantize()` gives a full-precision model instead);
 - an online R4 on a down_proj with a bias (vLLM's transform path takes bias-free layers only).
@@ -94,6 +104,13 @@ def check_exportable(config: RoSTEConfig, model: nn.Module | None = None, *, str
             f"weight_bits={config.weight_bits}: pack-quantized int weights are served with 4 or 8 bits; "
             "train with RoSTEConfig(weight_bits=4) (or 8)."
         )
+    if strict and config.weight_bits < 16 and not config.weight_symmetric:
+        problems.append(
+            "asymmetric weights (weight_symmetric=False): the format stores packed zero points, but transformers "
+            "5.23 with compressed-tensors 0.20 cannot load them (it expects unpacked [out, groups] zero points and "
+            "stops with a size mismatch; measured). Train with RoSTEConfig(weight_symmetric=True), or export with "
+            "strict=False (hf-roste export --non-strict) for engines that read packed zero points."
+        )
     if config.activation_bits < 16:
         if not config.activation_symmetric:
             problems.append(
@@ -108,7 +125,7 @@ def check_exportable(config: RoSTEConfig, model: nn.Module | None = None, *, str
                 f"activation_clip_ratio={config.activation_clip_ratio}: dynamic activation scales are computed by "
                 f"the serving engine as amax/{(2 ** config.activation_bits - 1) / 2}; that equals RoSTE's quantizer only "
                 f"with RoSTEConfig(activation_clip_ratio={c!r}). Train with it, or export with strict=False "
-                "(--allow-clip-mismatch) to accept the engine's rule."
+                "(hf-roste export --non-strict) to accept the engine's rule."
             )
     if config.kv_bits < 16:
         if not config.kv_symmetric:
@@ -144,7 +161,8 @@ def check_exportable(config: RoSTEConfig, model: nn.Module | None = None, *, str
                     f"online R4 on a {adapter.down_proj} with a bias: vLLM's online transforms take bias-free "
                     "layers; train with RoSTEConfig(rotations=('R1', 'R2', 'R3')) (no R4)."
                 )
-    if rc is not None and config.kv_bits < 16 and any(f["R3"] for f in rc["layers"]):
+    layer_flags = rc["layers"] if rc is not None else [config.default_layer_flags()]
+    if config.kv_bits < 16 and any(f["R3"] for f in layer_flags):
         problems.append(
             "online R3 (Hadamard on Q and K before K/V quantization): serving engines do not apply q_attn/k_cache "
             "transforms; train with RoSTEConfig(rotations=('R1', 'R2', 'R4')) (no R3)."
@@ -200,6 +218,7 @@ def build_quantization_config(config: RoSTEConfig, ignore: list[str], targets: l
         targets=targets or ["Linear"],
         weights=_weight_args(config),
         input_activations=_dynamic_args(config.activation_bits) if config.activation_bits < 16 else None,
+        format="pack-quantized",  # explicit: with int activations the inferred format would be int-quantized (int8)
     )
     return QuantizationConfig(
         config_groups={"group_0": scheme},

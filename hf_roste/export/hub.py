@@ -131,7 +131,11 @@ def prepare_push_folder(
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
     config = _roste_config_of_dir(folder)
-    plot = PLOT_FILE if plot_rotation_errors(config, os.path.join(folder, PLOT_FILE)) else None
+    try:
+        plot = PLOT_FILE if plot_rotation_errors(config, os.path.join(folder, PLOT_FILE)) else None
+    except ImportError as exc:  # the card is still useful without its figure
+        logger.warning("%s The model card is pushed without the plot.", exc)
+        plot = None
     card = render_model_card(config, repo_id=repo_id, plot_file=plot, num_layers=_num_layers(folder), **card_info)
     with open(os.path.join(folder, "README.md"), "w", encoding="utf-8") as f:
         f.write(card)

@@ -121,10 +121,16 @@ def plot_rotation_errors(config: RoSTEConfig, path: str | os.PathLike) -> bool:
     errors = rc.get("errors")
     if not errors:
         return False
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError as exc:
+        raise ImportError(
+            "The model card's rotation-error plot needs matplotlib: pip install 'hf-roste[eval]'."
+        ) from exc
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     types = [t for t in PER_LAYER_ROTATIONS if any(t in e for e in errors)]
     fig, axes = plt.subplots(1, len(types), figsize=(4.2 * len(types), 3.4), squeeze=False)
@@ -140,6 +146,7 @@ def plot_rotation_errors(config: RoSTEConfig, path: str | os.PathLike) -> bool:
                        label="kept on", zorder=3)
         if all(v > 0 for v in off + on) and max(off + on) / max(min(off + on), 1e-30) > 20:
             ax.set_yscale("log")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(f"{t}")
         ax.set_xlabel("layer")
         ax.set_ylabel("quantization error")

@@ -71,6 +71,10 @@ class RoSTESFTConfig(SFTConfig):
                 f"RoSTESFTConfig.rotation_search_interval={k!r} is invalid: expected None (search once) or an int >= 1 "
                 "(re-search every N optimizer steps)."
             )
+        if not isinstance(self.log_quantization_error, bool):
+            raise ValueError(
+                f"RoSTESFTConfig.log_quantization_error={self.log_quantization_error!r} is invalid: expected a bool."
+            )
         s = self.rotation_search_seed
         if s is not None and (isinstance(s, bool) or not isinstance(s, int) or s < 0):
             raise ValueError(f"RoSTESFTConfig.rotation_search_seed={s!r} is invalid: expected None or an int >= 0.")

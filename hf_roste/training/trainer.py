@@ -13,6 +13,7 @@ What it adds to `SFTTrainer`:
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from typing import Any
@@ -323,6 +324,26 @@ class RoSTESFTTrainer(SFTTrainer):
             super().save_model(output_dir, _internal_call=_internal_call)
         if not _internal_call and self.args.should_save:
             self._write_state_file(output_dir or self.args.output_dir)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """transformers' `_save`, then `training_args.bin` re-written without tokens.
+
+        transformers pickles the whole `TrainingArguments` into every checkpoint and output folder,
+        `hub_token` included (its JSON/str forms redact it, the pickle does not); folders are often
+        uploaded, so the token is replaced by None there.
+        """
+        super()._save(output_dir, state_dict=state_dict)
+        secrets = [f for f in self.args.__dataclass_fields__ if f.endswith("_token") and getattr(self.args, f, None)]
+        if not secrets or not self.args.should_save:
+            return
+        from transformers.trainer import TRAINING_ARGS_NAME
+
+        redacted = copy.copy(self.args)
+        for name in secrets:
+            object.__setattr__(redacted, name, None)
+        path = os.path.join(output_dir if output_dir is not None else self.args.output_dir, TRAINING_ARGS_NAME)
+        torch.save(redacted, path + ".tmp")
+        os.replace(path + ".tmp", path)
 
     # ------------------------------------------------------------------ hub
     def push_to_hub(self, commit_message: str | None = "End of training", blocking: bool = True,

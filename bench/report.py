@@ -1,0 +1,517 @@
+"""Render `docs/benchmarks.md` (tables + PNG plots, matplotlib Agg) from `bench/results/latest.json`.
+
+Nothing in the Markdown is typed by hand: every number comes from the JSON written by
+`bench/run_all.py`. Missing or failed benchmarks are listed as such.
+
+    python -m bench.report [latest.json] [docs/benchmarks.md]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+QUALITY_ORDER = ("fp_sft", "sft_rtn", "sft_rot_rtn", "ste", "torchao_qat", "roste", "roste_output")
+PTQ = ("sft_rtn", "sft_rot_rtn")
+
+
+def _f(x, fmt: str = ".3f", none: str = "n/a") -> str:
+    if x is None:
+        return none
+    try:
+        return format(x, fmt)
+    except (TypeError, ValueError):
+        return str(x)
+
+
+def _spread(med, lo, hi, fmt: str = ".2f") -> str:
+    if med is None:
+        return "n/a"
+    if lo is None or hi is None:
+        return _f(med, fmt)
+    return f"{_f(med, fmt)} ({_f(lo, fmt)}-{_f(hi, fmt)})"
+
+
+def _verdict(ok: bool | None) -> str:
+    return {True: "met", False: "not met", None: "n/a"}[ok]
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return out + [""]
+
+
+def _ok(data: dict, name: str) -> dict | None:
+    e = data.get("benchmarks", {}).get(name)
+    return e["figures"] if e and e.get("status") == "ok" and e.get("figures") else None
+
+
+def _plt():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
+# ---------------------------------------------------------------- targets
+def targets(data: dict) -> list[dict]:
+    out = []
+    ts = _ok(data, "train_step")
+    if ts:
+        r, tao = ts.get("step_time_ratio"), ts.get("torchao_step_time_ratio")
+        out.append({"target": "RoSTE training step <= 1.25x plain fp32", "measured": f"{_f(r, '.2f')}x",
+                    "status": _verdict(r <= 1.25 if r is not None else None)})
+        out.append({"target": "RoSTE step ratio below torchao QAT's",
+                    "measured": f"RoSTE {_f(r, '.2f')}x vs torchao {_f(tao, '.2f')}x",
+                    "status": _verdict(r < tao if (r is not None and tao is not None) else None)})
+    se = _ok(data, "search")
+    if se:
+        r = se.get("search_time_ratio")
+        out.append({"target": "rotation search <= 3x one forward pass", "measured": f"{_f(r, '.2f')}x",
+                    "status": _verdict(r <= 3 if r is not None else None)})
+    inf = _ok(data, "inference")
+    if inf:
+        r = inf.get("prefill_speedup_vs_fp32")
+        out.append({"target": "packed prefill >= 1.5x fp32", "measured": f"{_f(r, '.2f')}x",
+                    "status": _verdict(r >= 1.5 if r is not None else None)})
+    q = _ok(data, "quality")
+    if q:
+        diffs = {(d["scheme"], d["a"], d["b"]): d for d in q.get("diffs", [])}
+        for scheme in ("W3A3KV3",) if "W3A3KV3" in q["settings"]["schemes"] else q["settings"]["schemes"][:1]:
+            d = diffs.get((scheme, "roste", "ste"))
+            if d:
+                cl = d["completion_loss"]
+                out.append({"target": f"RoSTE completion loss <= STE's ({scheme}, paired, beyond noise)",
+                            "measured": f"{cl['mean']:+.4f} ({cl['verdict']})",
+                            "status": _verdict(cl["mean"] <= 0 and cl["verdict"] == "beyond noise")})
+            for b in PTQ:
+                d = diffs.get((scheme, "roste", b))
+                if d:
+                    cl = d["completion_loss"]
+                    out.append({"target": f"RoSTE completion loss below {b} ({scheme}, paired, beyond noise)",
+                                "measured": f"{cl['mean']:+.4f} ({cl['verdict']})",
+                                "status": _verdict(cl["mean"] < 0 and cl["verdict"] == "beyond noise")})
+    return out
+
+
+# ---------------------------------------------------------------- sections
+def sec_train_step(data: dict, png_dir: str, plt) -> tuple[list[str], list[str]]:
+    f = _ok(data, "train_step")
+    if not f:
+        return [], []
+    lines = ["## 1. Training step", "",
+             "One optimizer step (forward, backward, AdamW) of the same randomly initialised Llama model on the same "
+             f"batch (`{f.get('shape')}` shape of `bench/train_step.py`: full = hidden 512, 6 layers, intermediate 2048, "
+             "batch 4 x 256; quick = hidden 256, 2 layers, batch 2 x 128), fp32, 2 threads, variants interleaved "
+             f"({f.get('reps', 'n/a')} repetitions). Ratio = median step time / median plain step time "
+             "(spread: min/max to max/min). Peak memory: high-water RSS of a fresh process doing 3 steps of one "
+             "variant, relative to plain.", ""]
+    rows = [["plain fp32", _f(f.get("plain_step_ms"), ".0f"), "1.00", "1.00"],
+            ["RoSTE W4A4KV4 (all rotations on)", "", _spread(f.get("step_time_ratio"), f.get("step_time_ratio_min"),
+                                                          f.get("step_time_ratio_max")),
+             _f(f.get("peak_memory_ratio"), ".2f")],
+            ["STE W4A4KV4 (no rotation)", "", _spread(f.get("ste_step_time_ratio"), f.get("ste_step_time_ratio_min"),
+                                                      f.get("ste_step_time_ratio_max")),
+             _f(f.get("ste_peak_memory_ratio"), ".2f")]]
+    if f.get("torchao_available"):
+        rows.append(["torchao QAT (int8 per-token act., int4 group-32 weights)", "",
+                     _spread(f.get("torchao_step_time_ratio"), f.get("torchao_step_time_ratio_min"),
+                             f.get("torchao_step_time_ratio_max")), _f(f.get("torchao_peak_memory_ratio"), ".2f")])
+    else:
+        rows.append(["torchao QAT", "", "not importable in this environment", ""])
+    lines += _table(["variant", "plain step ms (this run)", "step time / plain (spread)", "peak RSS / plain"], rows)
+    pngs = []
+    if plt:
+        names, med, lo, hi = [], [], [], []
+        for label, k in (("RoSTE", "step_time_ratio"), ("STE", "ste_step_time_ratio"),
+                         ("torchao QAT", "torchao_step_time_ratio")):
+            if f.get(k) is not None:
+                names.append(label)
+                med.append(f[k])
+                lo.append(f[k] - (f.get(k + "_min") or f[k]))
+                hi.append((f.get(k + "_max") or f[k]) - f[k])
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.bar(names, med, yerr=[lo, hi], capsize=4, color=["#48c", "#999", "#c84"][: len(names)])
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.axhline(1.25, color="g", ls="--", lw=0.8, label="target 1.25x")
+        ax.set_ylabel("step time / plain fp32")
+        ax.set_title("Training step cost (median, min-max)")
+        ax.legend()
+        fig.tight_layout()
+        path = os.path.join(png_dir, "benchmarks_train_step.png")
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        pngs.append(path)
+        lines += ["![training step](benchmarks_train_step.png)", ""]
+    return lines, pngs
+
+
+def sec_search(data: dict) -> list[str]:
+    f = _ok(data, "search")
+    if not f:
+        return []
+    lines = ["## 2. Rotation search", "",
+             f"`search_rotation_config` over a calibration set of {f.get('samples')} samples x <= {f.get('seq')} tokens "
+             f"({f.get('tokens')} real tokens) on `{f.get('model')}` (random init, W4A4KV4), relative to one quantized "
+             f"forward pass over the same set ({_f(f.get('forward_seconds'), '.2f')} s in this run); "
+             f"{f.get('reps')} interleaved repetitions.", ""]
+    rows = []
+    for key, label in (("forward_fp", "forward, quantization off"), ("adaptive_paper", "search: adaptive, paper criterion"),
+                       ("adaptive_output", "search: adaptive, output criterion"),
+                       ("layerwise_paper", "search: layerwise")):
+        if f.get(f"{key}_ratio") is not None:
+            sp = f.get(f"{key}_spread") or [None, None]
+            rows.append([label, _spread(f[f"{key}_ratio"], sp[0], sp[1])])
+    lines += _table(["case", "time / one quantized forward (spread)"], rows)
+    on = f.get("adaptive_paper_layers_on")
+    if on:
+        lines += ["Rotations kept by the adaptive search (paper criterion) on this random model: "
+                  + ", ".join(f"{k} in {v} layers" for k, v in on.items()) + ".", ""]
+    return lines
+
+
+def sec_inference(data: dict) -> list[str]:
+    f = _ok(data, "inference")
+    if not f:
+        return []
+    lines = ["## 3. Inference", "",
+             f"A randomly initialised Llama (`{f.get('shape')}` shape of `bench/inference.py`: full = hidden 768, "
+             "12 layers, ~110M parameters), saved as fp32, bf16 and as a packed RoSTE W4A4KV4 checkpoint (all rotations "
+             "on), each loaded with `from_pretrained`. Prefill (full shape: batch 8 x 256) without cache; decode: batch 1, "
+             "greedy, cache on; variants interleaved. Resident memory: RSS growth of a fresh process after loading and one "
+             "forward.", ""]
+    rows = [
+        ["bytes per quantized-linear parameter (codes + scales + zero points)", _f(f.get("bytes_per_linear_param"), ".4f")],
+        ["checkpoint size / fp32", _f(f.get("checkpoint_ratio_vs_fp32"), ".3f")],
+        ["checkpoint size / bf16", _f(f.get("checkpoint_ratio_vs_bf16"), ".3f")],
+        ["resident memory / fp32", _f(f.get("resident_ratio_vs_fp32"), ".3f")],
+        ["resident memory / bf16", _f(f.get("resident_ratio_vs_bf16"), ".3f")],
+        ["prefill throughput / fp32 (spread)", _spread(f.get("prefill_speedup_vs_fp32"), f.get("prefill_speedup_vs_fp32_min"),
+                                                       f.get("prefill_speedup_vs_fp32_max"))],
+        ["prefill throughput / bf16", _f(f.get("prefill_speedup_vs_bf16"), ".2f")],
+        ["decode throughput / fp32 (spread)", _spread(f.get("decode_speedup_vs_fp32"), f.get("decode_speedup_vs_fp32_min"),
+                                                      f.get("decode_speedup_vs_fp32_max"))],
+        ["decode throughput / bf16", _f(f.get("decode_speedup_vs_bf16"), ".2f")],
+        ["KV cache bytes per token: packed", _f(f.get("kv_bytes_per_token_packed"), ".0f")],
+        ["KV cache bytes per token: bf16 DynamicCache", _f(f.get("kv_bytes_per_token_bf16"), ".0f")],
+        ["KV cache bytes / bf16", _f(f.get("kv_bytes_ratio_vs_bf16"), ".3f")],
+    ]
+    return lines + _table(["packed W4A4KV4 figure", "value"], rows)
+
+
+def sec_quality(data: dict, png_dir: str, plt) -> tuple[list[str], list[str]]:
+    f = _ok(data, "quality")
+    if not f:
+        return [], []
+    s = f["settings"]
+    lines = ["## 4. Quality (CPU proxy of the paper's table)", "",
+             f"Base: the demo's pre-trained base (`{os.path.relpath(f['base'], ROOT) if os.path.isabs(f['base']) else f['base']}`). "
+             "Task: `ru(word)=` -> the word reversed and uppercased (held out from pre-training). "
+             f"{s['seeds']} seeds; per seed and method {s['steps']} optimizer steps x batch {s['batch_size']} "
+             f"(lr {s['learning_rate']}, cosine), {s['train_examples']} training examples, rotation-search calibration "
+             f"{s['calibration_samples']} samples. Evaluation on {s['eval_prompts']} held-out prompts: completion loss "
+             "(teacher-forced cross-entropy on the completion and `<eos>`) and greedy exact match. PTQ rows quantize the "
+             "FP SFT model of the same seed. torchao QAT trains with torchao's fake quantizers (int per-token asymmetric "
+             "activations, int per-channel asymmetric weights at the setting's bits, no KV quantization: torchao has "
+             "none) and is evaluated under the same W/A/KV quantizer as every other row. All settings asymmetric, "
+             "clip 0.95.", "",
+             f"Noise rule: {f['noise_rule']}", ""]
+    for scheme in ["FP"] + list(s["schemes"]):
+        rows = []
+        for r in f["rows"]:
+            if r["scheme"] != scheme:
+                continue
+            d = r.get("vs_fp")
+            cl = d["completion_loss"] if d else None
+            em = d["exact_match"] if d else None
+            rows.append([
+                r["label"], _f(r["completion_loss"], ".4f"),
+                f"{cl['mean']:+.4f} [{cl['min']:+.4f}, {cl['max']:+.4f}]" if cl else "-",
+                f"{2 * cl['se']:.4f}" if cl and cl.get("se") is not None else "-",
+                cl["verdict"] if cl else "",
+                _f(100 * r["exact_match"], ".1f"),
+                f"{100 * em['mean']:+.1f} ({em['verdict']})" if em else "-",
+                _f(r["train_seconds"], ".0f") if r["train_seconds"] else "0 (PTQ)",
+            ])
+        if rows:
+            lines += [f"**{scheme}**", ""]
+            lines += _table(["method", "completion loss (mean)", "Δ loss vs FP SFT, mean [min, max] over seeds", "2 SE",
+                             "Δ loss verdict", "exact match %", "Δ EM pts vs FP", "train s (1 thread)"], rows)
+    labels = {r["method"]: r["label"] for r in f["rows"]}
+    lines += ["Paired differences between methods (a - b, same seed, completion loss; negative = a better):", ""]
+    rows = []
+    for d in f.get("diffs", []):
+        cl = d["completion_loss"]
+        rows.append([d["scheme"], labels.get(d["a"], d["a"]), labels.get(d["b"], d["b"]),
+                     f"{cl['mean']:+.4f} [{cl['min']:+.4f}, {cl['max']:+.4f}]",
+                     f"{2 * cl['se']:.4f}" if cl.get("se") is not None else "-", cl["verdict"]])
+    lines += _table(["setting", "a", "b", "mean d [min, max]", "2 SE", "verdict"], rows)
+    beyond = [f"{r[0]}: {r[1]} - {r[2]} = {r[3].split(' ')[0]}" for r in rows if r[5] == "beyond noise"]
+    lines += ["Differences between methods that exceed seed noise under the rule above: "
+              + ("; ".join(beyond) if beyond else "none") + ".", ""]
+    rot = [(r["scheme"], r["label"], r["rotations_on_per_seed"]) for r in f["rows"] if r.get("rotations_on_per_seed")]
+    if rot:
+        lines += ["Rotations kept by the search (layers with R2 / R3 / R4 on, per seed): "
+                  + "; ".join(f"{sc} {lab}: " + ", ".join(f"{o['R2']}/{o['R3']}/{o['R4']}" for o in on)
+                              for sc, lab, on in rot) + ".", ""]
+    pngs = []
+    if plt:
+        schemes = list(s["schemes"])
+        methods = [m for m in QUALITY_ORDER[1:] if any(r["method"] == m for r in f["rows"])]
+        fig, axes = plt.subplots(1, len(schemes), figsize=(4.5 * len(schemes), 4), squeeze=False)
+        for ax, scheme in zip(axes[0], schemes, strict=True):
+            for i, m in enumerate(methods):
+                r = next((r for r in f["rows"] if r["scheme"] == scheme and r["method"] == m), None)
+                if not r:
+                    continue
+                cl = r["vs_fp"]["completion_loss"]
+                color = "#c44" if m in PTQ else "#c84" if m == "torchao_qat" else "#999" if m == "ste" else "#48c"
+                ax.bar(i, cl["mean"], color=color)
+                ax.scatter([i] * len(cl["per_seed"]), cl["per_seed"], color="k", s=10, zorder=3)
+            ax.axhline(0, color="k", lw=0.8)
+            ax.set_xticks(range(len(methods)))
+            ax.set_xticklabels([labels[m].split(" (")[0] + (" (out)" if m == "roste_output" else "") for m in methods],
+                               rotation=45, ha="right", fontsize=8)
+            ax.set_title(f"{scheme}: Δ completion loss vs FP SFT")
+        fig.suptitle("paired per seed (dots), lower is better")
+        fig.tight_layout()
+        path = os.path.join(png_dir, "benchmarks_quality.png")
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        pngs.append(path)
+        lines += ["![quality](benchmarks_quality.png)", ""]
+    return lines, pngs
+
+
+def sec_outliers(data: dict, png_dir: str, plt) -> tuple[list[str], list[str]]:
+    f = _ok(data, "outliers")
+    if not f:
+        return [], []
+    lines = ["## 4b. Outliers at the quantized inputs (beyond the paper)", "",
+             "Per token t, r_t = max |x_t| / median |x_t| over the channels of the input of each quantized linear "
+             "(`q_proj` = k/v input, `o_proj`, `gate_proj` = `up_proj` input, `down_proj`). Cells: median over "
+             f"tokens / max over tokens, on {f['calibration_sequences']} sequences ({f['calibration_tokens']} tokens: "
+             "held-out task examples and pre-training-mix sequences). Before = the plain full-precision model; after = "
+             "the same base with all rotations (norms folded, R1, R2, online R4), quantization off, i.e. what the "
+             "per-token quantizer sees. No outlier is injected by hand; the random-init twin has the same shape and "
+             "no training.", ""]
+    mods = f["modules"]
+    for base, res in f["bases"].items():
+        rows = []
+        for row in res["layers"]:
+            cells = [str(row["layer"])]
+            for m in mods:
+                b, a = row[m]["before"], row[m]["after"]
+                cells.append(f"{b['median']:.1f} / {b['max']:.1f} -> {a['median']:.1f} / {a['max']:.1f}")
+            rows.append(cells)
+        lines += [f"**{base}**", ""] + _table(["layer"] + [f"{m} before -> after" for m in mods], rows)
+    lines += ["Stretch goal of issue 9 (a CPU-trainable configuration in which residual-stream outliers arise "
+              "naturally and W4A4KV4 RTN degrades as in the paper): not attempted in this suite; the bases above are "
+              "the only ones measured.", ""]
+    pngs = []
+    if plt:
+        bases = list(f["bases"])
+        fig, axes = plt.subplots(1, len(bases), figsize=(6 * len(bases), 4.2), squeeze=False, sharey=True)
+        width = 0.8 / (2 * len(mods))
+        for ax, base in zip(axes[0], bases, strict=True):
+            layers = f["bases"][base]["layers"]
+            xs = [row["layer"] for row in layers]
+            for j, m in enumerate(mods):
+                ax.bar([x - 0.4 + (2 * j + 0.5) * width for x in xs], [row[m]["before"]["median"] for row in layers],
+                       width, label=f"{m} before", color=f"C{j}")
+                ax.bar([x - 0.4 + (2 * j + 1.5) * width for x in xs], [row[m]["after"]["median"] for row in layers],
+                       width, label=f"{m} after rotation", color=f"C{j}", alpha=0.45, hatch="//")
+            ax.set_yscale("log")
+            ax.set_xticks(xs)
+            ax.set_xlabel("layer")
+            ax.set_title(base, fontsize=9)
+        axes[0][0].set_ylabel("median over tokens of max|x| / median|x|")
+        handles, labels_ = axes[0][0].get_legend_handles_labels()
+        fig.legend(handles, labels_, loc="lower center", ncol=len(mods), fontsize=7)
+        fig.tight_layout(rect=(0, 0.12, 1, 1))
+        path = os.path.join(png_dir, "benchmarks_outliers.png")
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        pngs.append(path)
+        lines += ["![outliers](benchmarks_outliers.png)", ""]
+    return lines, pngs
+
+
+def sec_scaling(data: dict, png_dir: str, plt) -> tuple[list[str], list[str]]:
+    f = _ok(data, "scaling")
+    if not f:
+        return [], []
+    lines = ["## 5. Scaling with model width", "",
+             f"Llama, random init, {f['layers']} layers, intermediate 4 x hidden, head_dim 64, batch {f['batch']} x "
+             f"{f['seq']}, 2 threads, {f['reps']} interleaved repetitions per width. Step ratio = RoSTE W4A4KV4 (all "
+             f"rotations) / plain fp32 at that width; search ratio = adaptive search / one quantized forward over "
+             f"{f['calibration_samples']} calibration samples. Growth columns: time relative to the smallest width's "
+             "plain step (or search) in the same run.", ""]
+    rows = [[str(r["hidden"]), f"{r['parameters']:,}", _spread(r["step_ratio"], r["step_ratio_min"], r["step_ratio_max"]),
+             _spread(r["search_ratio"], r["search_ratio_min"], r["search_ratio_max"]),
+             _f(r["param_growth"], ".1f"), _f(r["plain_step_growth"], ".2f"), _f(r["roste_step_growth"], ".2f"),
+             _f(r["search_growth"], ".2f"), _f(1e3 * r["plain_step_s"], ".0f")] for r in f["widths"]]
+    lines += _table(["hidden", "parameters", "RoSTE step / plain (spread)", "search / forward (spread)",
+                     "params growth", "plain step growth", "RoSTE step growth", "search growth",
+                     "plain step ms (this run)"], rows)
+    pngs = []
+    if plt:
+        w = f["widths"]
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+        xs = [r["hidden"] for r in w]
+        axes[0].errorbar(xs, [r["step_ratio"] for r in w],
+                         yerr=[[r["step_ratio"] - r["step_ratio_min"] for r in w],
+                               [r["step_ratio_max"] - r["step_ratio"] for r in w]], marker="o", capsize=3,
+                         label="RoSTE step / plain")
+        axes[0].errorbar(xs, [r["search_ratio"] for r in w],
+                         yerr=[[r["search_ratio"] - r["search_ratio_min"] for r in w],
+                               [r["search_ratio_max"] - r["search_ratio"] for r in w]], marker="s", capsize=3,
+                         label="search / forward")
+        axes[0].axhline(1.0, color="k", lw=0.8)
+        axes[0].set_xscale("log", base=2)
+        axes[0].set_xlabel("hidden size")
+        axes[0].set_title("overhead ratios")
+        axes[0].legend(fontsize=8)
+        for key, lab in (("plain_step_growth", "plain step"), ("roste_step_growth", "RoSTE step"),
+                         ("search_growth", "search"), ("param_growth", "parameters")):
+            axes[1].plot(xs, [r[key] for r in w], marker="o", label=lab)
+        axes[1].set_xscale("log", base=2)
+        axes[1].set_yscale("log")
+        axes[1].set_xlabel("hidden size")
+        axes[1].set_title("growth relative to the smallest width")
+        axes[1].legend(fontsize=8)
+        fig.tight_layout()
+        path = os.path.join(png_dir, "benchmarks_scaling.png")
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        pngs.append(path)
+        lines += ["![scaling](benchmarks_scaling.png)", ""]
+    return lines, pngs
+
+
+def sec_extra(data: dict) -> list[str]:
+    lines = []
+    f = _ok(data, "numerics")
+    if f:
+        rows = [[k[: -len("_ratio")], _f(v, ".4f")] for k, v in sorted(f.items()) if k.endswith("_ratio")]
+        lines += ["## Extra: fake quantizer micro-benchmark", "",
+                  f"fwd+bwd on a 4096 x 4096 fp32 tensor relative to one 4096^2 fp32 matmul ({f.get('reps')} reps).", ""]
+        lines += _table(["case", "time / matmul"], rows)
+    f = _ok(data, "int_kernels")
+    if f:
+        rows = []
+        for label, res in f.get("results", {}).items():
+            for v, st in res.items():
+                rows.append([label, v, _f(st.get("speedup_vs_fp32"), ".2f")])
+        lines += ["## Extra: W4A4 integer linear kernel", "", f"Layer {f.get('layer')}; speed-up vs fp32 F.linear.", ""]
+        lines += _table(["input", "variant", "speed-up vs fp32"], rows)
+    return lines
+
+
+def render(data: dict, docs_path: str) -> list[str]:
+    """Write the Markdown (and PNGs next to it); return the written paths."""
+    docs_path = os.path.abspath(docs_path)
+    png_dir = os.path.dirname(docs_path)
+    os.makedirs(png_dir, exist_ok=True)
+    plt = _plt()
+    m, suite = data.get("machine", {}), data.get("suite", {})
+    order = ("train_step", "search", "inference", "scaling", "outliers", "quality", "numerics", "int_kernels")
+    raw = data.get("benchmarks", {})
+    benches = {k: raw[k] for k in order if k in raw} | {k: v for k, v in raw.items() if k not in order}
+    lines = ["# Benchmarks", "",
+             "<!-- generated by bench/report.py from bench/results/latest.json; do not edit by hand -->", "",
+             "Every figure below is a ratio measured inside one process against a baseline of the same run "
+             "(interleaved repetitions; medians, with the min-max spread of per-repetition ratios in parentheses). "
+             "Absolute times are shown for reading only: the machine is shared, so they drift between runs and are "
+             "never compared across runs.", "",
+             "## Machine and commands", ""]
+    lines += _table(["", ""], [
+        ["CPU", f"{m.get('cpu_model')} ({', '.join(m.get('cpu_flags') or []) or 'no AVX flags read'})"],
+        ["cores", f"{m.get('cpu_count')} visible, {m.get('cpu_affinity', 'n/a')} usable; benchmarks use 2 torch threads "
+                  "(quality: one process per seed, 1 thread each)"],
+        ["memory", f"{m.get('mem_total_gib', 'n/a')} GiB"],
+        ["software", f"Python {m.get('python')}, torch {m.get('torch')}, transformers {m.get('transformers')}, "
+                     f"TRL {m.get('trl')}, PEFT {m.get('peft')}, torchao {m.get('torchao') or 'not installed'}"],
+        ["suite", f"`{suite.get('command')}` ({suite.get('mode')}), started {suite.get('started')}, wall time "
+                  f"{_f(suite.get('wall_seconds'), '.0f')} s"],
+    ])
+    for r in data.get("reruns", []):
+        lines += [f"Re-run after the suite: `{r.get('command')}`, started {r.get('started')}, wall time "
+                  f"{_f(r.get('wall_seconds'), '.0f')} s (those benchmarks' figures below come from this re-run).", ""]
+    if m.get("torchao"):
+        lines += [f"The peer torchao {m['torchao']} imports on this torch CPU build (its CUDA-only extension libraries "
+                  "fail to load with a warning; the QAT fake quantizers used here are plain PyTorch).", ""]
+    else:
+        lines += ["torchao is not installed here: the torchao QAT rows are absent.", ""]
+    lines += ["Reproduce: `pip install -e \".[bench]\"` then `python -m bench` (full suite, writes "
+              "`bench/results/latest.json` and this page), `python -m bench --quick` (2-minute sanity run), "
+              "`python -m bench --only quality` (one benchmark, merged into latest.json), `python -m bench --render` "
+              "(re-render only). Each benchmark also runs alone, e.g. `python bench/train_step.py`; its last output line "
+              "is the JSON stored here.", ""]
+    rows = []
+    for name, e in benches.items():
+        la = e.get("load_avg_before")
+        rows.append([name, f"`{e.get('command')}`", e.get("status"), _f(e.get("wall_seconds"), ".0f"),
+                     _f(e.get("cpu_seconds"), ".0f"), _f(e.get("peak_rss_mib"), ".0f"),
+                     _f(la[0], ".1f") if la else "n/a", e.get("mode"), e.get("finished", "n/a")])
+    lines += _table(["benchmark", "command", "status", "wall s", "CPU s", "peak RSS MiB (largest process of its tree)", "load avg (1 min) at start",
+                     "mode", "finished (UTC)"], rows)
+    cpu = sum(e.get("cpu_seconds") or 0 for e in benches.values())
+    wall = sum(e.get("wall_seconds") or 0 for e in benches.values())
+    loads = [e["load_avg_before"][0] for e in benches.values() if e.get("load_avg_before")]
+    lines += [f"Sum over benchmarks: wall {wall:.0f} s, CPU (user + sys of each benchmark's process tree) {cpu:.0f} s"
+              + (f"; 1-minute load average at the starts {min(loads):.1f}-{max(loads):.1f} on "
+                 f"{m.get('cpu_affinity', m.get('cpu_count'))} cores (other jobs were sharing the machine when the load "
+                 "exceeds the core count)" if loads else "") + ".", ""]
+    if suite.get("mode") == "quick" or any(e.get("mode") == "quick" for e in benches.values()):
+        lines += ["**Quick mode**: tiny sizes for a sanity check; these figures are not meaningful measurements.", ""]
+    tg = targets(data)
+    if tg:
+        lines += ["## Targets", "", "Targets of issue 9, reported against (not asserted).", ""]
+        lines += _table(["target", "measured", "status"], [[t["target"], t["measured"], t["status"]] for t in tg])
+    pngs: list[str] = []
+    sl, p = sec_train_step(data, png_dir, plt)
+    lines += sl
+    pngs += p
+    lines += sec_search(data)
+    lines += sec_inference(data)
+    for fn in (sec_quality, sec_outliers, sec_scaling):
+        sl, p = fn(data, png_dir, plt)
+        lines += sl
+        pngs += p
+    lines += sec_extra(data)
+    failed = [n for n, e in benches.items() if e.get("status") != "ok"]
+    if failed:
+        lines += ["## Failed benchmarks", ""]
+        for n in failed:
+            e = benches[n]
+            lines += [f"- `{n}` (return code {e.get('returncode')}):", "", "```",
+                      *(e.get("stderr_tail") or ["(no stderr)"])[-10:], "```", ""]
+    lines += ["## Raw output", "", "What each benchmark printed (last lines), for reading:", ""]
+    for name, e in benches.items():
+        lines += [f"<details><summary>{name}</summary>", "", "```", *e.get("printed", [])[-40:], "```", "", "</details>",
+                  ""]
+    with open(docs_path, "w") as fh:
+        fh.write("\n".join(lines).rstrip() + "\n")
+    return [docs_path] + pngs
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    src = argv[0] if argv else os.path.join(ROOT, "bench", "results", "latest.json")
+    dst = argv[1] if len(argv) > 1 else os.path.join(ROOT, "docs", "benchmarks.md")
+    with open(src) as f:
+        data = json.load(f)
+    print("written: " + ", ".join(render(data, dst)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,46 @@
+"""`hf-roste export`: convert a saved RoSTE model for serving engines.
+
+    hf-roste export out/my-model out/my-model-ct --format compressed-tensors
+
+`compressed-tensors` writes the `pack-quantized` format (int4 codes, scales, dynamic per-token
+activation and K/V schemes, the online R4 Hadamard as a `transform_config`) that vLLM and
+transformers load without hf_roste. Options the format cannot express are refused with the
+RoSTEConfig setting that would make the model exportable (see `hf_roste.export.compressed_tensors`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from ._common import fail
+
+FORMATS = ("compressed-tensors",)
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "export", help="Export a saved RoSTE model to another format (compressed-tensors for vLLM).",
+        description=__doc__.split("\n\n", 1)[1] if __doc__ else None,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("model", metavar="DIR", help="A folder saved by hf_roste (packed or master checkpoint).")
+    p.add_argument("output", metavar="OUT", help="Output folder.")
+    p.add_argument("--format", choices=FORMATS, default="compressed-tensors", help="Target format.")
+    p.add_argument("--non-strict", "--allow-clip-mismatch", dest="non_strict", action="store_true",
+                   help="Export options transformers cannot reproduce exactly: activation/K-V clip ratios other "
+                        "than the engine's dynamic rule (served activations then use the engine's rule) and "
+                        "asymmetric weights (packed zero points).")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..export.compressed_tensors import ExportError, export_compressed_tensors
+
+    try:
+        summary = export_compressed_tensors(args.model, args.output, strict=not args.non_strict)
+    except (ExportError, ValueError, OSError) as exc:
+        return fail("export", str(exc))
+    print(json.dumps(summary, indent=2, sort_keys=True))
+    print(f"compressed-tensors checkpoint written to {args.output}")
+    return 0

@@ -1,0 +1,211 @@
+"""Model cards and Hub pushes (issue 7): card contents, mocked uploads, offline/no-token errors, token hygiene."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import huggingface_hub
+import pytest
+import torch
+from huggingface_hub import HfApi, ModelCard
+from huggingface_hub import constants as hub_constants
+from tiny_data import char_tokenizer, prompt_completion_dataset
+from tiny_models import sample_ids
+from transformers import AutoModelForCausalLM
+
+import hf_roste
+from hf_roste import RoSTEConfig
+from hf_roste.cli import main as cli_main
+from hf_roste.export.hub import HubPushError, push_roste_model
+from hf_roste.export.model_card import PLOT_FILE, render_model_card, rotation_summary
+
+FAKE_TOKEN = "hf_FAKEtokenDoNotLeak1234567890abcdef"
+
+
+@pytest.fixture(scope="module")
+def searched(tiny_checkpoints):
+    """A tiny QAT Llama after the adaptive search (rotation_config holds per-layer errors)."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_checkpoints["llama"], quantization_config=RoSTEConfig(),
+                                                 dtype=torch.float32, attn_implementation="eager").eval()
+    ids = sample_ids(4, 16)
+    hf_roste.search_rotation_config(model, [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}])
+    return model
+
+
+class _Recorder:
+    """Stands in for the Hub: records create_repo calls and a copy of every uploaded folder."""
+
+    def __init__(self, root: Path):
+        self.root, self.repos, self.uploads = root, [], []
+
+    def install(self, monkeypatch):
+        rec = self
+
+        def create_repo(self, repo_id, *, token=None, private=None, exist_ok=False, repo_type=None, **kw):
+            rec.repos.append({"repo_id": repo_id, "private": private, "token": self.token})
+            return huggingface_hub.RepoUrl(f"https://huggingface.co/{repo_id}")
+
+        def upload_folder(self, *, repo_id, folder_path, commit_message=None, **kw):
+            dest = rec.root / f"upload{len(rec.uploads)}"
+            shutil.copytree(folder_path, dest)
+            rec.uploads.append({"repo_id": repo_id, "dir": dest, "message": commit_message, "token": self.token})
+            return huggingface_hub.CommitInfo(commit_url=f"https://huggingface.co/{repo_id}/commit/abc",
+                                              commit_message=commit_message, commit_description="", oid="abc")
+
+        def whoami(self, token=None, **kw):
+            return {"name": "me"}
+
+        monkeypatch.setattr(HfApi, "create_repo", create_repo)
+        monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+        monkeypatch.setattr(HfApi, "whoami", whoami)
+        monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
+        return self
+
+
+def _files(folder: Path) -> set[str]:
+    return {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()}
+
+
+def test_card_metadata_and_sections(searched):
+    cfg = searched.config.quantization_config
+    text = render_model_card(cfg, repo_id="me/tiny-roste", base_model="org/tiny", datasets=["org/data"],
+                             training_args={"learning_rate": 2e-5, "num_train_epochs": 3, "seed": 1, "max_steps": -1},
+                             eval_results={"rouge1": 0.4123, "ppl": 7.5})
+    card = ModelCard(text)
+    data = card.data.to_dict()
+    assert data["base_model"] == "org/tiny" and data["base_model_relation"] == "quantized"
+    assert data["library_name"] == "transformers" and data["pipeline_tag"] == "text-generation"
+    assert {"roste", "w4a4kv4", "quantized"} <= set(data["tags"]) and data["datasets"] == ["org/data"]
+    body = card.text
+    assert "| linear weights | 4 | no | per output channel | 0.95 |" in body
+    assert "| K/V cache | 4 | no | per token per head (dynamic) | 0.95 |" in body
+    assert f"![Per-layer quantization error with and without rotation]({PLOT_FILE})" in body
+    assert "| learning_rate | 2e-05 |" in body and "max_steps" not in body
+    assert "| rouge1 | 0.4123 |" in body
+    assert "import hf_roste" in body and 'from_pretrained("me/tiny-roste"' in body
+    assert "- R1 (residual stream, fused into every weight): on" in body
+    assert "R4 off / on" in body  # per-layer error table from rotation_config["errors"]
+
+
+def test_rotation_summary_compact():
+    cfg = RoSTEConfig(rotation_config={"R1": True, "layers": [
+        {"R2": True, "R3": False, "R4": i in (0, 1, 2, 5)} for i in range(8)]})
+    text = rotation_summary(cfg)
+    assert "R2 (V/O per head, fused): on in all 8 layers" in text
+    assert "R3 (Q/K online, before K/V quantization): off in every layer" in text
+    assert "R4 (down_proj input, online): on in 4/8 layers: 0-2, 5" in text
+
+
+def test_model_push_to_hub_uploads_packed_model_and_card(searched, tmp_path, monkeypatch, caplog):
+    rec = _Recorder(tmp_path)
+    rec.install(monkeypatch)
+    with caplog.at_level(logging.DEBUG):
+        info = searched.push_to_hub("me/tiny-roste", token=FAKE_TOKEN, private=True, base_model="org/tiny",
+                                    datasets=["org/data"], tokenizer=char_tokenizer())
+    assert info.commit_url.endswith("/commit/abc")
+    assert rec.repos == [{"repo_id": "me/tiny-roste", "private": True, "token": FAKE_TOKEN}]
+    assert len(rec.uploads) == 1  # one commit
+    up = rec.uploads[0]["dir"]
+    files = _files(up)
+    assert {"config.json", "model.safetensors", "generation_config.json", "README.md", PLOT_FILE,
+            "tokenizer.json", "tokenizer_config.json"} <= files
+    card = ModelCard.load(up / "README.md")
+    assert card.data.base_model == "org/tiny" and "w4a4kv4" in card.data.tags
+    assert f"]({PLOT_FILE})" in card.text and (up / PLOT_FILE).read_bytes()[:4] == b"\x89PNG"
+    # the upload is the packed checkpoint and loads back as a packed RoSTE model
+    reloaded = AutoModelForCausalLM.from_pretrained(up, attn_implementation="eager")
+    assert hf_roste.get_state(reloaded).packed
+    # token hygiene: never in a written file nor in the logs
+    for path in up.rglob("*"):
+        if path.is_file():
+            assert FAKE_TOKEN.encode() not in path.read_bytes(), path
+    assert FAKE_TOKEN not in caplog.text
+
+
+def test_push_folder_and_cli(searched, tmp_path, monkeypatch, capsys):
+    rec = _Recorder(tmp_path / "hub")
+    rec.install(monkeypatch)
+    saved = tmp_path / "saved"
+    searched.save_pretrained(saved)
+    (saved / "README.md").write_text("stale card")
+    monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
+    code = cli_main(["push", str(saved), "me/cli-model", "--private", "--base-model", "org/tiny"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    assert FAKE_TOKEN not in out.out + out.err
+    up = rec.uploads[0]["dir"]
+    assert rec.uploads[0]["token"] == FAKE_TOKEN and rec.repos[0]["private"] is True
+    assert {"config.json", "model.safetensors", "README.md", PLOT_FILE} <= _files(up)
+    assert ModelCard.load(up / "README.md").data.base_model == "org/tiny"
+    assert "stale card" not in (up / "README.md").read_text()
+
+
+def test_trainer_push_to_hub(tiny_checkpoints, tmp_path, monkeypatch):
+    from hf_roste.training import RoSTESFTConfig, RoSTESFTTrainer
+
+    rec = _Recorder(tmp_path / "hub")
+    rec.install(monkeypatch)
+    args = RoSTESFTConfig(output_dir=str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=8,
+                          learning_rate=5e-3, report_to="none", save_strategy="no", use_cpu=True,
+                          rotation_calibration_samples=8, max_length=32, disable_tqdm=True, bf16=False,
+                          hub_model_id="me/trained", hub_token=FAKE_TOKEN)
+    trainer = RoSTESFTTrainer(model=str(tiny_checkpoints["llama"]), args=args, train_dataset=prompt_completion_dataset(16),
+                              processing_class=char_tokenizer(), quantization_config=RoSTEConfig())
+    trainer.train()
+    trainer.push_to_hub(eval_results={"loss": 1.25}, datasets="org/data")
+    up = rec.uploads[-1]["dir"]
+    assert rec.uploads[-1]["repo_id"] == "me/trained"
+    files = _files(up)
+    assert {"config.json", "model.safetensors", "README.md", PLOT_FILE, "tokenizer.json"} <= files
+    card = ModelCard.load(up / "README.md")
+    assert "| learning_rate | 0.005 |" in card.text and "| rotation_calibration_samples | 8 |" in card.text
+    assert "| loss | 1.25 |" in card.text and card.data.datasets == ["org/data"]
+    for path in up.rglob("*"):
+        if path.is_file() and path.suffix in (".json", ".md", ".txt"):
+            assert FAKE_TOKEN not in path.read_text(errors="ignore"), path
+
+
+def test_offline_mode_is_a_clear_error(searched, monkeypatch):
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    called = []
+    monkeypatch.setattr(HfApi, "create_repo", lambda *a, **k: called.append(1))
+    with pytest.raises(HubPushError, match="HF_HUB_OFFLINE=1"):
+        push_roste_model(searched, "me/x", token=FAKE_TOKEN)
+    assert not called
+
+
+def test_missing_token_is_a_clear_error(searched, monkeypatch):
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    with pytest.raises(HubPushError, match="No Hugging Face token"):
+        searched.push_to_hub("me/x")
+
+
+def test_unreachable_hub_is_a_clear_error_without_the_token(searched, monkeypatch, caplog):
+    httpx = pytest.importorskip("httpx2")  # huggingface_hub 2.x transport
+
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
+
+    def boom(self, *a, **k):
+        raise httpx.ConnectError(f"connection refused (auth Bearer {FAKE_TOKEN})")
+
+    monkeypatch.setattr(HfApi, "create_repo", boom)
+    with caplog.at_level(logging.DEBUG), pytest.raises(HubPushError) as info:
+        push_roste_model(searched, "me/x", token=FAKE_TOKEN)
+    msg = str(info.value)
+    assert "Could not reach the Hugging Face Hub" in msg and FAKE_TOKEN not in msg
+    assert FAKE_TOKEN not in caplog.text
+    assert info.value.__cause__ is None
+
+
+def test_cli_push_offline_exit_code(tmp_path, searched, capsys):
+    saved = tmp_path / "saved"
+    searched.save_pretrained(saved)
+    assert os.environ.get("HF_HUB_OFFLINE") == "1" or hub_constants.HF_HUB_OFFLINE
+    code = cli_main(["push", str(saved), "me/x", "--token", FAKE_TOKEN])
+    err = capsys.readouterr().err
+    assert code == 2 and "offline mode" in err and FAKE_TOKEN not in err
