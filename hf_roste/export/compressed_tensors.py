@@ -411,8 +411,9 @@ def export_compressed_tensors(model_or_dir, out_dir: str | os.PathLike, *, stric
             from transformers import AutoTokenizer
 
             AutoTokenizer.from_pretrained(src_dir).save_pretrained(out_dir)
-        except (OSError, ValueError, TypeError):
-            pass
+        except (OSError, ValueError, TypeError) as exc:
+            logger.warning("No tokenizer copied to %s (none loadable from %s: %s); pass tokenizer=... to include one.",
+                           out_dir, src_dir, exc)
     summary = {
         "format": "compressed-tensors pack-quantized",
         "scheme": config.scheme_name,
