@@ -26,6 +26,8 @@ like attention itself) and appends with ``torch.cat`` (as ``DynamicLayer`` does)
 
 Wiring.
 
+Wiring (in :mod:`hf_roste.modules.kv_cache_wiring`):
+
 * The attention wrapper must not rotate / quantize K and V a second time: :func:`install_kv_cache_hooks`
   registers a forward pre-hook on every attention module that sets
   ``AttentionQuantState.kv_quantized_by_cache`` when the call's cache (``past_key_values``, or
@@ -48,8 +50,6 @@ the window, the layer keeps the last ``sliding_window - 1`` tokens' codes (all o
 
 from __future__ import annotations
 
-import inspect
-import types
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -68,9 +68,6 @@ __all__ = [
     "RoSTEQuantizedSlidingWindowLayer",
     "cache_bytes_per_token",
     "expected_bytes_per_token",
-    "install_generation_cache",
-    "install_kv_cache_hooks",
-    "wants_quantized_cache",
 ]
 
 _SCALE_DTYPES = (torch.float32, torch.float16)
@@ -480,73 +477,3 @@ def expected_bytes_per_token(num_layers: int, kv_heads: int, head_dim: int, spec
     zb = 0 if spec.symmetric else zero_bytes
     sb = torch.empty((), dtype=scale_dtype).element_size()
     return 2.0 * num_layers * kv_heads * (packed_length(head_dim, spec.bits) + groups * (sb + zb))
-
-
-# --------------------------------------------------------------------------- model wiring
-def _kv_cache_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-    state = getattr(module, "roste_attention", None)
-    if state is None:
-        return None
-    cache = next((kwargs[k] for k in _CACHE_KWARGS if kwargs.get(k) is not None), None)
-    if cache is None:
-        cache = next((a for a in args if isinstance(a, Cache)), None)
-    state.kv_quantized_by_cache = isinstance(cache, RoSTEQuantizedCache)
-    return None
-
-
-def _kv_cache_post_hook(module: nn.Module, args: tuple, output) -> None:
-    state = getattr(module, "roste_attention", None)
-    if state is not None:
-        state.kv_quantized_by_cache = False
-    return None
-
-
-def install_kv_cache_hooks(attn_modules: Sequence[nn.Module]) -> None:
-    """Register (once per module) the hooks that set ``kv_quantized_by_cache`` for each forward call."""
-    for module in attn_modules:
-        if getattr(module, "_roste_kv_cache_hooks", None) is not None:
-            continue
-        pre = module.register_forward_pre_hook(_kv_cache_pre_hook, with_kwargs=True)
-        post = module.register_forward_hook(_kv_cache_post_hook, always_call=True)
-        module._roste_kv_cache_hooks = (pre, post)
-
-
-def wants_quantized_cache(model: nn.Module) -> bool:
-    """True when every RoSTE attention layer of ``model`` quantizes K/V per token (kv_bits < 16, enabled)."""
-    from ..rotation.apply import get_state
-
-    try:
-        states = get_state(model).attention_states
-    except ValueError:
-        return False
-    return bool(states) and all(
-        st.quant_enabled and st.kv_spec.enabled and st.kv_spec.granularity != "tensor" for st in states
-    )
-
-
-def _roste_prepare_cache_for_generation(self, *args, **kwargs):
-    """``_prepare_cache_for_generation`` of a RoSTE model: default to :class:`RoSTEQuantizedCache`."""
-    original = type(self)._prepare_cache_for_generation
-    bound = inspect.signature(original).bind(self, *args, **kwargs)
-    generation_config = bound.arguments["generation_config"]
-    model_kwargs = bound.arguments["model_kwargs"]
-    if (
-        model_kwargs.get("past_key_values") is None
-        and generation_config.use_cache is not False
-        and generation_config.cache_implementation is None
-        and not self.config.is_encoder_decoder
-        and wants_quantized_cache(self)
-    ):
-        model_kwargs["past_key_values"] = RoSTEQuantizedCache(self)
-        if generation_config.is_assistant:
-            model_kwargs["past_key_values"].activate_past_recording()
-        return None
-    return original(self, *args, **kwargs)
-
-
-def install_generation_cache(model: nn.Module) -> None:
-    """Make :class:`RoSTEQuantizedCache` the default ``generate()`` cache of ``model`` (this instance only)."""
-    if not hasattr(type(model), "_prepare_cache_for_generation"):
-        return
-    model._prepare_cache_for_generation = types.MethodType(_roste_prepare_cache_for_generation, model)
-

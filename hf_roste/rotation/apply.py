@@ -17,7 +17,7 @@ from transformers.utils import logging
 from ..arch import ArchAdapter, get_adapter
 from ..config import PER_LAYER_ROTATIONS, RoSTEConfig, validate_rotation_config
 from ..modules.attention import AttentionQuantState, install_attention
-from ..modules.kv_cache import install_generation_cache, install_kv_cache_hooks
+from ..modules.kv_cache_wiring import install_generation_cache, install_kv_cache_hooks
 from ..modules.packed_linear import PackedLinear
 from ..modules.qat_linear import QATLinear
 from ..modules.shared_input import SharedInputQuant
