@@ -17,7 +17,7 @@ def register(subparsers) -> None:
     )
     p.add_argument("--output-dir", default="roste-demo", help="Folder for the demo's outputs (default: roste-demo).")
     p.add_argument("--seeds", type=int, default=None, help="Number of seeds, 0..N-1 (default: 2).")
-    p.add_argument("--steps", type=int, default=None, help="Optimizer steps of every fine-tuning run (default: 80).")
+    p.add_argument("--steps", type=int, default=None, help="Optimizer steps of every fine-tuning run (default: 320).")
     p.add_argument("--eval-prompts", type=int, default=None, help="Held-out prompts evaluated (default: 1000).")
     p.add_argument("--calibration-samples", type=int, default=None,
                    help="Calibration samples of the RoSTE rotation search (default: 32).")
