@@ -124,10 +124,10 @@ def _run(args: argparse.Namespace) -> int:
     result = hf_roste.search_rotation_config(model, batches, strategy=args.strategy, criterion=args.criterion)
     print(result.to_markdown())
     if args.rotation_config:
+        from ..io import atomic_write_text
+
         os.makedirs(os.path.dirname(os.path.abspath(args.rotation_config)), exist_ok=True)
-        with open(args.rotation_config, "w", encoding="utf-8") as f:
-            json.dump(result.rotation_config, f, indent=2, sort_keys=True)
-            f.write("\n")
+        atomic_write_text(args.rotation_config, json.dumps(result.rotation_config, indent=2, sort_keys=True) + "\n")
         print(f"rotation configuration written to {args.rotation_config}")
     if args.output:
         model.save_pretrained(args.output)

@@ -96,6 +96,26 @@ def _clip_matches(clip: float, bits: int) -> bool:
     return math.isclose(clip, exact_dynamic_clip_ratio(bits), rel_tol=0, abs_tol=1e-6)
 
 
+
+def _dynamic_problems(prefix: str, asym_text: str, scale_text: str, bits: int, symmetric: bool, clip: float,
+                      strict: bool, clip_suffix: str) -> list[str]:
+    """What keeps a dynamically quantized tensor (activations or K/V, field prefix `prefix`) from exporting."""
+    if bits >= 16:
+        return []
+    problems = []
+    if not symmetric:
+        problems.append(f"{asym_text}; train with RoSTEConfig({prefix}_symmetric=True).")
+    if bits not in (4, 8):
+        problems.append(f"{prefix}_bits={bits}: use RoSTEConfig({prefix}_bits=4) or 8 (or 16).")
+    if strict and not _clip_matches(clip, bits):
+        c = exact_dynamic_clip_ratio(bits)
+        problems.append(
+            f"{prefix}_clip_ratio={clip}: {scale_text} as amax/{(2 ** bits - 1) / 2}; that equals RoSTE's quantizer "
+            f"only with RoSTEConfig({prefix}_clip_ratio={c!r}). Train with it, or export with strict=False "
+            f"(hf-roste export --non-strict){clip_suffix}."
+        )
+    return problems
+
 def check_exportable(config: RoSTEConfig, model: nn.Module | None = None, *, strict: bool = True) -> list[str]:
     """Reasons the model cannot be exported (empty when it can). Each names the option and the fix."""
     problems = []
@@ -111,37 +131,14 @@ def check_exportable(config: RoSTEConfig, model: nn.Module | None = None, *, str
             "stops with a size mismatch; measured). Train with RoSTEConfig(weight_symmetric=True), or export with "
             "strict=False (hf-roste export --non-strict) for engines that read packed zero points."
         )
-    if config.activation_bits < 16:
-        if not config.activation_symmetric:
-            problems.append(
-                "asymmetric activations (activation_symmetric=False): compressed-tensors' dynamic per-token "
-                "activations are served symmetric; train with RoSTEConfig(activation_symmetric=True)."
-            )
-        if config.activation_bits not in (4, 8):
-            problems.append(f"activation_bits={config.activation_bits}: use RoSTEConfig(activation_bits=4) or 8 (or 16).")
-        if strict and not _clip_matches(config.activation_clip_ratio, config.activation_bits):
-            c = exact_dynamic_clip_ratio(config.activation_bits)
-            problems.append(
-                f"activation_clip_ratio={config.activation_clip_ratio}: dynamic activation scales are computed by "
-                f"the serving engine as amax/{(2 ** config.activation_bits - 1) / 2}; that equals RoSTE's quantizer only "
-                f"with RoSTEConfig(activation_clip_ratio={c!r}). Train with it, or export with strict=False "
-                "(hf-roste export --non-strict) to accept the engine's rule."
-            )
-    if config.kv_bits < 16:
-        if not config.kv_symmetric:
-            problems.append(
-                "asymmetric K/V cache (kv_symmetric=False): the kv_cache_scheme is served symmetric; train with "
-                "RoSTEConfig(kv_symmetric=True)."
-            )
-        if config.kv_bits not in (4, 8):
-            problems.append(f"kv_bits={config.kv_bits}: use RoSTEConfig(kv_bits=4) or 8 (or 16).")
-        if strict and not _clip_matches(config.kv_clip_ratio, config.kv_bits):
-            c = exact_dynamic_clip_ratio(config.kv_bits)
-            problems.append(
-                f"kv_clip_ratio={config.kv_clip_ratio}: dynamic K/V scales are computed as amax/"
-                f"{(2 ** config.kv_bits - 1) / 2}; that equals RoSTE's quantizer only with "
-                f"RoSTEConfig(kv_clip_ratio={c!r}). Train with it, or export with strict=False."
-            )
+    problems += _dynamic_problems(
+        "activation", "asymmetric activations (activation_symmetric=False): compressed-tensors' dynamic per-token "
+        "activations are served symmetric", "dynamic activation scales are computed by the serving engine",
+        config.activation_bits, config.activation_symmetric, config.activation_clip_ratio, strict,
+        " to accept the engine's rule")
+    problems += _dynamic_problems(
+        "kv", "asymmetric K/V cache (kv_symmetric=False): the kv_cache_scheme is served symmetric",
+        "dynamic K/V scales are computed", config.kv_bits, config.kv_symmetric, config.kv_clip_ratio, strict, "")
     rc = config.rotation_config
     if model is not None:
         from ..rotation.apply import get_state

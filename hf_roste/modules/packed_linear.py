@@ -37,7 +37,13 @@ from hf_roste.numerics import (
     to_unsigned,
     unpack_codes,
 )
-from hf_roste.numerics.int_matmul import IntWeight, int_linear, prepare_int_weight, quantize_activation
+from hf_roste.numerics.int_matmul import (
+    IntWeight,
+    check_linear_input,
+    int_linear_unchecked,
+    prepare_int_weight,
+    quantize_activation,
+)
 
 from .shared_input import SharedInputQuant
 
@@ -217,15 +223,7 @@ class PackedLinear(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: Tensor) -> Tensor:
-        if not isinstance(x, Tensor):
-            raise TypeError(f"PackedLinear input must be a torch.Tensor, got {type(x).__name__}")
-        if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            raise TypeError(f"PackedLinear input must be float32, bfloat16 or float16, got {x.dtype}")
-        if x.dim() < 1 or x.shape[-1] != self.in_features:
-            raise ValueError(
-                f"PackedLinear input must have last dim in_features={self.in_features}, "
-                f"got shape {tuple(x.shape)}"
-            )
+        check_linear_input(x, self.in_features)  # once: the kernel call below does not check again
         if self.input_transform is not None:
             x = self.input_transform(x)
         if not self.act_spec.enabled:
@@ -240,7 +238,7 @@ class PackedLinear(nn.Module):
             if act is None:
                 act = quantize_activation(x, self.act_spec)
                 shared.store(x, key, act)
-        return int_linear(x, self.kernel_weight(), self.act_spec, self.bias, act=act)
+        return int_linear_unchecked(x, self.kernel_weight(), self.act_spec, self.bias, act)
 
     def extra_repr(self) -> str:
         return (

@@ -383,6 +383,15 @@ def quantize_activation(x: Tensor, act_spec: QuantSpec) -> QuantizedActivation:
     return QuantizedActivation(a, sx, zx_eff, max_a, zmax, lead)
 
 
+def check_linear_input(x: object, in_features: int) -> None:
+    """TypeError / ValueError unless ``x`` is a float32/bf16/fp16 tensor ``[..., in_features]``."""
+    _check_tensor("x", x)
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(f"x must be float32, bfloat16 or float16, got {x.dtype}")
+    if x.dim() < 1 or x.shape[-1] != in_features:
+        raise ValueError(f"x must have last dim in_features={in_features}, got shape {tuple(x.shape)}")
+
+
 def int_linear(
     x: Tensor,
     weight: IntWeight,
@@ -407,14 +416,9 @@ def int_linear(
     _check_tensor("x", x)
     if not isinstance(weight, IntWeight):
         raise TypeError(f"weight must be an IntWeight (see prepare_int_weight), got {type(weight).__name__}")
+    check_linear_input(x, weight.in_features)
     if not isinstance(act_spec, QuantSpec):
         raise TypeError(f"act_spec must be a QuantSpec, got {type(act_spec).__name__}")
-    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise TypeError(f"x must be float32, bfloat16 or float16, got {x.dtype}")
-    if x.dim() < 1 or x.shape[-1] != weight.in_features:
-        raise ValueError(
-            f"x must have last dim in_features={weight.in_features}, got shape {tuple(x.shape)}"
-        )
     if not act_spec.enabled or act_spec.granularity not in _ACT_GRANULARITIES:
         raise ValueError(
             f"act_spec must quantize (bits 2..8) with granularity in {_ACT_GRANULARITIES}, got {act_spec}"
@@ -424,6 +428,13 @@ def int_linear(
             f"bias must be a tensor of shape ({weight.out_features},), got "
             f"{tuple(bias.shape) if isinstance(bias, Tensor) else type(bias).__name__}"
         )
+    return int_linear_unchecked(x, weight, act_spec, bias, act)
+
+
+def int_linear_unchecked(
+    x: Tensor, weight: IntWeight, act_spec: QuantSpec, bias: Tensor | None, act: QuantizedActivation | None
+) -> Tensor:
+    """:func:`int_linear` without argument checks, for callers that validated once (`PackedLinear`)."""
     lead = x.shape[:-1]
     k, n = weight.in_features, weight.out_features
     if x.numel() == 0:
