@@ -21,8 +21,10 @@ token per head, so quantizing each token once when it is cached equals quantizin
 again at every step.  With ``scale_dtype=torch.float16`` the scales are rounded (cheaper, NOT the
 QAT function any more).  There is no full-precision residual window.
 
-Cost.  Each step unpacks and dequantizes the whole cached K/V of the layer (O(seq) work per step,
-like attention itself) and appends with ``torch.cat`` (as ``DynamicLayer`` does).
+Cost.  Each step quantizes the new tokens' K and V in one call, writes their codes into
+preallocated buffers that grow by a quarter when full (:mod:`hf_roste.modules.kv_store`), and
+dequantizes the whole cached K/V of the layer (O(seq) work per step, like attention itself).  ``nbytes`` counts the stored tokens; ``allocated_nbytes`` also the
+growth reserve.
 
 Wiring.
 
@@ -60,6 +62,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin, get_layer_types_and
 from ..numerics import QuantSpec, dequantize, from_unsigned, pack_codes, quantize, to_unsigned, unpack_codes
 from ..rotation.hadamard import hadamard_transform
 from .attention import AttentionQuantState
+from .kv_store import KVStore, encode_kv
 
 __all__ = [
     "PackedKV",
@@ -72,7 +75,7 @@ __all__ = [
 
 _SCALE_DTYPES = (torch.float32, torch.float16)
 _CACHE_KWARGS = ("past_key_values", "layer_past")
-_INT8_ZERO_MAX = 127
+_INT8_ZERO_MAX = 127  # int8 zero points while they fit (see PackedKV.encode, KVStore.append)
 
 
 def _check_kv_spec(spec: QuantSpec, where: str) -> None:
@@ -179,6 +182,9 @@ class RoSTEQuantizedLayer(CacheLayerMixin):
         state: the attention module's :class:`AttentionQuantState` (``r3`` and ``kv_spec`` are read
             at every ``update``).
         scale_dtype: storage dtype of the scales: torch.float32 (exact, default) or torch.float16.
+
+    K and V live in one :class:`~hf_roste.modules.kv_store.KVStore` (preallocated, growing buffers);
+    ``packed_keys`` / ``packed_values`` are :class:`PackedKV` views of the stored tokens.
     """
 
     is_sliding = False
@@ -191,28 +197,50 @@ class RoSTEQuantizedLayer(CacheLayerMixin):
             raise ValueError(f"scale_dtype must be one of {_SCALE_DTYPES}, got {scale_dtype}")
         self.state = state
         self.scale_dtype = scale_dtype
-        self.packed_keys: PackedKV | None = None
-        self.packed_values: PackedKV | None = None
+        self._store: KVStore | None = None
 
     def __repr__(self):
         return f"{type(self).__name__}(r3={self.state.r3}, kv_spec={self.state.kv_spec}, tokens={self.stored_length})"
 
     # -- bookkeeping
+    def _packed(self, i: int) -> PackedKV | None:
+        views = None if self._store is None else self._store.views()
+        if views is None:
+            return None
+        codes, scale, zero = views
+        return PackedKV(codes[i], scale[i], None if zero is None else zero[i], self._store.spec, self._store.head_dim)
+
+    @property
+    def packed_keys(self) -> PackedKV | None:
+        """The stored keys' codes, scales and zero points (views), or None when empty."""
+        return self._packed(0)
+
+    @property
+    def packed_values(self) -> PackedKV | None:
+        """The stored values' codes, scales and zero points (views), or None when empty."""
+        return self._packed(1)
+
     @property
     def stored_length(self) -> int:
         """Number of tokens whose codes are stored now."""
-        return 0 if self.packed_keys is None else self.packed_keys.seq_len
+        return 0 if self._store is None else self._store.length
 
     @property
     def nbytes(self) -> int:
-        """Bytes held by this layer's stored K and V (codes, scales, zero points)."""
-        return sum(p.nbytes for p in (self.packed_keys, self.packed_values) if p is not None)
+        """Bytes of the stored tokens' K and V (codes, scales, zero points)."""
+        return 0 if self._store is None else self._store.nbytes
+
+    @property
+    def allocated_nbytes(self) -> int:
+        """Bytes of the allocated buffers (stored tokens plus the growth reserve)."""
+        return 0 if self._store is None else self._store.allocated_nbytes
 
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
         self.is_initialized = True
 
-    def _encode(self, key_states: Tensor, value_states: Tensor) -> tuple[PackedKV, PackedKV]:
+    def _append_new(self, key_states: Tensor, value_states: Tensor) -> None:
+        """Rotate (R3) and quantize the new tokens' K and V in one call and append their codes."""
         st = self.state
         if not (st.quant_enabled and st.kv_spec.enabled):
             raise RuntimeError(
@@ -220,34 +248,42 @@ class RoSTEQuantizedLayer(CacheLayerMixin):
                 "set_quantization_enabled(model, False)); use a DynamicCache instead."
             )
         _check_kv_spec(st.kv_spec, "RoSTEQuantizedCache")
+        if key_states.shape != value_states.shape:
+            raise ValueError(
+                f"RoSTEQuantizedCache needs K and V of the same shape, got {tuple(key_states.shape)} and "
+                f"{tuple(value_states.shape)}"
+            )
+        head_dim = key_states.shape[-1]
+        if self._store is None:
+            self._store = KVStore(st.kv_spec, head_dim, self.scale_dtype)
+        elif self._store.spec != st.kv_spec or self._store.head_dim != head_dim:
+            raise ValueError(
+                f"cannot append codes of {st.kv_spec}/{head_dim} to {self._store.spec}/{self._store.head_dim}"
+            )
         with torch.no_grad():
             key = hadamard_transform(key_states) if st.r3 else key_states
-            return (
-                PackedKV.encode(key, st.kv_spec, self.scale_dtype),
-                PackedKV.encode(value_states, st.kv_spec, self.scale_dtype),
-            )
+            self._store.append(*encode_kv(torch.stack((key, value_states.to(key.dtype))), st.kv_spec))
 
-    def _append(self, keys: PackedKV, values: PackedKV) -> tuple[PackedKV, PackedKV]:
-        if self.packed_keys is None or self.packed_keys.seq_len == 0:
-            return keys, values
-        return self.packed_keys.cat(keys), self.packed_values.cat(values)
-
-    def _decode(self, keys: PackedKV, values: PackedKV) -> tuple[Tensor, Tensor]:
-        return keys.decode(self.dtype), values.decode(self.dtype)
+    def _decode(self, start: int = 0) -> tuple[Tensor, Tensor]:
+        assert self._store is not None
+        kv = self._store.decode(start)
+        if self.dtype != torch.float32:
+            kv = kv.to(self.dtype)
+        return kv[0], kv[1]
 
     def _map(self, fn: Callable[[Tensor], Tensor]) -> None:
-        if self.packed_keys is not None:
-            self.packed_keys = self.packed_keys.map(fn)
-            self.packed_values = self.packed_values.map(fn)
+        views = None if self._store is None else self._store.views()
+        if views is not None:  # fn sees [b, h, s, ...] per K / V, as with separate tensors
+            codes, scale, zero = (None if t is None else torch.stack([fn(t[0]), fn(t[1])]) for t in views)
+            self._store.load((codes, scale, zero))
 
     # -- CacheLayerMixin API
     def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
         """Quantize and append the new tokens; return the dequantized full K/V (key dtype)."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        keys, values = self._append(*self._encode(key_states, value_states))
-        self.packed_keys, self.packed_values = keys, values
-        return self._decode(keys, values)
+        self._append_new(key_states, value_states)
+        return self._decode()
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.get_seq_length() + query_length, 0
@@ -259,7 +295,7 @@ class RoSTEQuantizedLayer(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
-        self.packed_keys = self.packed_values = None
+        self._store = None
         self.is_initialized = False
         super().reset()
 
@@ -292,8 +328,8 @@ class RoSTEQuantizedLayer(CacheLayerMixin):
             )
         if tokens_to_remove == 0 or self.stored_length == 0:
             return
-        keep = max(self.stored_length + tokens_to_remove, 0)
-        self._map(lambda t: t[:, :, :keep])
+        assert self._store is not None
+        self._store.length = max(self.stored_length + tokens_to_remove, 0)  # buffers kept for reuse
 
 
 class RoSTEQuantizedSlidingWindowLayer(RoSTEQuantizedLayer):
@@ -315,14 +351,16 @@ class RoSTEQuantizedSlidingWindowLayer(RoSTEQuantizedLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         self.cumulative_length += key_states.shape[-2]
-        keys, values = self._append(*self._encode(key_states, value_states))
+        self._append_new(key_states, value_states)
         if not self.record_past:
+            out = self._decode()
             keep = self.sliding_window - 1
-            self.packed_keys, self.packed_values = keys.last(keep), values.last(keep)
-            return self._decode(keys, values)
-        self.packed_keys, self.packed_values = keys, values
+            if self.stored_length > keep:
+                start = max(self.stored_length - keep, 0)
+                self._map(lambda t: t[:, :, start:])
+            return out
         visible = self.sliding_window - 1 + key_states.shape[-2]
-        return self._decode(keys.last(visible), values.last(visible))
+        return self._decode(max(self.stored_length - visible, 0))
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         is_full = self.cumulative_length >= self.sliding_window

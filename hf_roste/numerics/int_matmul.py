@@ -47,7 +47,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from hf_roste.numerics.quantize import quantize
+from hf_roste.numerics.quantize import _codes_from_qparams, _fast_rowwise_qparams, quantize
 from hf_roste.numerics.spec import QuantSpec
 
 __all__ = ["IntWeight", "int8_matmul", "int_linear", "prepare_int_weight"]
@@ -74,6 +74,8 @@ class IntWeight:
         in_features: K; out_features: N; group_size: n_g (== K for per-channel).
         onednn_packed: CPU only: each group's codes pre-packed once for oneDNN's int8 GEMM
             (``torch.ops.onednn.qlinear_prepack``; opaque tensors), or None when unavailable.
+        onednn_zeros: int64 ``[out]`` zeros (the weight zero points oneDNN takes; built once).
+        scale_row: ``scale_t[0]`` (``[out]``), kept so the per-channel call does not index per call.
     """
 
     codes: Tensor
@@ -88,6 +90,8 @@ class IntWeight:
     out_features: int
     group_size: int
     onednn_packed: tuple[Tensor, ...] | None = None
+    onednn_zeros: Tensor | None = None
+    scale_row: Tensor | None = None
 
 
 def _check_tensor(name: str, t: object, ndim: int | None = None) -> Tensor:
@@ -152,10 +156,11 @@ def prepare_int_weight(codes: Tensor, scale: Tensor, zero: Tensor, spec: QuantSp
     def _amax(t: Tensor | None) -> float:
         return float(t.abs().max().item()) if t is not None and t.numel() else 0.0
 
+    scale_t = scale.to(torch.float32).t().contiguous()
     return IntWeight(
         codes=stored.reshape(n_out, k).to(torch.int8).contiguous(),
         scale=scale.to(torch.float32).contiguous(),
-        scale_t=scale.to(torch.float32).t().contiguous(),
+        scale_t=scale_t,
         zero=None if zero_eff is None else zero_eff.t().contiguous(),
         colsum=colsum.t().contiguous(),
         max_abs_code=int(_amax(stored)),
@@ -164,7 +169,9 @@ def prepare_int_weight(codes: Tensor, scale: Tensor, zero: Tensor, spec: QuantSp
         in_features=k,
         out_features=n_out,
         group_size=gsz,
-        onednn_packed=_onednn_prepack_groups(stored.to(torch.int8)),
+        onednn_packed=(packed := _onednn_prepack_groups(stored.to(torch.int8))),
+        onednn_zeros=None if packed is None else torch.zeros(n_out, dtype=torch.int64),
+        scale_row=scale_t[0],
     )
 
 
@@ -202,9 +209,13 @@ def _onednn_prepack_groups(stored: Tensor) -> tuple[Tensor, ...] | None:
     return tuple(packed) if packed else None
 
 
-def _onednn_scaled_mm(a: Tensor, packed: Tensor, col_scale: Tensor) -> Tensor:
-    """fp32 ``(a @ codes^T) * col_scale`` with the int32 accumulator converted once (exact < 2^24)."""
-    zeros = torch.zeros(col_scale.shape[0], dtype=torch.int64)
+def _onednn_scaled_mm(a: Tensor, packed: Tensor, col_scale: Tensor, zeros: Tensor | None = None) -> Tensor:
+    """fp32 ``(a @ codes^T) * col_scale`` with the int32 accumulator converted once (exact < 2^24).
+
+    ``zeros``: int64 ``[N]`` zeros (the weight zero points the op takes), built here when None.
+    """
+    if zeros is None:
+        zeros = torch.zeros(col_scale.shape[0], dtype=torch.int64)
     return torch.ops.onednn.qlinear_pointwise(
         a, 1.0, 0, packed, col_scale, zeros, None, 1.0, 0, torch.float32, "none", [], ""
     )
@@ -307,7 +318,7 @@ def _grouped_pure(a: Tensor, max_a: int, weight: IntWeight) -> Tensor:
         for g in range(groups):
             sl = slice(g * gsz, (g + 1) * gsz)
             if dnn is not None:
-                y = _onednn_scaled_mm(a_t[:, sl].contiguous(), dnn[g], weight.scale_t[g])
+                y = _onednn_scaled_mm(a_t[:, sl].contiguous(), dnn[g], weight.scale_t[g], weight.onednn_zeros)
                 if g == 0:
                     acc.copy_(y)
                 else:
@@ -373,10 +384,25 @@ class QuantizedActivation:
 
 
 def quantize_activation(x: Tensor, act_spec: QuantSpec) -> QuantizedActivation:
-    """Quantize ``x`` ``[..., in]`` per token with ``act_spec`` into :class:`QuantizedActivation`."""
+    """Quantize ``x`` ``[..., in]`` per token with ``act_spec`` into :class:`QuantizedActivation`.
+
+    The codes are those of :func:`~hf_roste.numerics.quantize.quantize` (same qparams and code
+    function).  When every token is finite and non-constant (checked on the host, CPU) the
+    centred int8 codes are produced directly, in a handful of ops; otherwise through ``quantize``.
+    """
     lead = tuple(x.shape[:-1])
     x2 = x.reshape(-1, x.shape[-1])
     m = x2.shape[0]
+    use_fast = act_spec.granularity == "token" and act_spec.bits <= 7
+    fast = _fast_rowwise_qparams(x2, act_spec) if use_fast else None
+    if fast is not None:
+        sx, zx, zmax = fast
+        codes = _codes_from_qparams(x2, sx, zx, act_spec)
+        if act_spec.symmetric:
+            return QuantizedActivation(codes.to(torch.int8), sx, None, 1 << (act_spec.bits - 1), 0.0, lead)
+        qmax = (1 << act_spec.bits) - 1
+        if zmax + qmax <= 127:  # centred codes cx - zx fit int8 (exact: integers in fp32)
+            return QuantizedActivation(codes.sub_(zx).to(torch.int8), sx, None, qmax + int(zmax), 0.0, lead)
     codes, sx, zx = quantize(x2, act_spec)
     sx = sx.reshape(-1, 1).expand(m, 1)
     a, zx_eff, max_a, zmax = _act_codes(codes, zx.reshape(-1).expand(m), act_spec)
@@ -448,12 +474,12 @@ def int_linear_unchecked(
         if weight.group_size == k:  # per channel: exactly one int8 GEMM, no correction at all
             exact32 = k * max_a * weight.max_abs_code < _FP32_EXACT
             if exact32 and weight.onednn_packed is not None and _ONEDNN_ENABLED:
-                acc = _onednn_scaled_mm(a, weight.onednn_packed[0], weight.scale_t[0])
+                acc = _onednn_scaled_mm(a, weight.onednn_packed[0], weight.scale_row, weight.onednn_zeros)
             else:
                 p = int8_matmul(a, weight.codes.t(), max_a, weight.max_abs_code)
                 if not exact32:
                     p = p.to(torch.float64)  # int32 -> fp32 would round before the scale
-                acc = torch.mul(p, weight.scale_t[0]).to(torch.float32)
+                acc = torch.mul(p, weight.scale_row).to(torch.float32)
         else:
             acc = _grouped_pure(a, max_a, weight)
     else:

@@ -103,8 +103,49 @@ def _internal(t: Tensor, spec: QuantSpec) -> Tensor:
     return t.unsqueeze(-1) if spec.granularity == "group" else t
 
 
+def _fast_rowwise_qparams(xg: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor, float] | None:
+    """The rule of the module docstring for CPU row-wise groups, when no group needs a special case.
+
+    Returns ``(scale, zero, max|zero|)`` (fp32 ``[..., 1]``), or None when some group is constant
+    or non-finite (or the range overflows): the caller then runs the general rule.  On the groups
+    it accepts it performs the general rule's float operations in the same order on the same values
+    (``max(mx, -mn)`` equals ``max(|mn|, |mx|)`` whenever ``mn <= mx``), so results are bit-equal;
+    it skips the ``where`` guards, which is what dominates small (decode-time) tensors.  CPU only:
+    the accept/reject decision reads three scalars on the host, a sync we avoid on accelerators.
+    """
+    if xg.device.type != "cpu" or spec.granularity == "tensor" or xg.numel() == 0:
+        return None
+    mx = xg.amax(dim=-1, keepdim=True).float()  # amax + amin: ~5x faster than aminmax(dim=-1) on CPU
+    mn = xg.amin(dim=-1, keepdim=True).float()
+    c = float(spec.clip_ratio)
+    if spec.symmetric:
+        amax = torch.maximum(mx, mn.neg())
+        raw = amax * (c / spec.qmax)
+    else:
+        k = c / spec.qmax
+        raw = torch.sub(mx * k, mn * k)
+        amax = torch.maximum(mx, mn.neg())
+    lo, hi = torch.aminmax(raw)
+    if not (lo.item() > 0.0 and hi.item() < float("inf")):  # constant / all-zero / NaN / Inf group
+        return None
+    floor = (amax * _REL_FLOOR).clamp_(min=_FLT_MIN)
+    scale = torch.maximum(raw, floor)
+    if spec.symmetric:
+        return scale, torch.zeros_like(scale), 0.0
+    zero = torch.round(mn * (-c) / scale).add_(0.0)
+    return scale, zero, float(zero.abs().max().item())
+
+
 def _qparams_grouped(xg: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
     """fp32 ``(scale, zero)`` broadcastable against ``xg`` (see the module docstring for the rule)."""
+    fast = _fast_rowwise_qparams(xg, spec)
+    if fast is not None:
+        return fast[0], fast[1]
+    return _general_qparams(xg, spec)
+
+
+def _general_qparams(xg: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
+    """The rule with every special case handled by ``where`` (any device, no host sync)."""
     if spec.granularity == "tensor":
         mn, mx = torch.aminmax(xg)
         shape = (1,) * xg.dim()
@@ -144,14 +185,19 @@ def _codes_fp32(x: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor, Tensor]:
         x = x.float()
     xg = _grouped(x, spec)
     scale, zero = _qparams_grouped(xg, spec)
-    codes = torch.div(xg, scale)  # fp32 result (type promotion) and the only full-size allocation
+    return _codes_from_qparams(xg, scale, zero, spec), scale, zero
+
+
+def _codes_from_qparams(xg: Tensor, scale: Tensor, zero: Tensor, spec: QuantSpec) -> Tensor:
+    """fp32 ``clamp(round(xg / scale) + zero, qmin, qmax)``, a fresh contiguous tensor (the only
+    full-size allocation of the quantizer); shared by every caller that produces codes."""
+    codes = torch.div(xg, scale)  # fp32 result (type promotion)
     codes.round_()
     if spec.symmetric:
         codes.add_(0.0)  # turns -0.0 into +0.0, see module docstring
     else:
         codes.add_(zero)
-    codes.clamp_(spec.qmin, spec.qmax)
-    return codes, scale, zero
+    return codes.clamp_(spec.qmin, spec.qmax)
 
 
 def _fake_quant_fp32(x: Tensor, spec: QuantSpec) -> Tensor:

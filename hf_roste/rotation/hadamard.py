@@ -201,18 +201,35 @@ def _fht_module():  # noqa: ANN202 - optional dependency
     return fast_hadamard_transform
 
 
-def _pow2_torch(y: Tensor, p: int, scale: float) -> Tensor:
-    """``y [R, p] @ (scale * S_p)`` via Kronecker blocks applied as batched matmuls."""
-    blocks = _block_sizes(p.bit_length() - 1)
-    if not blocks:
-        return y * scale
-    dev, dt = y.device, y.dtype
-    # Last (fastest) block: one plain GEMM; scale folded into this block's matrix.
-    y = (y.reshape(-1, blocks[-1]) @ _device_matrix("syl", blocks[-1], scale, dev, dt)).view(-1, p)
-    inner = blocks[-1]
-    for b in reversed(blocks[:-1]):
+@functools.lru_cache(maxsize=256)
+def _plan(m: int, k: int, transpose: bool, device: torch.device, dtype: torch.dtype) -> tuple:
+    """Cached matrices of one transform: ``(sylvester blocks [(b, S_b)], base matrix or None)``.
+
+    The ``1/sqrt(n)`` normalisation is folded into the last (fastest) Sylvester block, or into the
+    base matrix when ``n = m`` (no power-of-two part); blocks are applied last-first.
+    """
+    n = m << k
+    scale = 1.0 / math.sqrt(n)
+    blocks = _block_sizes(k)
+    syl = [(b, _device_matrix("syl", b, scale if i == len(blocks) - 1 else 1.0, device, dtype))
+           for i, b in enumerate(blocks)]
+    base = None
+    if m > 1:
+        base = _device_matrix("baseT" if not transpose else "base", m, 1.0 if blocks else scale, device, dtype)
+    return tuple(syl), base
+
+
+_hf._CACHED.append(_plan)
+
+
+def _pow2_torch(y: Tensor, p: int, syl: tuple) -> Tensor:
+    """``y [R, p] @ S_p`` (normalisation folded in ``syl``) via Kronecker blocks as batched matmuls."""
+    b_last, mat = syl[-1]
+    y = (y.reshape(-1, b_last) @ mat).view(-1, p)  # last (fastest) block: one plain GEMM
+    inner = b_last
+    for b, mat in reversed(syl[:-1]):
         # S is symmetric, so x @ S on the middle axis == S @ X with X [.., b, inner].
-        y = torch.matmul(_device_matrix("syl", b, 1.0, dev, dt), y.view(-1, b, inner))
+        y = torch.matmul(mat, y.view(-1, b, inner))
         inner *= b
     return y.reshape(-1, p)
 
@@ -222,25 +239,31 @@ def _apply(x: Tensor, m: int, k: int, signs: Tensor | None, transpose: bool) -> 
     n = m << k
     p = 1 << k
     cdtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    y = x.reshape(-1, n).to(cdtype)
+    y = x.reshape(-1, n)
+    if y.dtype != cdtype:
+        y = y.to(cdtype)
     rows = y.shape[0]
     s = None if signs is None else signs.to(device=y.device, dtype=cdtype)
     if s is not None and not transpose:
         y = y * s
-    scale = 1.0 / math.sqrt(n)
     fht = _fht_module() if y.is_cuda and cdtype == torch.float32 and 1 < p <= _FHT_MAX else None
+    syl, bmat = _plan(m, k, bool(transpose), y.device, cdtype)
     if fht is not None:
+        scale = 1.0 / math.sqrt(n)
         y = fht.hadamard_transform(y.reshape(rows * m, p).contiguous(), scale)
-    else:
-        y = _pow2_torch(y, p, scale)
-    if m > 1:
+        if bmat is not None and not syl:  # the plan folded the scale into the base matrix
+            bmat = bmat / scale
+    elif syl:
+        y = _pow2_torch(y, p, syl)
+    elif bmat is None:  # n == 1
+        y = y * 1.0
+    if bmat is not None:
         # forward: Y = B^T X ; transpose: Y = B X   (X = row reshaped to [m, p])
-        bmat = _device_matrix("baseT" if not transpose else "base", m, 1.0, y.device, cdtype)
         y = torch.matmul(bmat, y.reshape(rows, m, p))
-    y = y.reshape(rows, n)
+    y = y.reshape(x.shape)
     if s is not None and transpose:
         y = y * s
-    return y.to(x.dtype).reshape(x.shape)
+    return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
 class _HadamardTransformFn(torch.autograd.Function):
@@ -291,4 +314,6 @@ def hadamard_transform(x: Tensor, signs: Tensor | None = None, transpose: bool =
     _check_signs(signs, x.shape[-1])
     if signs is not None:
         signs = signs.detach()
+    if not (x.requires_grad and torch.is_grad_enabled()):  # no graph: skip the autograd.Function
+        return _apply(x, m, k, signs, bool(transpose))
     return _HadamardTransformFn.apply(x, signs, m, k, bool(transpose))

@@ -327,3 +327,69 @@ def test_packed_kv_round_trip_and_fp16_scales_are_inexact():
     half = PackedKV.encode(x, spec, torch.float16)
     err = (half.decode(torch.float32) - fake_quantize(x, spec)).abs().max()
     assert 0 < err <= 2e-3 * x.abs().max()  # fp16 scale rounding: relative 2^-11 per element
+
+
+# --------------------------------------------------------------------------- storage (KVStore)
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("head_dim", [5, 12, 64])
+def test_store_codec_matches_packed_kv(bits, symmetric, head_dim):
+    """encode_kv / decode_kv (one call for K and V, bit fields written straight to fp32) produce the
+    bytes, scales and zero points of PackedKV.encode and the values of PackedKV.decode."""
+    from hf_roste.modules.kv_store import decode_kv, encode_kv
+
+    spec = QuantSpec(bits, symmetric=symmetric, granularity="token_head")
+    g = torch.Generator().manual_seed(bits * 10 + head_dim)
+    x = torch.randn(2, 2, 3, 7, head_dim, generator=g) * 3 + torch.randn(2, 2, 3, 7, 1, generator=g)
+    x[0, 0, 0, 0] = 1.25  # constant row
+    packed, scale, zero = encode_kv(x, spec)
+    for i in range(2):
+        ref = PackedKV.encode(x[i], spec)
+        assert torch.equal(packed[i].to(torch.uint8), ref.codes)
+        assert torch.equal(scale[i], ref.scale)
+        assert (zero is None) == (ref.zero is None) and (zero is None or torch.equal(zero[i], ref.zero.float()))
+        vals = decode_kv(packed[i].to(torch.uint8), scale[i], None if zero is None else zero[i], spec, head_dim)
+        assert torch.equal(vals, ref.decode(torch.float32))
+        assert torch.equal(vals, fake_quantize(x[i], spec))
+
+
+def test_store_grows_in_place_and_crop_reuses_buffers():
+    spec = QuantSpec(4, granularity="token_head")
+    layer = RoSTEQuantizedLayer(AttentionQuantState(r3=False, kv_spec=spec))
+    ks = [_rows(0, 20)]
+    layer.update(ks[0], ks[0])
+    capacities = {layer._store.capacity}
+    for step in range(1, 60):  # one token per step, as in decoding
+        ks.append(_rows(step, 1))
+        got, _ = layer.update(ks[-1], ks[-1])
+        assert torch.equal(got, fake_quantize(torch.cat(ks, -2), spec))
+        capacities.add(layer._store.capacity)
+    assert layer.stored_length == 79
+    # growth by a quarter (at least 16 tokens): a handful of reallocations for 59 appends
+    assert len(capacities) <= 5 and max(capacities) >= 79
+    zero_bytes = layer.packed_keys.zero.element_size()  # _rows' far-off row promoted them to int32
+    assert zero_bytes == 4
+    per_token = 2 * 2 * 3 * (32 + 4 + zero_bytes)  # K and V x batch 2 x 3 heads x (codes + scale + zero)
+    assert layer.nbytes == 79 * per_token
+    assert layer.allocated_nbytes == layer._store.capacity * per_token >= layer.nbytes
+    codes_buffer = layer._store.codes
+    layer.crop(-9)  # shortens the stored length; the buffers stay and are overwritten by later tokens
+    assert layer.stored_length == 70 and layer._store.codes is codes_buffer
+    k = _rows(99, 2)
+    got, _ = layer.update(k, k)
+    assert torch.equal(got, fake_quantize(torch.cat([*ks, k], -2)[:, :, list(range(70)) + [79, 80]], spec))
+
+
+def test_store_promotes_zero_points_after_buffers_exist():
+    """An int8 zero-point buffer is widened (losslessly) the first time a later token needs it."""
+    spec = QuantSpec(4, granularity="token_head")
+    layer = RoSTEQuantizedLayer(AttentionQuantState(r3=False, kv_spec=spec))
+    k1 = torch.randn(1, 2, 4, 8)
+    layer.update(k1, k1)
+    assert layer.packed_keys.zero.dtype == torch.int8
+    k2 = torch.rand(1, 2, 1, 8) + 500.0  # zero point far below -127
+    got, _ = layer.update(k2, k2)
+    assert layer.packed_keys.zero.dtype == torch.int32
+    assert torch.equal(got, fake_quantize(torch.cat([k1, k2], -2), spec))
+    with pytest.raises(ValueError, match="batch"):
+        layer.update(torch.randn(3, 2, 1, 8), torch.randn(3, 2, 1, 8))

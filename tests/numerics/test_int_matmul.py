@@ -198,3 +198,25 @@ def test_cuda_matches_cpu(m):
     y_c = int_linear(x, iw_c, QuantSpec(4))
     y_g = int_linear(x.cuda(), iw_g, QuantSpec(4)).cpu()
     torch.testing.assert_close(y_g, y_c, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("sym", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantize_activation_fast_path_equals_the_quantize_route(bits, sym, dtype):
+    """The direct int8 route of quantize_activation gives exactly what quantize() + centring gives."""
+    g = torch.Generator().manual_seed(bits)
+    x = (torch.randn(3, 5, 96, generator=g) * torch.rand(3, 5, 1, generator=g) * 3).to(dtype)
+    x[1, 2] += 40.0  # a token far from 0 (large zero point): may need the uncentred route
+    spec = QuantSpec(bits, symmetric=sym, granularity="token")
+    act = im.quantize_activation(x, spec)
+    codes, s, z = quantize(x.reshape(-1, 96), spec)
+    a, zx, max_a, zmax = im._act_codes(codes, z.reshape(-1), spec)
+    assert torch.equal(act.a, a) and torch.equal(act.sx, s.reshape(-1, 1))
+    assert (act.zx_eff is None) == (zx is None) and (zx is None or torch.equal(act.zx_eff, zx))
+    assert (act.max_a, act.zmax, act.lead) == (max_a, zmax, (3, 5))
+    # and with a constant token (general rule) the two routes still agree
+    x[0, 0] = 1.5
+    act = im.quantize_activation(x, spec)
+    codes, s, z = quantize(x.reshape(-1, 96), spec)
+    assert torch.equal(act.a, im._act_codes(codes, z.reshape(-1), spec)[0])

@@ -445,3 +445,81 @@ def test_bad_call_arguments():
         dequantize(codes, s, z, QuantSpec(4, granularity="group", group_size=4))
     with pytest.raises(TypeError, match="scale"):
         dequantize(codes, s.half(), z, QuantSpec(4))
+
+
+# --------------------------------------------------------------------------- fast row-wise qparams
+def _fast_and_general(x, spec):
+    from hf_roste.numerics.quantize import _fast_rowwise_qparams, _general_qparams, _grouped
+
+    xg = _grouped(x, spec)
+    return _fast_rowwise_qparams(xg, spec), _general_qparams(xg, spec)
+
+
+def _has_special_group(x, spec):
+    from hf_roste.numerics.quantize import _grouped
+
+    xg = _grouped(x.float(), spec)
+    mx, mn = xg.amax(-1), xg.amin(-1)
+    nonfinite = ~torch.isfinite(mx) | ~torch.isfinite(mn)
+    if spec.symmetric:  # the symmetric rule only special-cases all-zero groups
+        return bool((nonfinite | (torch.maximum(mx.abs(), mn.abs()) == 0)).any())
+    return bool((nonfinite | (mx == mn)).any())
+
+
+@PROPS
+@given(spec_and_array(magnitude=float(np.float32(3e38))))
+def test_fast_rowwise_qparams_equal_the_general_rule_bitwise(case):
+    """The where-free CPU path is taken only when no group needs a special case, and then equals
+    the general rule bit for bit (scales, zero points and the max |zero| it reports)."""
+    spec, x = case
+    fast, (scale, zero) = _fast_and_general(x, spec)
+    if spec.granularity == "tensor":
+        assert fast is None
+        return
+    if fast is None:  # rejected: a special group, or a range that under- / overflows in fp32
+        from hf_roste.numerics.quantize import _grouped
+
+        xg = _grouped(x, spec)
+        rng = xg.amax(-1) - xg.amin(-1)
+        assert _has_special_group(x, spec) or float(x.abs().max()) > 1e37 or bool((rng < 1e-37).any())
+        return
+    assert not _has_special_group(x, spec)
+    assert torch.equal(fast[0], scale) and torch.equal(fast[1], zero)
+    assert fast[2] == float(zero.abs().max())
+
+
+@pytest.mark.parametrize("sym", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_fast_rowwise_qparams_edge_rows(sym, dtype):
+    one = torch.tensor(1.0)
+    near = [[1.0, torch.nextafter(one, torch.tensor(2.0)).item()], [1e4, 1e4 + 1e-3], [-3e-30, -2e-30],
+            [-7.0, 5.0], [1e-30, 3e-30], [2.0, 2.0 + 2.0**-20]]
+    x = torch.tensor(near, dtype=torch.float32).to(dtype)
+    for bits in BITS:
+        spec = QuantSpec(bits, sym, 0.9, granularity="token")
+        if _has_special_group(x, spec):  # fp16 / bf16 rounding made a row constant
+            continue
+        fast, (scale, zero) = _fast_and_general(x, spec)
+        assert fast is not None  # ordinary (also near-floor) rows take the fast path ...
+        assert torch.equal(fast[0], scale) and torch.equal(fast[1], zero)  # ... and give the same numbers
+    # a range that underflows to 0 in fp32 ((mx - mn) * c / qmax below the smallest subnormal) is left
+    # to the general rule, which applies the absolute floor
+    tiny = torch.tensor([[0.0, 1.4e-45]]).to(dtype)
+    if not _has_special_group(tiny, QuantSpec(4, sym, granularity="token")) and dtype == torch.float32:
+        assert _fast_and_general(tiny, QuantSpec(4, sym, granularity="token"))[0] is None
+    # any special row sends the whole tensor to the general rule
+    for bad in (float("nan"), float("inf"), None):
+        y = torch.randn(4, 16).to(dtype)
+        if bad is None:
+            y[2] = 0.0 if sym else 3.0  # all-zero row (symmetric) / constant row (asymmetric)
+        else:
+            y[1, 3] = bad
+        assert _fast_and_general(y, QuantSpec(4, sym, granularity="token"))[0] is None
+    assert _fast_and_general(torch.zeros(3, 8, dtype=dtype), QuantSpec(4, sym, granularity="token"))[0] is None
+
+
+def test_fast_path_is_cpu_only():
+    """On other devices the general (sync-free) rule runs; meta tensors stand in for a device here."""
+    from hf_roste.numerics.quantize import _fast_rowwise_qparams
+
+    assert _fast_rowwise_qparams(torch.empty(4, 8, device="meta"), QuantSpec(4, granularity="token")) is None

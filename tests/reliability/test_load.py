@@ -42,31 +42,40 @@ def models(tmp_path_factory):
     return {"qat": qat, "packed": packed}
 
 
+def _storage_key(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
 def _tensor_bytes(exclude: set[int]) -> int:
-    total = 0
+    """Bytes of every live tensor storage except those in ``exclude`` (storage pointers), each counted once."""
+    total, seen = 0, set(exclude)
     for obj in gc.get_objects():
         try:
-            if isinstance(obj, torch.Tensor) and id(obj) not in exclude and not obj.is_meta:
-                total += obj.untyped_storage().nbytes()
+            if isinstance(obj, torch.Tensor) and not obj.is_meta:
+                key = _storage_key(obj)
+                if key not in seen:
+                    seen.add(key)
+                    total += obj.untyped_storage().nbytes()
         except Exception:  # noqa: BLE001 - weakly referenced / exotic objects
             continue
     return total
 
 
 def _cache_bytes() -> tuple[int, set[int]]:
+    """Bytes of the storages held by live caches' layers (whole buffers, growth reserve included)."""
     from transformers.cache_utils import Cache
 
-    total, ids = 0, set()
+    total, keys = 0, set()
     for obj in gc.get_objects():
         if isinstance(obj, Cache):
             for layer in obj.layers:
                 for v in vars(layer).values():
-                    ts = [v] if isinstance(v, torch.Tensor) else list(getattr(v, "tensors", lambda: [])()) if hasattr(v, "tensors") else []
+                    ts = [v] if isinstance(v, torch.Tensor) else list(v.tensors()) if hasattr(v, "tensors") else []
                     for t in ts:
-                        if isinstance(t, torch.Tensor) and id(t) not in ids:
-                            ids.add(id(t))
+                        if isinstance(t, torch.Tensor) and _storage_key(t) not in keys:
+                            keys.add(_storage_key(t))
                             total += t.untyped_storage().nbytes()
-    return total, ids
+    return total, keys
 
 
 class _Probe(LogitsProcessor):
@@ -78,8 +87,8 @@ class _Probe(LogitsProcessor):
         if step in self.probes:
             assert torch.isfinite(scores).all(), step
             gc.collect()
-            cache, cache_ids = _cache_bytes()
-            other = _tensor_bytes(self.static | cache_ids)
+            cache, cache_keys = _cache_bytes()
+            other = _tensor_bytes(self.static | cache_keys)
             self.rows[step] = {"cache": cache, "other": other, "rss": psutil.Process().memory_info().rss}
         return scores
 
@@ -88,7 +97,7 @@ class _Probe(LogitsProcessor):
 def test_long_generation_memory_is_the_kv_cache(models, kind):
     model = models[kind]
     batch, new_tokens, probes = 2, NEW_TOKENS[kind], PROBES[kind]
-    static = {id(t) for t in list(model.parameters()) + list(model.buffers())}
+    static = {_storage_key(t) for t in list(model.parameters()) + list(model.buffers())}
     ids = torch.randint(0, 128, (batch, 8), generator=torch.Generator().manual_seed(0))
     probe = _Probe(ids.shape[1], static, probes)
     t0 = time.monotonic()

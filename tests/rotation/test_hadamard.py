@@ -301,3 +301,18 @@ def test_cuda_matches_cpu(n: int, dtype: torch.dtype) -> None:
         assert gpu.dtype == dtype and gpu.is_cuda
         tol = 1e-5 if dtype == torch.float32 else 1e-2
         assert ((gpu.float().cpu() - cpu).norm() / cpu.norm()).item() < tol
+
+
+@pytest.mark.parametrize("n", [1, 12, 64, 96, 768, 3072])
+@pytest.mark.parametrize("transpose", [False, True])
+def test_no_grad_fast_path_equals_autograd_path_bitwise(n, transpose):
+    """Without a graph the transform skips the autograd.Function; the numbers must not change."""
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(3, n, generator=g)
+    signs = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0)
+    for s in (None, signs):
+        fast = hadamard_transform(x, s, transpose=transpose)
+        xr = x.clone().requires_grad_(True)
+        slow = hadamard_transform(xr, s, transpose=transpose)
+        assert slow.grad_fn is not None and fast.grad_fn is None
+        assert torch.equal(fast, slow.detach())
