@@ -201,7 +201,8 @@ class PackedLinear(nn.Module):
             with torch.no_grad():
                 if kind == "int":
                     self._cache = prepare_int_weight(
-                        self.weight_codes(), self.weight_scale, self.weight_zero_point, self.weight_spec
+                        self.weight_codes(), self.weight_scale, self.weight_zero_point, self.weight_spec,
+                        codes_source=self.weight_codes,
                     )
                 else:
                     assert dtype is not None
@@ -216,6 +217,18 @@ class PackedLinear(nn.Module):
         state["_cache"] = None
         state["_cache_key"] = None
         return state
+
+    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202 - nn.Module's signature
+        """Device moves apply to every buffer, but dtype casts (``model.to(torch.bfloat16)``,
+        ``.half()``) must not round the fp32 scales and zero points: they define the quantized
+        weight.  Those two buffers follow the new device and stay fp32."""
+        keep = {name: self._buffers[name] for name in ("weight_scale", "weight_zero_point")}
+        super()._apply(fn, recurse)
+        for name, old in keep.items():
+            new = self._buffers[name]
+            if new is not None and old is not None and new.dtype != old.dtype:
+                self._buffers[name] = old.to(device=new.device)
+        return self
 
     def kernel_weight(self) -> IntWeight:
         """The (lazily built, cached) int8 kernel layout of the weight."""

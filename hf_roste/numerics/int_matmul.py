@@ -42,6 +42,7 @@ host (one ``.item()``: a device sync on CUDA).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -58,12 +59,15 @@ _ACT_GRANULARITIES = ("token", "tensor")
 _WEIGHT_GRANULARITIES = ("channel", "group")
 
 
-@dataclass(frozen=True)
+@dataclass
 class IntWeight:
     """A weight prepared once in kernel layout (not serialized; rebuilt from packed codes).
 
     Attributes:
         codes: int8 ``[out, in]`` contiguous stored codes (group ``g`` is ``codes[:, g*n_g:(g+1)*n_g]``).
+            When the oneDNN pre-packed copy serves every product of the fast path (per-channel
+            weights, see :func:`prepare_int_weight`) this int8 copy is NOT kept: the property
+            rebuilds it from ``codes_source`` on first use by another route and keeps it from then on.
         scale: fp32 ``[out, G]`` weight scales; scale_t: the same transposed ``[G, out]`` contiguous.
         zero: fp64 ``[G, out]`` effective zero points (after the -128 shift); ``None`` when the
             codes are stored centred (then the ``zw`` correction term is skipped).
@@ -76,9 +80,11 @@ class IntWeight:
             (``torch.ops.onednn.qlinear_prepack``; opaque tensors), or None when unavailable.
         onednn_zeros: int64 ``[out]`` zeros (the weight zero points oneDNN takes; built once).
         scale_row: ``scale_t[0]`` (``[out]``), kept so the per-channel call does not index per call.
+        codes_source: callable returning the quantized codes again (as passed to
+            :func:`prepare_int_weight`), used to rebuild a dropped int8 copy; None if it was kept.
     """
 
-    codes: Tensor
+    _codes: Tensor | None
     scale: Tensor
     scale_t: Tensor
     zero: Tensor | None
@@ -92,6 +98,23 @@ class IntWeight:
     onednn_packed: tuple[Tensor, ...] | None = None
     onednn_zeros: Tensor | None = None
     scale_row: Tensor | None = None
+    codes_source: Callable[[], Tensor] | None = None
+    spec: QuantSpec | None = None
+    zero_source: Tensor | None = None
+
+    @property
+    def codes(self) -> Tensor:
+        if self._codes is None:
+            if self.codes_source is None or self.spec is None or self.zero_source is None:
+                raise RuntimeError("IntWeight: the int8 codes were dropped and no source to rebuild them was kept")
+            stored, _ = _stored_layout(self.codes_source(), self.zero_source, self.spec)
+            self._codes = stored.view(self.out_features, self.in_features)
+        return self._codes
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the int8 copy when held (the oneDNN copy is opaque and not counted)."""
+        return 0 if self._codes is None else self._codes.numel()
 
 
 def _check_tensor(name: str, t: object, ndim: int | None = None) -> Tensor:
@@ -102,13 +125,18 @@ def _check_tensor(name: str, t: object, ndim: int | None = None) -> Tensor:
     return t
 
 
-def prepare_int_weight(codes: Tensor, scale: Tensor, zero: Tensor, spec: QuantSpec) -> IntWeight:
+def prepare_int_weight(
+    codes: Tensor, scale: Tensor, zero: Tensor, spec: QuantSpec, codes_source: Callable[[], Tensor] | None = None
+) -> IntWeight:
     """Build the kernel layout from quantized weight codes (as returned by ``quantize``).
 
     Args:
         codes: ``[out, in]`` uint8 (asymmetric, ``0..2^b-1``) or int8 (symmetric) codes.
         scale: fp32 ``[out, G]``; zero: fp32 ``[out, G]`` integer-valued zero points.
         spec: the weight :class:`QuantSpec` (granularity "channel" or "group", bits 2..8).
+        codes_source: optional callable returning ``codes`` again (e.g. unpacking a checkpoint
+            buffer).  Given it, a per-channel weight with a oneDNN pre-packed copy does not keep a
+            second int8 copy in memory; the copy is rebuilt from the source if a route needs it.
 
     Returns:
         An :class:`IntWeight` on the device of ``codes``.
@@ -137,42 +165,71 @@ def prepare_int_weight(codes: Tensor, scale: Tensor, zero: Tensor, spec: QuantSp
             f"scale and zero must have shape {(n_out, groups)} for codes {tuple(codes.shape)} and {spec}, "
             f"got {tuple(scale.shape)} and {tuple(zero.shape)}"
         )
-    gsz = k // groups if groups else k
-    c16 = codes.to(torch.int16).view(n_out, groups, gsz)
-    z = zero.to(torch.float64)
-    zero_eff: Tensor | None
-    if spec.symmetric:
-        stored, zero_eff = c16, None
-    else:
-        centred = c16.to(torch.float64) - z.unsqueeze(-1)
-        if centred.numel() == 0 or centred.abs().max().item() <= 127:
-            stored, zero_eff = centred.to(torch.int16), None
-        elif spec.bits <= 7:
-            stored, zero_eff = c16, z
-        else:
-            stored, zero_eff = c16 - 128, z - 128.0
-    colsum = stored.sum(-1, dtype=torch.int64).to(torch.float64)  # [out, G]
+    stored, zero_eff = _stored_layout(codes, zero, spec)  # int8 [out, G, n_g]
+    gsz = stored.shape[-1]
+    colsum = torch.empty(n_out, groups, dtype=torch.float64, device=codes.device)
+    for r0 in range(0, n_out, _PREP_ROWS):  # row chunks: no full-size int32 / int64 temporaries
+        colsum[r0 : r0 + _PREP_ROWS] = stored[r0 : r0 + _PREP_ROWS].sum(-1, dtype=torch.int32)
+    lo, hi = torch.aminmax(stored) if stored.numel() else (torch.tensor(0), torch.tensor(0))
 
     def _amax(t: Tensor | None) -> float:
         return float(t.abs().max().item()) if t is not None and t.numel() else 0.0
 
     scale_t = scale.to(torch.float32).t().contiguous()
+    stored8 = stored.view(n_out, k)
+    packed = _onednn_prepack_groups(stored)
+    # per channel, the oneDNN copy serves every exact-in-fp32 product: the int8 copy is dropped
+    # (rebuilt on demand) unless the caller cannot provide the codes again
+    drop = packed is not None and groups == 1 and codes_source is not None
     return IntWeight(
-        codes=stored.reshape(n_out, k).to(torch.int8).contiguous(),
+        _codes=None if drop else stored8,
         scale=scale.to(torch.float32).contiguous(),
         scale_t=scale_t,
         zero=None if zero_eff is None else zero_eff.t().contiguous(),
         colsum=colsum.t().contiguous(),
-        max_abs_code=int(_amax(stored)),
+        max_abs_code=max(-int(lo), int(hi)),
         max_abs_zero=_amax(zero_eff),
         max_abs_colsum=_amax(colsum),
         in_features=k,
         out_features=n_out,
         group_size=gsz,
-        onednn_packed=(packed := _onednn_prepack_groups(stored.to(torch.int8))),
+        onednn_packed=packed,
         onednn_zeros=None if packed is None else torch.zeros(n_out, dtype=torch.int64),
         scale_row=scale_t[0],
+        codes_source=codes_source if drop else None,
+        spec=spec,
+        zero_source=zero.detach().clone() if drop else None,
     )
+
+
+_PREP_ROWS = 512
+
+
+def _stored_layout(codes: Tensor, zero: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor | None]:
+    """Kernel codes int8 ``[out, G, n_g]`` (contiguous) and effective zero points fp64 ``[out, G]``
+    (None when the stored codes are centred); see the module docstring for the three layouts.
+
+    Built with one int8-sized allocation: centring is done in wrapping uint8 arithmetic, which is
+    exact because it is only used when every ``c - z`` lies in ``[-127, 127]``.
+    """
+    n_out, k = codes.shape
+    groups = spec.num_groups(k)
+    cg = codes.view(n_out, groups, k // groups if groups else k)
+    if spec.symmetric:
+        return cg.contiguous(), None
+    z = zero.to(torch.float64)
+    if cg.numel():
+        cmax = cg.amax(-1).to(torch.float64)  # [out, G] reductions only: no full-size temporaries
+        cmin = cg.amin(-1).to(torch.float64)
+        spread = max(float((cmax - z).abs().max()), float((z - cmin).abs().max()))
+    else:
+        spread = 0.0
+    if spread <= 127:
+        z_mod = torch.remainder(z, 256).to(torch.uint8).unsqueeze(-1)
+        return (cg - z_mod).view(torch.int8), None  # (c - z) mod 256 read as int8 == c - z here
+    if spec.bits <= 7:
+        return cg.view(torch.int8).contiguous(), z  # codes <= 127: the same values as int8
+    return torch.bitwise_xor(cg, 128).view(torch.int8), z - 128.0  # c ^ 128 read as int8 == c - 128
 
 
 _ONEDNN_ENABLED = True  # set False to force torch._int_mm (tests compare both routes)

@@ -168,3 +168,48 @@ def test_errors():
     other = PackedLinear(32, 8, QuantSpec(4, granularity="group", group_size=8), QuantSpec(4))
     with pytest.raises(RuntimeError, match="size mismatch"):
         other.load_state_dict(layer.state_dict(), strict=False)
+
+
+@pytest.mark.parametrize("wsym", [False, True])
+def test_per_channel_kernel_keeps_one_int8_copy_and_rebuilds_on_demand(monkeypatch, wsym):
+    """With oneDNN's pre-packed copy available, the per-channel kernel drops its second int8 copy;
+    routes that need it (here: _int_mm forced) rebuild it from the packed buffer and agree exactly."""
+    import hf_roste.numerics.int_matmul as im
+
+    g = torch.Generator().manual_seed(3)
+    w, x = torch.randn(48, 64, generator=g), torch.randn(5, 64, generator=g)
+    layer = PackedLinear.from_float(w, None, _wspec(4, wsym, "channel"), QuantSpec(4, granularity="token"))
+    y_dnn = layer(x)
+    kw = layer.kernel_weight()
+    if kw.onednn_packed is None:
+        pytest.skip("oneDNN int8 pre-packing is not available in this torch build")
+    assert kw._codes is None and kw.nbytes == 0
+    monkeypatch.setattr(im, "_ONEDNN_ENABLED", False)
+    y_mm = layer(x)
+    assert kw._codes is not None and kw.nbytes == 48 * 64
+    assert torch.equal(kw.codes, im.prepare_int_weight(layer.weight_codes(), layer.weight_scale,
+                                                       layer.weight_zero_point, layer.weight_spec).codes)
+    assert torch.equal(y_dnn, y_mm)
+    _assert_matches(layer, x, w, None)
+
+
+@pytest.mark.parametrize("cast", ["to_bf16", "half", "double"])
+def test_dtype_casts_keep_fp32_scales_and_zero_points(cast):
+    """model.to(bfloat16) / .half() must not round the quantization parameters (the function would change)."""
+    g = torch.Generator().manual_seed(4)
+    w, x = torch.randn(16, 32, generator=g), torch.randn(3, 32, generator=g)
+    layer = PackedLinear.from_float(w, torch.randn(16, generator=g), _wspec(4, False, "channel"),
+                                    QuantSpec(4, granularity="token"))
+    scale, zero = layer.weight_scale.clone(), layer.weight_zero_point.clone()
+    ref = layer(x)
+    {"to_bf16": lambda: layer.to(torch.bfloat16), "half": layer.half, "double": layer.double}[cast]()
+    assert layer.weight_scale.dtype == torch.float32 and torch.equal(layer.weight_scale, scale)
+    assert layer.weight_zero_point.dtype == torch.float32 and torch.equal(layer.weight_zero_point, zero)
+    assert layer.weight_packed.dtype == torch.uint8
+    assert layer.bias.dtype != torch.float32  # the bias does follow the model dtype
+    if layer.bias.dtype != torch.float64:  # (the kernel takes fp32 / bf16 / fp16 inputs)
+        y = layer(x.to(layer.bias.dtype))
+        assert torch.allclose(y.float(), ref, rtol=2e-2, atol=2e-2)
+    # a device move (here: to the same device) keeps everything usable
+    layer.to("cpu")
+    assert layer.weight_scale.dtype == torch.float32
