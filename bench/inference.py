@@ -93,24 +93,32 @@ def linear_bytes_per_param(packed_model) -> float:
     return stored / params
 
 
-def resident_bytes(path: str, variant: str) -> tuple[int, int]:
-    """RSS growth of a fresh process from before loading to after loading and one forward; and the
-    same after ``gc.collect()`` + glibc ``malloc_trim(0)`` (freed heap pages returned to the OS, i.e.
-    without the loader's and kernel builder's transient allocations; equal to the first off glibc)."""
+def resident_bytes(paths: dict[str, str]) -> dict[str, tuple[int, int]]:
+    """Per variant (name -> checkpoint): RSS growth of a fresh process from before loading to after
+    loading and one forward; and the same after ``gc.collect()`` + glibc ``malloc_trim(0)`` (freed heap
+    pages returned to the OS, i.e. without the loader's and kernel builder's transient allocations;
+    equal to the first off glibc).  The processes run concurrently (each RSS is its own)."""
     code = (
         f"import sys, gc, ctypes, torch; sys.path.insert(0, {ROOT!r}); torch.set_num_threads(2);"
         "import hf_roste, transformers;"
         "rss = lambda: int([l for l in open('/proc/self/status') if l.startswith('VmRSS')][0].split()[1]) * 1024;"
         "before = rss(); from bench.inference import load;"
-        f"m = load({path!r}, {variant!r});"
+        "m = load(sys.argv[1], sys.argv[2]);"
         "m(torch.zeros(1, 8, dtype=torch.long));"
         "grown = rss() - before; gc.collect();\n"
         "try:\n ctypes.CDLL('libc.so.6').malloc_trim(0)\nexcept OSError:\n pass\n"
         "print(grown, rss() - before)"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    grown, trimmed = out.stdout.strip().splitlines()[-1].split()
-    return int(grown), int(trimmed)
+    procs = {v: subprocess.Popen([sys.executable, "-c", code, p, v], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 text=True) for v, p in paths.items()}
+    out = {}
+    for v, proc in procs.items():
+        stdout, stderr = proc.communicate()
+        if proc.returncode:
+            raise RuntimeError(f"resident-memory child for {v!r} failed:\n{stderr[-2000:]}")
+        grown, trimmed = stdout.strip().splitlines()[-1].split()
+        out[v] = (int(grown), int(trimmed))
+    return out
 
 
 def kv_bytes_per_token(model, prompt: torch.Tensor, new: int) -> tuple[float, float]:
@@ -177,7 +185,7 @@ def main() -> None:
         sizes = {v: checkpoint_bytes(p) for v, p in paths.items()}
         bpp = linear_bytes_per_param(models["packed"])
         del models
-        rss = {v: resident_bytes(paths[v], v) for v in paths}
+        rss = resident_bytes(paths)
     r4 = r4_cost(shape["hidden"], (shape["inter"], 3072) if shape["inter"] != 3072 else (3072,),
                  rows=b * s, reps=3 if args.quick else 5)
     tokens_prefill, tokens_decode = b * s, shape["new"]

@@ -132,7 +132,7 @@ def main() -> None:
     from hf_roste.demo.run import shipped_base_path
 
     bases = args.base or [str(shipped_base_path())]
-    seqs = calibration(32 if args.quick else 256, 8 if args.quick else 64)
+    seqs = calibration(12 if args.quick else 256, 4 if args.quick else 64)
     tokens = sum(s.numel() for s in seqs)
     results = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,7 +1,7 @@
 """Scaling: training-step and rotation-search cost at three model widths.
 
 Llama-shaped, randomly initialised, fp32, sdpa, 2 threads; widths (hidden) 256 / 512 / 1024 (quick:
-128 / 256 / 512), 4 layers (quick 2), intermediate 4 x hidden, head_dim 64, vocab 2048, batch 2 x 128.
+64 / 128 / 256), 4 layers (quick 2), intermediate 4 x hidden, head_dim 64, vocab 2048, batch 2 x 128.
 Per width, in one process: plain fp32 and RoSTE W4A4KV4 (all rotations on) optimizer steps
 interleaved (ratio RoSTE / plain, median and min-max); then one quantized forward over a calibration
 set (8 samples x <= 128 tokens) and `search_rotation_config` (adaptive, paper criterion) interleaved
@@ -123,10 +123,10 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=None)
     args = p.parse_args()
     torch.set_num_threads(2)
-    widths = (128, 256, 512) if args.quick else (256, 512, 1024)
+    widths = (64, 128, 256) if args.quick else (256, 512, 1024)
     layers = 2 if args.quick else 4
     reps = args.reps or (2 if args.quick else 3)
-    batch, seq, samples = (2, 64, 4) if args.quick else (2, 128, 8)
+    batch, seq, samples = (2, 32, 4) if args.quick else (2, 128, 8)
     rows = [measure_width(h, layers, reps, batch, seq, samples) for h in widths]
     base = rows[0]
     for r in rows:

@@ -40,10 +40,12 @@ from hf_roste import (  # noqa: E402
 )
 
 
-def build(path: str) -> None:
+def build(path: str, quick: bool = False) -> None:
     torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=512, intermediate_size=2048, num_hidden_layers=6, num_attention_heads=8,
-                      num_key_value_heads=8, vocab_size=32000, max_position_embeddings=1024)
+    width, layers = (256, 2) if quick else (512, 6)
+    cfg = LlamaConfig(hidden_size=width, intermediate_size=4 * width, num_hidden_layers=layers,
+                      num_attention_heads=width // 64, num_key_value_heads=width // 64, vocab_size=32000,
+                      max_position_embeddings=1024)
     AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).save_pretrained(path)
 
 
@@ -70,18 +72,18 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="fewer samples and repetitions")
     p.add_argument("--reps", type=int, default=None)
     p.add_argument("--samples", type=int, default=None)
-    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--seq", type=int, default=None, help="calibration length (default 128; quick 64)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--layerwise", action="store_true", help="also time strategy='layerwise' once (slow)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     reps = args.reps or (2 if args.quick else 3)
-    samples = args.samples or (8 if args.quick else 16)
+    samples = args.samples or (4 if args.quick else 16)
     with tempfile.TemporaryDirectory() as tmp:
-        build(tmp)
+        build(tmp, quick=args.quick)
         model = AutoModelForCausalLM.from_pretrained(tmp, quantization_config=RoSTEConfig(), dtype=torch.float32,
                                                      attn_implementation="sdpa").eval()
-    batches = calibration(samples, args.seq)
+    batches = calibration(samples, args.seq or (64 if args.quick else 128))
     tokens = sum(int(b["attention_mask"].sum()) for b in batches)
     n_layers = len(model.model.layers)
     all_off = {"R1": True, "layers": [{"R2": False, "R3": False, "R4": False} for _ in range(n_layers)]}

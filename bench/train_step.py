@@ -24,7 +24,7 @@ from bench._common import emit, interleaved, ratio  # noqa: E402
 
 SHAPES = {
     "full": dict(hidden=512, layers=6, inter=2048, heads=8, kv_heads=8, batch=4, seq=256),
-    "quick": dict(hidden=256, layers=2, inter=1024, heads=4, kv_heads=4, batch=2, seq=128),
+    "quick": dict(hidden=128, layers=2, inter=512, heads=2, kv_heads=2, batch=2, seq=64),
 }
 
 
@@ -89,20 +89,28 @@ def make_step(model, shape: dict):
     return step
 
 
-def peak_rss_child(variant: str, shape_name: str, base_dir: str) -> int:
-    """Peak resident memory (bytes) of a fresh process doing 3 steps of `variant`."""
+def peak_rss_children(variants, shape_name: str, base_dir: str) -> dict[str, int]:
+    """Peak resident memory (bytes) of a fresh process per variant doing 3 steps of it. The processes
+    run concurrently (each one's high-water mark is its own; only wall time is shared)."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     # peak RSS of the training steps alone: reset the high-water mark after building and one warm-up step
     code = (
         f"import sys, torch; torch.set_num_threads(2); sys.path.insert(0, {root!r});"
         "from bench.train_step import build, make_step, SHAPES;"
-        f"s = SHAPES[{shape_name!r}]; m = build({variant!r}, s, {base_dir!r}); st = make_step(m, s); st();"
+        f"s = SHAPES[{shape_name!r}]; m = build('__VARIANT__', s, {base_dir!r}); st = make_step(m, s); st();"
         "open('/proc/self/clear_refs', 'w').write('5');"
         "[st() for _ in range(3)];"
         "print([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1])"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return int(out.stdout.strip().splitlines()[-1]) * 1024
+    procs = {v: subprocess.Popen([sys.executable, "-c", code.replace("__VARIANT__", v)], stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True) for v in variants}
+    out = {}
+    for v, proc in procs.items():
+        stdout, stderr = proc.communicate()
+        if proc.returncode:
+            raise RuntimeError(f"peak-memory child for {v!r} failed:\n{stderr[-2000:]}")
+        out[v] = int(stdout.strip().splitlines()[-1]) * 1024
+    return out
 
 
 def main() -> None:
@@ -113,12 +121,12 @@ def main() -> None:
     torch.set_num_threads(2)
     shape_name = "quick" if args.quick else "full"
     shape = SHAPES[shape_name]
-    reps = args.reps or (3 if args.quick else 7)
+    reps = args.reps or (2 if args.quick else 7)
     variants = ("plain", "roste", "ste") + (("torchao",) if torchao_available() else ())
     with tempfile.TemporaryDirectory() as base_dir:
         steps = {v: make_step(build(v, shape, base_dir), shape) for v in variants}
         stats = interleaved(steps, reps=reps, warmup=1)
-        rss = {v: peak_rss_child(v, shape_name, base_dir) for v in variants}
+        rss = peak_rss_children(variants, shape_name, base_dir)
     print(f"shape: {shape}, threads: 2, repetitions: {reps}")
     for v, s in stats.items():
         print(f"  {v:6s} step: median {s['median'] * 1e3:8.1f} ms  (min {s['min'] * 1e3:.1f}, max {s['max'] * 1e3:.1f})")
