@@ -10,7 +10,10 @@ repetitions, medians with min-max spread. Figures:
 - resident memory of the loaded model (RSS growth of a fresh process after loading and one forward,
   which builds the packed model's kernel layouts), packed loaded in fp32 vs fp32 and packed loaded
   in bf16 (embeddings, norms and head in bf16) vs bf16;
-- prefill throughput at batch 8 x 256 (no cache) and decode tokens/s at batch 1 (greedy, cache on);
+- prefill throughput at batch 8 x 256 (no cache) and decode tokens/s at batch 1 (greedy, cache on),
+  timed in a fresh process with glibc's default allocator (the headline figures) and again in one
+  with ``TUNED_MALLOC`` (freed large blocks stay in the heap: no page faults for each fresh multi-MB
+  temporary; applies to every variant, the usual CPU-inference tuning, like jemalloc / tcmalloc);
 - KV cache bytes per cached token (the packed model's quantized cache vs a bf16 DynamicCache), also
   the bytes allocated including the cache's growth reserve;
 - the online R4 Hadamard's cost at prefill relative to the fp32 down_proj GEMM it precedes, for a
@@ -26,6 +29,7 @@ Last output line: JSON with `bytes_per_linear_param`, `prefill_speedup_vs_fp32`,
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -149,6 +153,52 @@ def r4_cost(hidden: int, sizes: tuple[int, ...], rows: int, reps: int) -> dict[s
     return out
 
 
+# glibc malloc settings that keep freed large blocks in the heap instead of returning them to the OS
+# (each fresh multi-MB temporary otherwise costs page faults): the usual CPU-inference tuning
+TUNED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(2**32), "MALLOC_TRIM_THRESHOLD_": str(2**36),
+                "MALLOC_TOP_PAD_": str(2**28)}
+
+
+def inputs(shape: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    b, s = shape["prefill"]
+    return (torch.randint(0, shape["vocab"], (b, s), generator=g),
+            torch.randint(0, shape["vocab"], (1, shape["prompt"]), generator=g))
+
+
+def timing(paths: dict[str, str], shape: dict, reps: int) -> dict:
+    """Interleaved prefill and decode timings of fp32 / bf16 / packed in this process."""
+    models = {v: load(paths[v], v) for v in ("fp32", "bf16", "packed")}
+    prefill_ids, prompt = inputs(shape)
+
+    def prefill(m):
+        def run():
+            with torch.no_grad():
+                m(prefill_ids, use_cache=False)
+        return run
+
+    def decode(m):
+        def run():
+            m.generate(prompt, max_new_tokens=shape["new"], min_new_tokens=shape["new"], do_sample=False)
+        return run
+
+    return {"prefill": interleaved({v: prefill(m) for v, m in models.items()}, reps=reps),
+            "decode": interleaved({v: decode(m) for v, m in models.items()}, reps=reps)}
+
+
+def timing_child(root: str, shape: dict, reps: int, env: dict[str, str]) -> dict:
+    """:func:`timing` in a fresh process with extra environment variables (allocator settings)."""
+    code = (f"import sys, json, torch; sys.path.insert(0, {ROOT!r}); torch.set_num_threads(2);"
+            "from bench.inference import timing; import json;"
+            f"print(json.dumps(timing(json.loads(sys.argv[1]), json.loads(sys.argv[2]), {reps})))")
+    paths = {k: os.path.join(root, k) for k in ("fp32", "bf16", "packed")}
+    out = subprocess.run([sys.executable, "-c", code, json.dumps(paths), json.dumps(shape)], capture_output=True,
+                         text=True, env=dict(os.environ, **env))
+    if out.returncode:
+        raise RuntimeError(f"timing child failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
@@ -160,28 +210,15 @@ def main() -> None:
     if args.intermediate:
         shape["inter"] = args.intermediate
     reps = args.reps or (2 if args.quick else 5)
+    b, s = shape["prefill"]
     with tempfile.TemporaryDirectory() as root:
         paths = build_checkpoints(shape, root)
-        models = {v: load(paths[v], v) for v in ("fp32", "bf16", "packed")}
-        g = torch.Generator().manual_seed(0)
-        b, s = shape["prefill"]
-        prefill_ids = torch.randint(0, shape["vocab"], (b, s), generator=g)
-        prompt = torch.randint(0, shape["vocab"], (1, shape["prompt"]), generator=g)
-
-        def prefill(m):
-            def run():
-                with torch.no_grad():
-                    m(prefill_ids, use_cache=False)
-            return run
-
-        def decode(m):
-            def run():
-                m.generate(prompt, max_new_tokens=shape["new"], min_new_tokens=shape["new"], do_sample=False)
-            return run
-
-        pre = interleaved({v: prefill(m) for v, m in models.items()}, reps=reps)
-        dec = interleaved({v: decode(m) for v, m in models.items()}, reps=reps)
-        kv = {v: kv_bytes_per_token(m, prompt, shape["new"]) for v, m in models.items() if v in ("bf16", "packed")}
+        # timings in fresh processes, one after the other: glibc defaults, then the tuned allocator
+        timed = {"default": timing_child(root, shape, reps, {}), "tuned": timing_child(root, shape, reps, TUNED_MALLOC)}
+        pre, dec = timed["default"]["prefill"], timed["default"]["decode"]
+        _, prompt = inputs(shape)
+        models = {v: load(paths[v], v) for v in ("bf16", "packed")}
+        kv = {v: kv_bytes_per_token(m, prompt, shape["new"]) for v, m in models.items()}
         sizes = {v: checkpoint_bytes(p) for v, p in paths.items()}
         bpp = linear_bytes_per_param(models["packed"])
         del models
@@ -203,8 +240,14 @@ def main() -> None:
                   f"min {m['min'] * 1e3:.1f}, max {m['max'] * 1e3:.1f})")
     pr_fp32, pr_bf16 = ratio(pre, "fp32", "packed"), ratio(pre, "bf16", "packed")
     de_fp32, de_bf16 = ratio(dec, "fp32", "packed"), ratio(dec, "bf16", "packed")
+    tpre, tdec = timed["tuned"]["prefill"], timed["tuned"]["decode"]
+    tpr_fp32, tde_fp32 = ratio(tpre, "fp32", "packed"), ratio(tdec, "fp32", "packed")
     print(f"  prefill speed-up vs fp32 {pr_fp32['median']:.2f}x (target >= 1.5), vs bf16 {pr_bf16['median']:.2f}x")
     print(f"  decode  speed-up vs fp32 {de_fp32['median']:.2f}x (target >= 1.2), vs bf16 {de_bf16['median']:.2f}x")
+    print(f"  with the tuned allocator ({', '.join(f'{k}={v}' for k, v in TUNED_MALLOC.items())}), all variants: "
+          f"prefill vs fp32 {tpr_fp32['median']:.2f}x (spread {tpr_fp32['min']:.2f}-{tpr_fp32['max']:.2f}), "
+          f"decode vs fp32 {tde_fp32['median']:.2f}x (spread {tde_fp32['min']:.2f}-{tde_fp32['max']:.2f}); "
+          f"fp32 prefill {tpre['fp32']['median'] / pre['fp32']['median']:.2f}x the default-allocator time")
     kv_ratio = kv["packed"][0] / kv["bf16"][0]
     print(f"KV cache: bf16 {kv['bf16'][0]:.0f} B/token, packed {kv['packed'][0]:.0f} B/token stored ({kv_ratio:.3f}x; "
           f"target <= 0.3), {kv['packed'][1]:.0f} B/token allocated with the growth reserve")
@@ -224,6 +267,10 @@ def main() -> None:
         "prefill_speedup_vs_fp32_max": pr_fp32["max"], "prefill_speedup_vs_bf16": pr_bf16["median"],
         "decode_speedup_vs_fp32": de_fp32["median"], "decode_speedup_vs_fp32_min": de_fp32["min"],
         "decode_speedup_vs_fp32_max": de_fp32["max"], "decode_speedup_vs_bf16": de_bf16["median"],
+        "tuned_malloc_prefill_speedup_vs_fp32": tpr_fp32["median"], "tuned_malloc_prefill_speedup_vs_fp32_min":
+        tpr_fp32["min"], "tuned_malloc_prefill_speedup_vs_fp32_max": tpr_fp32["max"],
+        "tuned_malloc_decode_speedup_vs_fp32": tde_fp32["median"], "tuned_malloc_decode_speedup_vs_fp32_min":
+        tde_fp32["min"], "tuned_malloc_decode_speedup_vs_fp32_max": tde_fp32["max"], "tuned_malloc": TUNED_MALLOC,
         "kv_bytes_per_token_packed": kv["packed"][0], "kv_bytes_per_token_bf16": kv["bf16"][0],
         "kv_allocated_bytes_per_token_packed": kv["packed"][1],
         "kv_bytes_ratio_vs_bf16": kv_ratio, "shape": "quick" if args.quick else "full",

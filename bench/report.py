@@ -200,7 +200,10 @@ def sec_inference(data: dict) -> list[str]:
              "(full shape: batch 8 x 256) without cache; decode: batch 1, greedy, cache on; packed (rest fp32) timed "
              "against fp32 and bf16, variants interleaved. Resident memory: RSS growth of a fresh process after loading "
              "and one forward; 'trimmed' after `gc.collect()` and glibc `malloc_trim(0)` (loader and kernel-builder "
-             "transients returned to the OS). Packed (rest bf16) is compared with bf16, packed (rest fp32) with fp32.", ""]
+             "transients returned to the OS). Packed (rest bf16) is compared with bf16, packed (rest fp32) with fp32. "
+             "Timings run in fresh processes: with glibc's default allocator (headline) and with "
+             f"`{' '.join(f'{k}={v}' for k, v in (f.get('tuned_malloc') or {}).items())}` (freed large blocks stay in "
+             "the heap instead of costing page faults on every fresh multi-MB temporary; set for all variants).", ""]
     rows = [
         ["bytes per quantized-linear parameter (codes + scales + zero points)", _f(f.get("bytes_per_linear_param"), ".4f")],
         ["checkpoint size / fp32", _f(f.get("checkpoint_ratio_vs_fp32"), ".3f")],
@@ -215,6 +218,12 @@ def sec_inference(data: dict) -> list[str]:
         ["decode throughput / fp32 (spread)", _spread(f.get("decode_speedup_vs_fp32"), f.get("decode_speedup_vs_fp32_min"),
                                                       f.get("decode_speedup_vs_fp32_max"))],
         ["decode throughput / bf16", _f(f.get("decode_speedup_vs_bf16"), ".2f")],
+        ["prefill throughput / fp32, tuned allocator for all variants (spread)",
+         _spread(f.get("tuned_malloc_prefill_speedup_vs_fp32"), f.get("tuned_malloc_prefill_speedup_vs_fp32_min"),
+                 f.get("tuned_malloc_prefill_speedup_vs_fp32_max"))],
+        ["decode throughput / fp32, tuned allocator for all variants (spread)",
+         _spread(f.get("tuned_malloc_decode_speedup_vs_fp32"), f.get("tuned_malloc_decode_speedup_vs_fp32_min"),
+                 f.get("tuned_malloc_decode_speedup_vs_fp32_max"))],
         ["KV cache bytes per token: packed (allocated, with growth reserve)",
          f"{_f(f.get('kv_bytes_per_token_packed'), '.0f')} ({_f(f.get('kv_allocated_bytes_per_token_packed'), '.0f')})"],
         ["KV cache bytes per token: bf16 DynamicCache", _f(f.get("kv_bytes_per_token_bf16"), ".0f")],

@@ -82,6 +82,9 @@ class IntWeight:
         scale_row: ``scale_t[0]`` (``[out]``), kept so the per-channel call does not index per call.
         codes_source: callable returning the quantized codes again (as passed to
             :func:`prepare_int_weight`), used to rebuild a dropped int8 copy; None if it was kept.
+        onednn_small_m: whether the oneDNN route is used for small row counts (decode).  Measured
+            once per weight: for some shapes (a dimension <= 256 here) oneDNN's single-row int8 GEMM
+            is 50-300x slower than ``torch._int_mm``; both routes give identical (exact) results.
     """
 
     _codes: Tensor | None
@@ -101,6 +104,7 @@ class IntWeight:
     codes_source: Callable[[], Tensor] | None = None
     spec: QuantSpec | None = None
     zero_source: Tensor | None = None
+    onednn_small_m: bool = True
 
     @property
     def codes(self) -> Tensor:
@@ -178,9 +182,10 @@ def prepare_int_weight(
     scale_t = scale.to(torch.float32).t().contiguous()
     stored8 = stored.view(n_out, k)
     packed = _onednn_prepack_groups(stored)
+    small_m = packed is not None and groups == 1 and _onednn_fast_at_small_m(stored8, packed[0])
     # per channel, the oneDNN copy serves every exact-in-fp32 product: the int8 copy is dropped
-    # (rebuilt on demand) unless the caller cannot provide the codes again
-    drop = packed is not None and groups == 1 and codes_source is not None
+    # (rebuilt on demand) unless the caller cannot provide the codes again or decode needs _int_mm
+    drop = packed is not None and groups == 1 and codes_source is not None and small_m
     return IntWeight(
         _codes=None if drop else stored8,
         scale=scale.to(torch.float32).contiguous(),
@@ -199,6 +204,7 @@ def prepare_int_weight(
         codes_source=codes_source if drop else None,
         spec=spec,
         zero_source=zero.detach().clone() if drop else None,
+        onednn_small_m=small_m,
     )
 
 
@@ -253,6 +259,29 @@ def _onednn_prepack(codes: Tensor) -> Tensor | None:
         return packed
     except Exception:  # noqa: BLE001 - optional acceleration only
         return None
+
+
+_SMALL_M = 16  # row counts up to this use the route chosen by _onednn_fast_at_small_m
+
+
+def _onednn_fast_at_small_m(codes: Tensor, packed: Tensor) -> bool:
+    """Time one single-row product on each route (after a warm-up call) and keep oneDNN unless it is
+    more than 1.5x slower than ``torch._int_mm`` for this weight shape."""
+    import time
+
+    a = torch.ones(1, codes.shape[1], dtype=torch.int8)
+    ones, zeros = torch.ones(codes.shape[0]), torch.zeros(codes.shape[0], dtype=torch.int64)
+
+    def best(fn: Callable[[], object]) -> float:
+        fn()
+        times = []
+        for _ in range(2):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    return best(lambda: _onednn_scaled_mm(a, packed, ones, zeros)) <= 1.5 * best(lambda: torch._int_mm(a, codes.t()))
 
 
 def _onednn_prepack_groups(stored: Tensor) -> tuple[Tensor, ...] | None:
@@ -530,7 +559,8 @@ def int_linear_unchecked(
     if zx_eff is None and weight.zero is None and (weight.group_size == k or group_exact):
         if weight.group_size == k:  # per channel: exactly one int8 GEMM, no correction at all
             exact32 = k * max_a * weight.max_abs_code < _FP32_EXACT
-            if exact32 and weight.onednn_packed is not None and _ONEDNN_ENABLED:
+            dnn = weight.onednn_packed is not None and _ONEDNN_ENABLED
+            if exact32 and dnn and (weight.onednn_small_m or a.shape[0] > _SMALL_M):
                 acc = _onednn_scaled_mm(a, weight.onednn_packed[0], weight.scale_row, weight.onednn_zeros)
             else:
                 p = int8_matmul(a, weight.codes.t(), max_a, weight.max_abs_code)

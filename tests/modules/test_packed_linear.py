@@ -178,6 +178,8 @@ def test_per_channel_kernel_keeps_one_int8_copy_and_rebuilds_on_demand(monkeypat
 
     g = torch.Generator().manual_seed(3)
     w, x = torch.randn(48, 64, generator=g), torch.randn(5, 64, generator=g)
+    # as if oneDNN were fast for this shape at small row counts (the per-weight timing decides otherwise)
+    monkeypatch.setattr(im, "_onednn_fast_at_small_m", lambda codes, packed: True)
     layer = PackedLinear.from_float(w, None, _wspec(4, wsym, "channel"), QuantSpec(4, granularity="token"))
     y_dnn = layer(x)
     kw = layer.kernel_weight()
@@ -213,3 +215,25 @@ def test_dtype_casts_keep_fp32_scales_and_zero_points(cast):
     # a device move (here: to the same device) keeps everything usable
     layer.to("cpu")
     assert layer.weight_scale.dtype == torch.float32
+
+
+@pytest.mark.parametrize("fast_small_m", [False, True])
+def test_small_row_route_choice_keeps_results_identical(monkeypatch, fast_small_m):
+    """Decode-sized inputs take _int_mm when oneDNN measured slow for the shape (codes then kept),
+    larger inputs take oneDNN; every route gives the same numbers."""
+    import hf_roste.numerics.int_matmul as im
+
+    monkeypatch.setattr(im, "_onednn_fast_at_small_m", lambda codes, packed: fast_small_m)
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(40, 96, generator=g)
+    layer = PackedLinear.from_float(w, torch.randn(40, generator=g), _wspec(4, False, "channel"),
+                                    QuantSpec(4, granularity="token"))
+    outs = {m: layer(torch.randn(m, 96, generator=torch.Generator().manual_seed(m))) for m in (1, 16, 17, 40)}
+    kw = layer.kernel_weight()
+    if kw.onednn_packed is None:
+        pytest.skip("oneDNN int8 pre-packing is not available in this torch build")
+    assert kw.onednn_small_m is fast_small_m
+    assert (kw._codes is None) is fast_small_m  # kept for the _int_mm route when decode uses it
+    monkeypatch.setattr(im, "_ONEDNN_ENABLED", False)  # everything through _int_mm
+    for m, y in outs.items():
+        assert torch.equal(layer(torch.randn(m, 96, generator=torch.Generator().manual_seed(m))), y)
