@@ -131,7 +131,8 @@ def kv_bytes_per_token(model, prompt: torch.Tensor, new: int) -> tuple[float, fl
 
     out = model.generate(prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False,
                          return_dict_in_generate=True)
-    cache = out.past_key_values
+    cache = getattr(out, "cache", None)  # transformers >= 5.24 (past_key_values before)
+    cache = cache if cache is not None else out.past_key_values
     stored = cache_bytes_per_token(cache)
     allocated = sum(getattr(layer, "allocated_nbytes", 0) for layer in cache.layers)
     tokens = cache.get_seq_length() * prompt.shape[0]

@@ -39,3 +39,12 @@ def shared_model_configs() -> dict[str, dict]:
     path = Path(__file__).parent / "data" / "model_configs.json"
     data = json.loads(path.read_text())
     return {k: v for k, v in data.items() if not k.startswith("_")}
+
+
+@pytest.fixture
+def onednn_on(monkeypatch):
+    """Use oneDNN's int8 GEMM wherever the op exists, whatever the per-machine speed probe decided
+    (both kernel routes must stay correct on every machine, not only where oneDNN is the faster)."""
+    import hf_roste.numerics.int_matmul as im
+
+    monkeypatch.setattr(im, "onednn_int8_enabled", lambda: hasattr(torch.ops.onednn, "qlinear_prepack"))

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny_models import sample_ids
+from tiny_models import CACHE_KW, output_cache, sample_ids
 from transformers import AutoModelForCausalLM
 
 from hf_roste import RoSTEConfig, get_state, save_format, set_quantization_enabled, set_rotation_config
@@ -96,10 +96,10 @@ def test_kv_quantized_generation_with_cache_matches_full_forward(tiny_checkpoint
     with torch.no_grad():
         full = model(ids).logits[0, -1]
         out = model(ids[:, :-4], use_cache=True)
-        cache = out.past_key_values
+        cache = output_cache(out)
         for t in range(ids.shape[1] - 4, ids.shape[1]):
-            out = model(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
+            out = model(ids[:, t : t + 1], **{CACHE_KW: cache}, use_cache=True)
+            cache = output_cache(out)
     assert torch.allclose(out.logits[0, -1], full, rtol=1e-4, atol=1e-4 * full.abs().max())
     gen = model.generate(ids, max_new_tokens=5, do_sample=False)
     assert gen.shape == (1, ids.shape[1] + 5)

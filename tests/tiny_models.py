@@ -82,3 +82,21 @@ def save_tiny(kind: str, directory: Path, seed: int = 0) -> Path:
 def sample_ids(batch: int = 2, seq: int = 16, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, VOCAB, (batch, seq), generator=g)
+
+
+def _cache_kw() -> str:
+    import inspect
+
+    from transformers import LlamaForCausalLM
+
+    return "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
+
+
+# forward / generate() keyword of the KV cache: "cache" from transformers 5.24 ("past_key_values" before)
+CACHE_KW = _cache_kw()
+
+
+def output_cache(out):
+    """The KV cache of a model or generate() output, under either transformers naming."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values

@@ -74,7 +74,9 @@ __all__ = [
 ]
 
 _SCALE_DTYPES = (torch.float32, torch.float16)
-_CACHE_KWARGS = ("past_key_values", "layer_past")
+# the cache argument of attention forwards: "cache" from transformers 5.24, "past_key_values" before
+# (and as the deprecated alias until 5.40), "layer_past" in GPT-NeoX-style modules
+_CACHE_KWARGS = ("cache", "past_key_values", "layer_past")
 _INT8_ZERO_MAX = 127  # int8 zero points while they fit (see PackedKV.encode, KVStore.append)
 
 

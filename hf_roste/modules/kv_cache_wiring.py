@@ -15,7 +15,7 @@ import types
 from collections.abc import Sequence
 
 from torch import nn
-from transformers.cache_utils import Cache
+from transformers.cache_utils import Cache, DynamicCache
 
 from .kv_cache import _CACHE_KWARGS, RoSTEQuantizedCache
 
@@ -63,24 +63,36 @@ def wants_quantized_cache(model: nn.Module) -> bool:
     )
 
 
+_GENERATE_CACHE_KEYS = ("cache", "past_key_values")  # generate()'s model_kwargs key: 5.24+ / before
+
+
 def _roste_prepare_cache_for_generation(self, *args, **kwargs):
-    """``_prepare_cache_for_generation`` of a RoSTE model: default to :class:`RoSTEQuantizedCache`."""
+    """``_prepare_cache_for_generation`` of a RoSTE model: default to :class:`RoSTEQuantizedCache`.
+
+    transformers' own method runs first (it validates the arguments and stores its default
+    ``DynamicCache`` under the key its version uses); when the user gave no cache and no
+    ``cache_implementation``, that default is replaced by the quantized cache under the same key.
+    """
     original = type(self)._prepare_cache_for_generation
     bound = inspect.signature(original).bind(self, *args, **kwargs)
     generation_config = bound.arguments["generation_config"]
     model_kwargs = bound.arguments["model_kwargs"]
-    if (
-        model_kwargs.get("past_key_values") is None
+    replace = (
+        all(model_kwargs.get(key) is None for key in _GENERATE_CACHE_KEYS)
         and generation_config.use_cache is not False
         and generation_config.cache_implementation is None
         and not self.config.is_encoder_decoder
         and wants_quantized_cache(self)
-    ):
-        model_kwargs["past_key_values"] = RoSTEQuantizedCache(self)
-        if generation_config.is_assistant:
-            model_kwargs["past_key_values"].activate_past_recording()
-        return None
-    return original(self, *args, **kwargs)
+    )
+    result = original(self, *args, **kwargs)
+    if replace:
+        for key in _GENERATE_CACHE_KEYS:
+            if isinstance(model_kwargs.get(key), DynamicCache):
+                model_kwargs[key] = RoSTEQuantizedCache(self)
+                if generation_config.is_assistant:
+                    model_kwargs[key].activate_past_recording()
+                break
+    return result
 
 
 def install_generation_cache(model: nn.Module) -> None:

@@ -10,7 +10,7 @@ import copy
 
 import pytest
 import torch
-from tiny_models import VOCAB, sample_ids
+from tiny_models import CACHE_KW, VOCAB, output_cache, sample_ids
 from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig
 
 from hf_roste import RoSTEConfig, get_state, set_quantization_enabled, set_rotation_config
@@ -63,10 +63,10 @@ def test_generation_matches_dynamic_cache_and_full_forward(tiny_checkpoints, kin
     ids = sample_ids(batch=1, seq=PROMPT, seed=1)
     with torch.no_grad():
         quant = _generate(model, ids)  # default cache
-        dyn = _generate(model, ids, past_key_values=DynamicCache(config=model.config))
+        dyn = _generate(model, ids, **{CACHE_KW: DynamicCache(config=model.config)})
         full = model(quant.sequences).logits[0, PROMPT - 1 : -1]
-    assert isinstance(quant.past_key_values, RoSTEQuantizedCache)
-    assert isinstance(dyn.past_key_values, DynamicCache)
+    assert isinstance(output_cache(quant), RoSTEQuantizedCache)
+    assert isinstance(output_cache(dyn), DynamicCache)
     assert torch.equal(quant.sequences, dyn.sequences)
     lq, ld = torch.stack(quant.logits, 1)[0], torch.stack(dyn.logits, 1)[0]
     scale = full.abs().max()
@@ -76,7 +76,7 @@ def test_generation_matches_dynamic_cache_and_full_forward(tiny_checkpoints, kin
     assert torch.equal(quant.sequences[0, PROMPT:], full.argmax(-1))
 
     # what the cache holds: packed uint8 codes, fp32 per-token-per-head scales, int8 zero points
-    cache = quant.past_key_values
+    cache = output_cache(quant)
     kv_heads, head_dim = _kv_shape(model)
     total = PROMPT + NEW - 1  # the last generated token is never fed back
     for layer in cache.layers:
@@ -105,12 +105,12 @@ def test_manual_decoding_with_quantized_cache_matches_full_forward(tiny_checkpoi
     cache = RoSTEQuantizedCache(model)
     with torch.no_grad():
         full = model(ids).logits[0]
-        out = model(ids[:, :-4], past_key_values=cache, use_cache=True)
+        out = model(ids[:, :-4], **{CACHE_KW: cache}, use_cache=True)
         steps = [out.logits[0, -1]]
         for t in range(ids.shape[1] - 4, ids.shape[1]):
-            out = model(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
+            out = model(ids[:, t : t + 1], **{CACHE_KW: cache}, use_cache=True)
             steps.append(out.logits[0, -1])
-    assert out.past_key_values is cache and cache.get_seq_length() == ids.shape[1]
+    assert output_cache(out) is cache and cache.get_seq_length() == ids.shape[1]
     ref = full[ids.shape[1] - 5 :]
     assert (torch.stack(steps) - ref).abs().max() <= 1e-5 * ref.abs().max()
     # after the forward the wrapper's flag is cleared: a later DynamicCache call quantizes again
@@ -129,10 +129,10 @@ def test_batched_left_padded_generation(tiny_checkpoints):
     with torch.no_grad():
         quant = _generate(model, ids, attention_mask=mask, pad_token_id=pad)
         dyn = _generate(model, ids, attention_mask=mask, pad_token_id=pad,
-                        past_key_values=DynamicCache(config=model.config))
+                        **{CACHE_KW: DynamicCache(config=model.config)})
         singles = [_generate(model, x).sequences[0, -NEW:] for x in (a, b)]
-    assert isinstance(quant.past_key_values, RoSTEQuantizedCache)
-    assert quant.past_key_values.layers[0].packed_keys.batch_size == 2
+    assert isinstance(output_cache(quant), RoSTEQuantizedCache)
+    assert output_cache(quant).layers[0].packed_keys.batch_size == 2
     assert torch.equal(quant.sequences, dyn.sequences)
     lq, ld = torch.stack(quant.logits, 1), torch.stack(dyn.logits, 1)
     assert (lq - ld).abs().max() <= 1e-6 * ld.abs().max()
@@ -146,14 +146,14 @@ def test_beam_search_matches_dynamic_cache(tiny_checkpoints):
     kw = dict(max_new_tokens=6, do_sample=False, num_beams=3, num_return_sequences=2)
     with torch.no_grad():
         quant = model.generate(ids, **kw)
-        dyn = model.generate(ids, past_key_values=DynamicCache(config=model.config), **kw)
+        dyn = model.generate(ids, **{CACHE_KW: DynamicCache(config=model.config)}, **kw)
     assert torch.equal(quant, dyn)
 
 
 # --------------------------------------------------------------------------- default-cache selection
 def _default_cache(model, ids):
     with torch.no_grad():
-        return _generate(model, ids).past_key_values
+        return output_cache(_generate(model, ids))
 
 
 def test_default_cache_selection(tiny_checkpoints):
@@ -170,7 +170,7 @@ def test_default_cache_selection(tiny_checkpoints):
     set_quantization_enabled(model, True)
     with torch.no_grad():  # explicit choices win
         out = model.generate(ids, max_new_tokens=2, cache_implementation="dynamic", return_dict_in_generate=True)
-    assert type(out.past_key_values) is DynamicCache
+    assert type(output_cache(out)) is DynamicCache
     clone = copy.deepcopy(model)  # the generate hook follows the copy
     assert clone._prepare_cache_for_generation.__self__ is clone
     assert isinstance(_default_cache(clone, ids), RoSTEQuantizedCache)

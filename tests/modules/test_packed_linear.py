@@ -171,7 +171,7 @@ def test_errors():
 
 
 @pytest.mark.parametrize("wsym", [False, True])
-def test_per_channel_kernel_keeps_one_int8_copy_and_rebuilds_on_demand(monkeypatch, wsym):
+def test_per_channel_kernel_keeps_one_int8_copy_and_rebuilds_on_demand(monkeypatch, onednn_on, wsym):
     """With oneDNN's pre-packed copy available, the per-channel kernel drops its second int8 copy;
     routes that need it (here: _int_mm forced) rebuild it from the packed buffer and agree exactly."""
     import hf_roste.numerics.int_matmul as im
@@ -218,7 +218,7 @@ def test_dtype_casts_keep_fp32_scales_and_zero_points(cast):
 
 
 @pytest.mark.parametrize("fast_small_m", [False, True])
-def test_small_row_route_choice_keeps_results_identical(monkeypatch, fast_small_m):
+def test_small_row_route_choice_keeps_results_identical(monkeypatch, onednn_on, fast_small_m):
     """Decode-sized inputs take _int_mm when oneDNN measured slow for the shape (codes then kept),
     larger inputs take oneDNN; every route gives the same numbers."""
     import hf_roste.numerics.int_matmul as im

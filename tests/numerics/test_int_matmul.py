@@ -117,7 +117,7 @@ def test_wide_8bit_products_use_fp64_rescale():
 
 @pytest.mark.parametrize("wsym", [False, True])
 @pytest.mark.parametrize("gran,rows", [("channel", 10), ("group", 300)])
-def test_onednn_and_int_mm_routes_agree(monkeypatch, wsym, gran, rows):
+def test_onednn_and_int_mm_routes_agree(monkeypatch, onednn_on, wsym, gran, rows):
     g = torch.Generator().manual_seed(11)
     x, w, b = torch.randn(2, rows // 2, 96, generator=g), torch.randn(40, 96, generator=g), torch.randn(40)
     wspec = _wspec(4, wsym, gran)
@@ -220,3 +220,46 @@ def test_quantize_activation_fast_path_equals_the_quantize_route(bits, sym, dtyp
     act = im.quantize_activation(x, spec)
     codes, s, z = quantize(x.reshape(-1, 96), spec)
     assert torch.equal(act.a, im._act_codes(codes, z.reshape(-1), spec)[0])
+
+
+@pytest.mark.parametrize("value,expected", [("int_mm", False), ("INT_MM ", False), ("onednn", None)])
+def test_int8_kernel_env_choice(monkeypatch, value, expected):
+    """HF_ROSTE_INT8_KERNEL picks the CPU route; with int_mm no oneDNN copy is made and the codes stay."""
+    monkeypatch.setenv(im.INT8_KERNEL_ENV, value)
+    im.onednn_int8_enabled.cache_clear()
+    try:
+        has_op = hasattr(torch.ops.onednn, "qlinear_prepack")
+        assert im.onednn_int8_enabled() is (has_op if expected is None else expected)
+        wspec = _wspec(4, True, "channel")
+        w = torch.randn(24, 64)
+        iw = prepare_int_weight(*quantize(w, wspec), wspec)
+        assert (iw.onednn_packed is not None) is im.onednn_int8_enabled()
+        if iw.onednn_packed is None:
+            assert iw._codes is not None and iw.nbytes == 24 * 64
+    finally:
+        im.onednn_int8_enabled.cache_clear()
+
+
+def test_int8_kernel_env_rejects_unknown_value(monkeypatch):
+    monkeypatch.setenv(im.INT8_KERNEL_ENV, "cutlass")
+    im.onednn_int8_enabled.cache_clear()
+    try:
+        with pytest.raises(ValueError, match="HF_ROSTE_INT8_KERNEL='cutlass'.*auto"):
+            im.onednn_int8_enabled()
+    finally:
+        im.onednn_int8_enabled.cache_clear()
+
+
+@pytest.mark.parametrize("t_dnn,expected", [(1.1, True), (2.0, False)])
+def test_int8_kernel_auto_probe_keeps_onednn_only_when_not_slower(monkeypatch, t_dnn, expected):
+    """auto: _int_mm timed first, oneDNN second; oneDNN kept only within 1.25x of _int_mm."""
+    if not hasattr(torch.ops.onednn, "qlinear_prepack"):
+        pytest.skip("oneDNN int8 ops are not in this torch build")
+    monkeypatch.delenv(im.INT8_KERNEL_ENV, raising=False)
+    times = iter([1.0, t_dnn])
+    monkeypatch.setattr(im, "_time_best", lambda fn, reps=2: (fn(), next(times))[1])
+    im.onednn_int8_enabled.cache_clear()
+    try:
+        assert im.onednn_int8_enabled() is expected
+    finally:
+        im.onednn_int8_enabled.cache_clear()
