@@ -205,6 +205,8 @@ def sec_inference(data: dict) -> list[str]:
              f"`{' '.join(f'{k}={v}' for k, v in (f.get('tuned_malloc') or {}).items())}` (freed large blocks stay in "
              "the heap instead of costing page faults on every fresh multi-MB temporary; set for all variants).", ""]
     rows = [
+        ["CPU int8 GEMM route (`HF_ROSTE_INT8_KERNEL`; `auto` times both once per process)",
+         f"{f.get('int8_kernel', 'not recorded')} ({f.get('int8_kernel_setting', 'auto')})"],
         ["bytes per quantized-linear parameter (codes + scales + zero points)", _f(f.get("bytes_per_linear_param"), ".4f")],
         ["checkpoint size / fp32", _f(f.get("checkpoint_ratio_vs_fp32"), ".3f")],
         ["checkpoint size / bf16", _f(f.get("checkpoint_ratio_vs_bf16"), ".3f")],
