@@ -18,8 +18,13 @@ with probability `--text-frac`, a paragraph of a small probabilistic English-lik
 (`grammar_paragraph`), otherwise one example of the demo's pretraining mix
 (`hf_roste.demo.tasks.pretrain_example`). The tokenizer is the demo's character tokenizer (vocab
 128), so the demo's held-out task, `bench/outliers.py` and `bench/quality.py` run on the result
-unchanged (`--base DIR`). No `<bos>` is added: the demo's evaluation and fine-tuning never add one,
-so every sequence starts with the first character of a document, as the demo's prompts do.
+unchanged (`--base DIR`). By default no `<bos>` is added: the demo's evaluation and fine-tuning never
+add one, so every sequence starts with the first character of a document, as the demo's prompts do.
+With `--bos`, every packed sequence instead starts with the tokenizer's `<bos>` (`BOS_ID`) followed by
+`--seq-len - 1` ids of packed documents (same total length), so the model always sees a fixed first
+token that attention can use as a sink; `<bos>` is never a prediction target (labels are shifted by
+one). A `--bos` base must then be fine-tuned and evaluated with `<bos>` prepended too (the final
+answer/text losses in `pretrain_info.json` are computed with `<bos>` prepended in that case).
 
 Cost: about 0.55 s per step on one free core, so 3000 steps take about 30 min; the measured
 default run took 2745 s on a shared 2-core machine (`--threads` sets `torch.set_num_threads`).
@@ -27,8 +32,11 @@ default run took 2745 s on a shared 2-core machine (`--threads` sets `torch.set_
 Measured outcome of the defaults (one run, seed 4321, shared machine; docs/outlier_experiment.md): residual outliers grew
 only moderately (q_proj / gate_proj input max/median per token at most ~90-100 at layer 0 and ~30-45
 in the middle layers), and W4A4KV4 RTN did not degrade the demo's held-out task after FP SFT. The
-configuration therefore does NOT reproduce the paper's RTN collapse; the script is kept so the
-experiment can be rerun or extended (more steps, other sizes).
+configuration therefore does NOT reproduce the paper's RTN collapse. The same defaults with `--bos`
+(3000 steps, 1829 s on one thread) made `<bos>` a sink in the same residual channel as `<eos>`, but only
+about 18-27x the median |h|. q_proj inputs reached at most ~56 (layer 0) and ~41 (middle layers), and RTN
+again did not hurt after SFT. The script is kept so the experiment can be rerun or extended (more steps,
+other sizes).
 
 Outputs in `--output`: bf16 safetensors via `save_pretrained`, the demo's tokenizer files, and
 `pretrain_info.json` (model config, hyperparameters, data description, wall time, loss history,
@@ -36,7 +44,7 @@ final answer loss per demo task, final loss on fresh grammar text).
 
     python bench/pretrain_outlier_base.py --output bench/bases/outlier_base [--steps N] [--seed S]
         [--threads T] [--layers L] [--hidden H] [--intermediate I] [--lr LR] [--seq-len N]
-        [--batch-size B] [--text-frac F] [--save-every N]
+        [--batch-size B] [--text-frac F] [--save-every N] [--bos]
 """
 
 from __future__ import annotations
@@ -56,7 +64,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from hf_roste.demo.pretrain import answer_loss, base_config  # noqa: E402
-from hf_roste.demo.tasks import EOS_ID, PAD_ID, PRETRAIN_TASKS, char_tokenizer, encode, pretrain_example  # noqa: E402
+from hf_roste.demo.tasks import (  # noqa: E402
+    BOS_ID,
+    EOS_ID,
+    PAD_ID,
+    PRETRAIN_TASKS,
+    char_tokenizer,
+    encode,
+    pretrain_example,
+)
 
 DEFAULTS = dict(seed=4321, steps=3000, batch_size=16, seq_len=128, lr=6e-3, warmup=200, weight_decay=0.1,
                 layers=12, hidden=128, intermediate=512, heads=2, kv_heads=1, text_frac=0.5, beta2=0.95)
@@ -124,9 +140,11 @@ def document(rng: random.Random, text_frac: float, max_chars: int) -> list[int]:
     return encode(p + a) + [EOS_ID]
 
 
-def packed_sequence(rng: random.Random, seq_len: int, text_frac: float) -> list[int]:
-    """Whole documents packed into `seq_len` ids; the last document may be cut (no padding wasted)."""
-    ids: list[int] = []
+def packed_sequence(rng: random.Random, seq_len: int, text_frac: float, bos: bool = False) -> list[int]:
+    """Whole documents packed into `seq_len` ids; the last document may be cut (no padding wasted).
+
+    With `bos`, the sequence is `<bos>` followed by `seq_len - 1` ids of packed documents."""
+    ids: list[int] = [BOS_ID] if bos else []
     while len(ids) < seq_len:
         ids += document(rng, text_frac, seq_len - 1)
     return ids[:seq_len]
@@ -145,11 +163,11 @@ def make_config(hp: dict):
 
 
 @torch.no_grad()
-def text_loss(model, n: int = 32, seed: int = 77, seq_len: int = 128) -> float:
-    """Mean next-token loss on `n` fresh grammar-only sequences."""
+def text_loss(model, n: int = 32, seed: int = 77, seq_len: int = 128, bos: bool = False) -> float:
+    """Mean next-token loss on `n` fresh grammar-only sequences (starting with `<bos>` if `bos`)."""
     rng = random.Random(seed)
     model.eval()
-    ids = torch.tensor([packed_sequence(rng, seq_len, 1.0) for _ in range(n)])
+    ids = torch.tensor([packed_sequence(rng, seq_len, 1.0, bos) for _ in range(n)])
     return float(model(ids, labels=ids).loss)
 
 
@@ -165,6 +183,7 @@ def main() -> None:
     p.add_argument("--output", required=True)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--save-every", type=int, default=0, help="also save bf16 snapshots to OUTPUT/step-N")
+    p.add_argument("--bos", action="store_true", help="start every packed sequence with <bos> (fixed sink token)")
     for k, v in DEFAULTS.items():
         p.add_argument("--" + k.replace("_", "-"), type=type(v), default=v)
     args = p.parse_args()
@@ -177,7 +196,7 @@ def main() -> None:
     cfg = make_config(hp)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     n_params = sum(q.numel() for q in model.parameters())
-    print(f"outlier base: {n_params:,} parameters, {hp}", flush=True)
+    print(f"outlier base: {n_params:,} parameters, {hp}, bos={args.bos}", flush=True)
     # GPT-style AdamW: weight decay on the 2-D weights (linears, embeddings, head) only, never on the
     # RMSNorm gains; Adam betas (0.9, beta2).
     decay = [q for q in model.parameters() if q.ndim >= 2]
@@ -197,7 +216,7 @@ def main() -> None:
     t0 = time.perf_counter()
     for step in range(hp["steps"]):
         model.train()
-        ids = torch.tensor([packed_sequence(rng, hp["seq_len"], hp["text_frac"]) for _ in range(hp["batch_size"])])
+        ids = torch.tensor([packed_sequence(rng, hp["seq_len"], hp["text_frac"], args.bos) for _ in range(hp["batch_size"])])
         loss = model(ids, labels=ids.masked_fill(ids == PAD_ID, -100)).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -211,19 +230,24 @@ def main() -> None:
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < hp["steps"]:
             save(model, out / f"step-{step + 1}")
     seconds = time.perf_counter() - t0
-    per_task = {t: round(answer_loss(model, n=64, task=t), 4) for t in PRETRAIN_TASKS}
-    tl = round(text_loss(model, seq_len=hp["seq_len"]), 4)
+    prefix = [BOS_ID] if args.bos else None
+    per_task = {t: round(answer_loss(model, n=64, task=t, prefix=prefix), 4) for t in PRETRAIN_TASKS}
+    tl = round(text_loss(model, seq_len=hp["seq_len"], bos=args.bos), 4)
     save(model, out)
     info = {
         "script": "bench/pretrain_outlier_base.py",
         "hyperparameters": hp,
+        "bos": args.bos,
         "model_config": {k: getattr(cfg, k) for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
                                                       "num_attention_heads", "num_key_value_heads", "head_dim",
                                                       "vocab_size", "max_position_embeddings", "tie_word_embeddings")},
         "parameters": n_params,
         "data": (f"generated in code (seed {hp['seed']}): packed sequences of {hp['seq_len']} ids; each document is a "
                  f"grammar paragraph with probability {hp['text_frac']} else one demo pretraining-mix example; "
-                 "every document ends with <eos>; no <bos>; loss on every position"),
+                 "every document ends with <eos>; "
+                 + (f"every sequence starts with <bos> (id {BOS_ID}) followed by {hp['seq_len'] - 1} ids of packed documents; "
+                    if args.bos else "no <bos>; ")
+                 + "loss on every position" + (" (<bos> is never a target)" if args.bos else "")),
         "optimizer": f"AdamW(betas=(0.9, {hp['beta2']}), weight_decay={hp['weight_decay']} on 2-D weights, 0 on norm "
                      "gains), grad clip 1.0, "
                      "linear warm-up then cosine to 10%",

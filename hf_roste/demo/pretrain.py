@@ -48,16 +48,20 @@ def batch(rng: random.Random, batch_size: int, seq_len: int) -> tuple[torch.Tens
 
 
 @torch.no_grad()
-def answer_loss(model, n: int = 64, seed: int = 99, task: str | None = None) -> float:
-    """Mean cross-entropy on the answer tokens (+ eos) of `n` fresh pretraining examples."""
+def answer_loss(model, n: int = 64, seed: int = 99, task: str | None = None, prefix: list[int] | None = None) -> float:
+    """Mean cross-entropy on the answer tokens (+ eos) of `n` fresh pretraining examples.
+
+    ``prefix``: token ids put before every example (e.g. ``[BOS_ID]``), never scored.
+    """
     rng = random.Random(seed)
     total, count = 0.0, 0
+    prefix = list(prefix or [])
     model.eval()
     for _ in range(n):
         p, a = pretrain_example(rng, task)
-        ids = torch.tensor([encode(p + a) + [EOS_ID]])
+        ids = torch.tensor([prefix + encode(p + a) + [EOS_ID]])
         labels = ids.clone()
-        labels[0, : len(p)] = -100
+        labels[0, : len(prefix) + len(p)] = -100
         out = model(ids, labels=labels)
         k = int((labels[0, 1:] != -100).sum())
         total += float(out.loss) * k
