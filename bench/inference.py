@@ -253,7 +253,7 @@ def main() -> None:
     print(f"KV cache: bf16 {kv['bf16'][0]:.0f} B/token, packed {kv['packed'][0]:.0f} B/token stored ({kv_ratio:.3f}x; "
           f"target <= 0.3), {kv['packed'][1]:.0f} B/token allocated with the growth reserve")
     print("online R4 at prefill / fp32 down_proj GEMM: " + ", ".join(f"n={k}: {v:.3f}" for k, v in r4.items()))
-    from hf_roste.numerics.int_matmul import INT8_KERNEL_ENV, onednn_int8_enabled
+    from hf_roste.numerics.onednn import INT8_KERNEL_ENV, onednn_int8_enabled
 
     kernel = "onednn" if onednn_int8_enabled() else "int_mm"
     print(f"CPU int8 GEMM route: {kernel} ({INT8_KERNEL_ENV}={os.environ.get(INT8_KERNEL_ENV, 'auto')})")

@@ -45,6 +45,6 @@ def shared_model_configs() -> dict[str, dict]:
 def onednn_on(monkeypatch):
     """Use oneDNN's int8 GEMM wherever the op exists, whatever the per-machine speed probe decided
     (both kernel routes must stay correct on every machine, not only where oneDNN is the faster)."""
-    import hf_roste.numerics.int_matmul as im
+    import hf_roste.numerics.onednn as dnn
 
-    monkeypatch.setattr(im, "onednn_int8_enabled", lambda: hasattr(torch.ops.onednn, "qlinear_prepack"))
+    monkeypatch.setattr(dnn, "onednn_int8_enabled", lambda: hasattr(torch.ops.onednn, "qlinear_prepack"))

@@ -42,18 +42,17 @@ host (one ``.item()``: a device sync on CUDA).
 
 from __future__ import annotations
 
-import functools
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from hf_roste.numerics import onednn as _dnn
 from hf_roste.numerics.quantize import _codes_from_qparams, _fast_rowwise_qparams, quantize
 from hf_roste.numerics.spec import QuantSpec
 
-__all__ = ["INT8_KERNEL_ENV", "IntWeight", "int8_matmul", "int_linear", "onednn_int8_enabled", "prepare_int_weight"]
+__all__ = ["IntWeight", "int8_matmul", "int_linear", "prepare_int_weight"]
 
 _FP32_EXACT = float(1 << 24)
 _INT32_LIMIT = (1 << 31) - 1
@@ -183,8 +182,8 @@ def prepare_int_weight(
 
     scale_t = scale.to(torch.float32).t().contiguous()
     stored8 = stored.view(n_out, k)
-    packed = _onednn_prepack_groups(stored)
-    small_m = packed is not None and groups == 1 and _onednn_fast_at_small_m(stored8, packed[0])
+    packed = _dnn.prepack_groups(stored)
+    small_m = packed is not None and groups == 1 and _dnn.fast_at_small_m(stored8, packed[0])
     # per channel, the oneDNN copy serves every exact-in-fp32 product: the int8 copy is dropped
     # (rebuilt on demand) unless the caller cannot provide the codes again or decode needs _int_mm
     drop = packed is not None and groups == 1 and codes_source is not None and small_m
@@ -241,113 +240,6 @@ def _stored_layout(codes: Tensor, zero: Tensor, spec: QuantSpec) -> tuple[Tensor
 
 
 _ONEDNN_ENABLED = True  # set False to force torch._int_mm (tests compare both routes)
-
-INT8_KERNEL_ENV = "HF_ROSTE_INT8_KERNEL"
-_INT8_KERNEL_CHOICES = ("auto", "onednn", "int_mm")
-
-
-def _time_best(fn: Callable[[], object], reps: int = 2) -> float:
-    """Best wall time of ``reps`` calls of ``fn`` after one warm-up call (seconds)."""
-    import time
-
-    fn()
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
-@functools.lru_cache(maxsize=1)
-def onednn_int8_enabled() -> bool:
-    """Whether CPU weights get oneDNN's pre-packed int8 GEMM (decided once per process).
-
-    ``HF_ROSTE_INT8_KERNEL``: ``int_mm`` always uses ``torch._int_mm``; ``onednn`` uses oneDNN
-    wherever the op exists; ``auto`` (default) times one 16 x 512 x 512 product on both routes
-    and keeps oneDNN only if it is at most 1.25x slower.  Both routes compute the same exact
-    integer product, so the choice changes speed, never results.  Why measure: on one machine
-    (Intel, AMX) oneDNN was 1.2-1.8x faster than ``_int_mm``; on another (AMD EPYC, AVX-512 VNNI,
-    no AMX) the same torch build ran oneDNN's int8 GEMM about 1000x slower (2048 x 768, M=1..2048).
-    """
-    choice = os.environ.get(INT8_KERNEL_ENV, "auto").strip().lower() or "auto"
-    if choice not in _INT8_KERNEL_CHOICES:
-        raise ValueError(
-            f"{INT8_KERNEL_ENV}={os.environ[INT8_KERNEL_ENV]!r} is not one of {_INT8_KERNEL_CHOICES}; "
-            f"unset it or pick one (auto measures both CPU routes once and keeps the faster)"
-        )
-    if choice == "int_mm" or not hasattr(torch.ops.onednn, "qlinear_prepack"):
-        return False
-    if choice == "onednn":
-        return True
-    try:
-        gen = torch.Generator().manual_seed(0)
-        codes = torch.randint(-8, 8, (512, 512), dtype=torch.int8, generator=gen)
-        a = torch.randint(-8, 8, (16, 512), dtype=torch.int8, generator=gen)
-        packed = torch.ops.onednn.qlinear_prepack(codes, [1, 512])
-        ones, zeros = torch.ones(512), torch.zeros(512, dtype=torch.int64)
-        t_mm = _time_best(lambda: torch._int_mm(a, codes.t()))
-        t_dnn = _time_best(lambda: _onednn_scaled_mm(a, packed, ones, zeros))
-    except Exception:  # noqa: BLE001 - optional acceleration only
-        return False
-    return t_dnn <= 1.25 * t_mm
-
-
-def _onednn_prepack(codes: Tensor) -> Tensor | None:
-    """Pre-pack int8 ``[N, K]`` codes for oneDNN (CPU), or None if the op is missing / fails / is
-    not the faster route on this machine (:func:`onednn_int8_enabled`).
-
-    ``torch._int_mm`` re-lays-out B on every call; where oneDNN's int8 GEMM is fast, packing the
-    weight once made the same exact product 1.2-1.8x faster (2048^2, M=1..2048, Intel AMX).  A
-    private op: any failure (older / newer torch, no oneDNN) silently keeps the ``_int_mm`` route.
-    """
-    if codes.device.type != "cpu" or codes.numel() == 0 or not onednn_int8_enabled():
-        return None
-    try:
-        packed = torch.ops.onednn.qlinear_prepack(codes, [1, codes.shape[1]])
-        probe = torch.ones(1, codes.shape[1], dtype=torch.int8)
-        got = _onednn_scaled_mm(probe, packed, torch.ones(codes.shape[0]))
-        if not torch.equal(got, codes.sum(1, dtype=torch.int64).to(torch.float32).unsqueeze(0)):
-            return None
-        return packed
-    except Exception:  # noqa: BLE001 - optional acceleration only
-        return None
-
-
-_SMALL_M = 16  # row counts up to this use the route chosen by _onednn_fast_at_small_m
-
-
-def _onednn_fast_at_small_m(codes: Tensor, packed: Tensor) -> bool:
-    """Time one single-row product on each route (after a warm-up call) and keep oneDNN unless it is
-    more than 1.5x slower than ``torch._int_mm`` for this weight shape."""
-    a = torch.ones(1, codes.shape[1], dtype=torch.int8)
-    ones, zeros = torch.ones(codes.shape[0]), torch.zeros(codes.shape[0], dtype=torch.int64)
-    t_dnn = _time_best(lambda: _onednn_scaled_mm(a, packed, ones, zeros))
-    return t_dnn <= 1.5 * _time_best(lambda: torch._int_mm(a, codes.t()))
-
-
-def _onednn_prepack_groups(stored: Tensor) -> tuple[Tensor, ...] | None:
-    """Pre-pack every group of int8 ``[N, G, n_g]`` codes; None unless all succeed."""
-    packed = []
-    for g in range(stored.shape[1]):
-        p = _onednn_prepack(stored[:, g].contiguous())
-        if p is None:
-            return None
-        packed.append(p)
-    return tuple(packed) if packed else None
-
-
-def _onednn_scaled_mm(a: Tensor, packed: Tensor, col_scale: Tensor, zeros: Tensor | None = None) -> Tensor:
-    """fp32 ``(a @ codes^T) * col_scale`` with the int32 accumulator converted once (exact < 2^24).
-
-    ``zeros``: int64 ``[N]`` zeros (the weight zero points the op takes), built here when None.
-    """
-    if zeros is None:
-        zeros = torch.zeros(col_scale.shape[0], dtype=torch.int64)
-    return torch.ops.onednn.qlinear_pointwise(
-        a, 1.0, 0, packed, col_scale, zeros, None, 1.0, 0, torch.float32, "none", [], ""
-    )
-
 
 def _int_mm_ok(m: int, k: int, n: int, device: torch.device) -> bool:
     """Whether ``torch._int_mm`` accepts these shapes (CPU: any; CUDA: m > 16, k, n % 8 == 0, k >= 16)."""
@@ -446,7 +338,7 @@ def _grouped_pure(a: Tensor, max_a: int, weight: IntWeight) -> Tensor:
         for g in range(groups):
             sl = slice(g * gsz, (g + 1) * gsz)
             if dnn is not None:
-                y = _onednn_scaled_mm(a_t[:, sl].contiguous(), dnn[g], weight.scale_t[g], weight.onednn_zeros)
+                y = _dnn.scaled_mm(a_t[:, sl].contiguous(), dnn[g], weight.scale_t[g], weight.onednn_zeros)
                 if g == 0:
                     acc.copy_(y)
                 else:
@@ -602,8 +494,8 @@ def int_linear_unchecked(
         if weight.group_size == k:  # per channel: exactly one int8 GEMM, no correction at all
             exact32 = k * max_a * weight.max_abs_code < _FP32_EXACT
             dnn = weight.onednn_packed is not None and _ONEDNN_ENABLED
-            if exact32 and dnn and (weight.onednn_small_m or a.shape[0] > _SMALL_M):
-                acc = _onednn_scaled_mm(a, weight.onednn_packed[0], weight.scale_row, weight.onednn_zeros)
+            if exact32 and dnn and (weight.onednn_small_m or a.shape[0] > _dnn.SMALL_M):
+                acc = _dnn.scaled_mm(a, weight.onednn_packed[0], weight.scale_row, weight.onednn_zeros)
             else:
                 p = int8_matmul(a, weight.codes.t(), max_a, weight.max_abs_code)
                 if exact32:  # convert, then scale in place: the same values as the mixed-dtype

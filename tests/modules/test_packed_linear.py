@@ -175,11 +175,12 @@ def test_per_channel_kernel_keeps_one_int8_copy_and_rebuilds_on_demand(monkeypat
     """With oneDNN's pre-packed copy available, the per-channel kernel drops its second int8 copy;
     routes that need it (here: _int_mm forced) rebuild it from the packed buffer and agree exactly."""
     import hf_roste.numerics.int_matmul as im
+    import hf_roste.numerics.onednn as dnn
 
     g = torch.Generator().manual_seed(3)
     w, x = torch.randn(48, 64, generator=g), torch.randn(5, 64, generator=g)
     # as if oneDNN were fast for this shape at small row counts (the per-weight timing decides otherwise)
-    monkeypatch.setattr(im, "_onednn_fast_at_small_m", lambda codes, packed: True)
+    monkeypatch.setattr(dnn, "fast_at_small_m", lambda codes, packed: True)
     layer = PackedLinear.from_float(w, None, _wspec(4, wsym, "channel"), QuantSpec(4, granularity="token"))
     y_dnn = layer(x)
     kw = layer.kernel_weight()
@@ -222,8 +223,9 @@ def test_small_row_route_choice_keeps_results_identical(monkeypatch, onednn_on, 
     """Decode-sized inputs take _int_mm when oneDNN measured slow for the shape (codes then kept),
     larger inputs take oneDNN; every route gives the same numbers."""
     import hf_roste.numerics.int_matmul as im
+    import hf_roste.numerics.onednn as dnn
 
-    monkeypatch.setattr(im, "_onednn_fast_at_small_m", lambda codes, packed: fast_small_m)
+    monkeypatch.setattr(dnn, "fast_at_small_m", lambda codes, packed: fast_small_m)
     g = torch.Generator().manual_seed(5)
     w = torch.randn(40, 96, generator=g)
     layer = PackedLinear.from_float(w, torch.randn(40, generator=g), _wspec(4, False, "channel"),

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from hf_roste.numerics import int_matmul as im
+from hf_roste.numerics import onednn as dnn
 from hf_roste.numerics.int_matmul import int8_matmul, int_linear, prepare_int_weight
 from hf_roste.numerics.quantize import fake_quantize, quantize
 from hf_roste.numerics.spec import QuantSpec
@@ -225,29 +226,29 @@ def test_quantize_activation_fast_path_equals_the_quantize_route(bits, sym, dtyp
 @pytest.mark.parametrize("value,expected", [("int_mm", False), ("INT_MM ", False), ("onednn", None)])
 def test_int8_kernel_env_choice(monkeypatch, value, expected):
     """HF_ROSTE_INT8_KERNEL picks the CPU route; with int_mm no oneDNN copy is made and the codes stay."""
-    monkeypatch.setenv(im.INT8_KERNEL_ENV, value)
-    im.onednn_int8_enabled.cache_clear()
+    monkeypatch.setenv(dnn.INT8_KERNEL_ENV, value)
+    dnn.onednn_int8_enabled.cache_clear()
     try:
         has_op = hasattr(torch.ops.onednn, "qlinear_prepack")
-        assert im.onednn_int8_enabled() is (has_op if expected is None else expected)
+        assert dnn.onednn_int8_enabled() is (has_op if expected is None else expected)
         wspec = _wspec(4, True, "channel")
         w = torch.randn(24, 64)
         iw = prepare_int_weight(*quantize(w, wspec), wspec)
-        assert (iw.onednn_packed is not None) is im.onednn_int8_enabled()
+        assert (iw.onednn_packed is not None) is dnn.onednn_int8_enabled()
         if iw.onednn_packed is None:
             assert iw._codes is not None and iw.nbytes == 24 * 64
     finally:
-        im.onednn_int8_enabled.cache_clear()
+        dnn.onednn_int8_enabled.cache_clear()
 
 
 def test_int8_kernel_env_rejects_unknown_value(monkeypatch):
-    monkeypatch.setenv(im.INT8_KERNEL_ENV, "cutlass")
-    im.onednn_int8_enabled.cache_clear()
+    monkeypatch.setenv(dnn.INT8_KERNEL_ENV, "cutlass")
+    dnn.onednn_int8_enabled.cache_clear()
     try:
         with pytest.raises(ValueError, match="HF_ROSTE_INT8_KERNEL='cutlass'.*auto"):
-            im.onednn_int8_enabled()
+            dnn.onednn_int8_enabled()
     finally:
-        im.onednn_int8_enabled.cache_clear()
+        dnn.onednn_int8_enabled.cache_clear()
 
 
 @pytest.mark.parametrize("t_dnn,expected", [(1.1, True), (2.0, False)])
@@ -255,11 +256,11 @@ def test_int8_kernel_auto_probe_keeps_onednn_only_when_not_slower(monkeypatch, t
     """auto: _int_mm timed first, oneDNN second; oneDNN kept only within 1.25x of _int_mm."""
     if not hasattr(torch.ops.onednn, "qlinear_prepack"):
         pytest.skip("oneDNN int8 ops are not in this torch build")
-    monkeypatch.delenv(im.INT8_KERNEL_ENV, raising=False)
+    monkeypatch.delenv(dnn.INT8_KERNEL_ENV, raising=False)
     times = iter([1.0, t_dnn])
-    monkeypatch.setattr(im, "_time_best", lambda fn, reps=2: (fn(), next(times))[1])
-    im.onednn_int8_enabled.cache_clear()
+    monkeypatch.setattr(dnn, "_time_best", lambda fn, reps=2: (fn(), next(times))[1])
+    dnn.onednn_int8_enabled.cache_clear()
     try:
-        assert im.onednn_int8_enabled() is expected
+        assert dnn.onednn_int8_enabled() is expected
     finally:
-        im.onednn_int8_enabled.cache_clear()
+        dnn.onednn_int8_enabled.cache_clear()
