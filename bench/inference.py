@@ -128,11 +128,11 @@ def resident_bytes(paths: dict[str, str]) -> dict[str, tuple[int, int]]:
 def kv_bytes_per_token(model, prompt: torch.Tensor, new: int) -> tuple[float, float]:
     """(stored, allocated) KV bytes per cached token after generating ``new`` tokens."""
     from hf_roste.modules.kv_cache import cache_bytes_per_token
+    from hf_roste.modules.kv_cache_wiring import output_cache
 
     out = model.generate(prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False,
                          return_dict_in_generate=True)
-    cache = getattr(out, "cache", None)  # transformers >= 5.24 (past_key_values before)
-    cache = cache if cache is not None else out.past_key_values
+    cache = output_cache(out)
     stored = cache_bytes_per_token(cache)
     allocated = sum(getattr(layer, "allocated_nbytes", 0) for layer in cache.layers)
     tokens = cache.get_seq_length() * prompt.shape[0]

@@ -18,6 +18,8 @@ from transformers import (
     Qwen3Config,
 )
 
+from hf_roste.modules.kv_cache_wiring import output_cache  # noqa: F401 - re-exported for the tests
+
 VOCAB = 128
 
 TINY_CONFIGS = {
@@ -94,9 +96,3 @@ def _cache_kw() -> str:
 
 # forward / generate() keyword of the KV cache: "cache" from transformers 5.24 ("past_key_values" before)
 CACHE_KW = _cache_kw()
-
-
-def output_cache(out):
-    """The KV cache of a model or generate() output, under either transformers naming."""
-    cache = getattr(out, "cache", None)
-    return cache if cache is not None else out.past_key_values

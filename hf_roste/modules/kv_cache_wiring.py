@@ -19,7 +19,7 @@ from transformers.cache_utils import Cache, DynamicCache
 
 from .kv_cache import _CACHE_KWARGS, RoSTEQuantizedCache
 
-__all__ = ["install_generation_cache", "install_kv_cache_hooks", "wants_quantized_cache"]
+__all__ = ["install_generation_cache", "install_kv_cache_hooks", "output_cache", "wants_quantized_cache"]
 
 
 def _kv_cache_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -93,6 +93,14 @@ def _roste_prepare_cache_for_generation(self, *args, **kwargs):
                     model_kwargs[key].activate_past_recording()
                 break
     return result
+
+
+def output_cache(output) -> Cache | None:  # noqa: ANN001 - a ModelOutput / GenerateOutput
+    """The KV cache of a model or ``generate()`` output: ``output.cache`` from transformers 5.24,
+    ``output.past_key_values`` before; None when the output holds no cache."""
+    if "cache" in getattr(output, "__dataclass_fields__", ()):  # 5.24+: never touch the deprecated alias
+        return output.cache
+    return getattr(output, "past_key_values", None)
 
 
 def install_generation_cache(model: nn.Module) -> None:

@@ -393,3 +393,19 @@ def test_store_promotes_zero_points_after_buffers_exist():
     assert torch.equal(got, fake_quantize(torch.cat([k1, k2], -2), spec))
     with pytest.raises(ValueError, match="batch"):
         layer.update(torch.randn(3, 2, 1, 8), torch.randn(3, 2, 1, 8))
+
+
+def test_output_cache_reads_the_cache_under_either_name():
+    """output_cache: the cache of a forward / generate() output, None without one, no deprecated alias."""
+    import warnings
+
+    from tiny_models import build_tiny
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    model = build_tiny("llama")
+    ids = sample_ids()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        assert isinstance(output_cache(model(ids, use_cache=True)), DynamicCache)
+        assert output_cache(model(ids, use_cache=False)) is None
+    assert output_cache(CausalLMOutputWithPast(logits=torch.zeros(1))) is None
