@@ -19,7 +19,13 @@ from .arch import get_adapter
 from .config import RoSTEConfig
 from .export.checkpoint import check_packed_values, checkpoint_metadata, packed_state_dict, verify_checkpoint
 from .io import install_atomic_save
-from .rotation.apply import finish_packed_model, get_state, prepare_model, prepare_skeleton_for_checkpoint
+from .rotation.apply import (
+    check_model_fits_config,
+    finish_packed_model,
+    get_state,
+    prepare_model,
+    prepare_skeleton_for_checkpoint,
+)
 
 logger = logging.get_logger(__name__)
 
@@ -48,7 +54,9 @@ class RoSTEHfQuantizer(HfQuantizer):
         self.load_format = fmt if self.pre_quantized else "full_precision"
 
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs: Any):
-        get_adapter(model)  # unsupported families fail here, before any weight is read
+        # unsupported families, rotation sizes without a Hadamard construction and group sizes that do not
+        # divide a layer fail here, before any weight is read
+        check_model_fits_config(model, self.quantization_config, get_adapter(model))
         if self.load_format in ("master", "packed"):
             prepare_skeleton_for_checkpoint(model, self.quantization_config, self.load_format)
             verify_checkpoint(model, checkpoint_files, self.load_format, self)

@@ -184,3 +184,28 @@ def test_set_rotation_config_rejects_bad_input(tiny_checkpoints):
         set_rotation_config(model, {"R1": False, "layers": [{"R2": False, "R3": False, "R4": False}] * 2})
     with pytest.raises(ValueError, match="was not prepared for RoSTE"):
         set_rotation_config(build_tiny("llama"), {"R1": True, "layers": []})
+
+
+def test_weight_group_size_not_dividing_a_layer_is_a_clear_error_at_load(tiny_checkpoints, monkeypatch):
+    import hf_roste.rotation.apply as apply_mod
+
+    path = tiny_checkpoints["llama_npow2_tied"]  # hidden 96, intermediate 160
+    folded = []
+    monkeypatch.setattr(apply_mod, "fold_norms", lambda *a, **k: folded.append(1))
+    with pytest.raises(ValueError, match=r"weight_group_size=64 does not divide the input size of "
+                                         r"model\.layers\.0\.self_attn\.q_proj \(in_features=96\).*divisor is 32"
+                                         r".*e\.g\. 32.*weight_group_size=None"):
+        AutoModelForCausalLM.from_pretrained(path, quantization_config=RoSTEConfig(weight_group_size=64))
+    assert not folded  # refused before the model was transformed
+    # a group size dividing every quantized input size loads and quantizes per group
+    model = _load(path, weight_group_size=32, rotation_search="all")
+    lin = model.get_submodule("model.layers.0.mlp.down_proj")
+    assert isinstance(lin, QATLinear) and lin.weight_spec.group_size == 32
+    with torch.no_grad():
+        assert torch.isfinite(model(sample_ids()).logits).all()
+    # unquantized weights need no groups; excluded modules are not checked
+    _load(path, weight_group_size=64, weight_bits=16)
+    with pytest.raises(ValueError, match=r"does not divide.*mlp\.down_proj \(in_features=160\)"):
+        _load(path, weight_group_size=48)
+    model = _load(path, weight_group_size=48, modules_to_not_convert=["down_proj", "lm_head"])
+    assert type(model.get_submodule("model.layers.0.mlp.down_proj")) is torch.nn.Linear

@@ -8,6 +8,7 @@ full-precision function of the model unchanged.
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -90,6 +91,36 @@ def check_rotation_sizes(model: nn.Module, adapter: ArchAdapter, config: RoSTECo
                 f"{name} needs a Hadamard matrix of order {what}={n}, which has no construction here: {exc} "
                 f"Remove {name!r} from RoSTEConfig.rotations to use this model without it."
             ) from exc
+
+
+def check_weight_group_size(model: nn.Module, adapter: ArchAdapter, config: RoSTEConfig) -> None:
+    """`config.weight_group_size` must divide the input size of every linear RoSTE quantizes."""
+    group = config.weight_group_size
+    if group is None or config.weight_bits >= 16:
+        return
+    sizes = {path: model.get_submodule(path).in_features
+             for path in adapter.quantized_linear_paths(model) if not _excluded(path, config)}
+    bad = {path: n for path, n in sizes.items() if n % group}
+    if not bad:
+        return
+    common = math.gcd(*sizes.values())
+    fits = [g for g in (32, 64, 128, 256) if common % g == 0]
+    shown = ", ".join(f"{path} (in_features={n})" for path, n in list(bad.items())[:4])
+    more = f" and {len(bad) - 4} more" if len(bad) > 4 else ""
+    hint = f"e.g. {' or '.join(map(str, fits))}" if fits else f"any divisor of {common}"
+    raise ValueError(
+        f"RoSTEConfig.weight_group_size={group} does not divide the input size of {shown}{more}. The group size "
+        f"must divide the input size of every quantized linear (their greatest common divisor is {common}): use a "
+        f"group size dividing {common} ({hint}), weight_group_size=None for one scale per output channel, or list "
+        "those modules in modules_to_not_convert."
+    )
+
+
+def check_model_fits_config(model: nn.Module, config: RoSTEConfig, adapter: ArchAdapter | None = None) -> None:
+    """Fail before any weight is read if `config` cannot be applied to `model` (works on a meta model)."""
+    adapter = adapter or get_adapter(model)
+    check_rotation_sizes(model, adapter, config)
+    check_weight_group_size(model, adapter, config)
 
 
 def _excluded(path: str, config: RoSTEConfig) -> bool:
@@ -194,7 +225,7 @@ def prepare_model(model: nn.Module, config: RoSTEConfig, *, weights_are_rotated:
             `config.rotation_config` (only the online flags are set).
     """
     adapter = get_adapter(model)
-    check_rotation_sizes(model, adapter, config)
+    check_model_fits_config(model, config, adapter)
     num_layers = adapter.num_layers(model)
     target = config.resolved_rotation_config(num_layers)
     if not weights_are_rotated:
