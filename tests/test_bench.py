@@ -49,3 +49,35 @@ def test_cli_render_only(tmp_path):
                           cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert out.is_file() and "## Targets" in out.read_text()
+
+
+def test_outlier_base_code_corpus(tmp_path):
+    """`--corpus python-stdlib`: file selection, held-out split, line-start chunks, `<bos>` packing."""
+    import random
+
+    from bench.pretrain_outlier_base import packed_sequence, python_stdlib_corpora, python_stdlib_files
+    from hf_roste.demo.tasks import BOS_ID, EOS_ID, UNK_ID
+
+    for i in range(45):
+        sub = tmp_path / ("pkg" if i % 3 else "") / f"m{i:02d}.py"
+        sub.parent.mkdir(exist_ok=True)
+        sub.write_text("".join(f"line {i}-{j} = {j}\n" for j in range(30)))
+    for skipped in ("test/t.py", "tests/t.py", "idlelib/t.py", "site-packages/t.py"):
+        (tmp_path / skipped).parent.mkdir(exist_ok=True)
+        (tmp_path / skipped).write_text("skipped = 1\n")
+    (tmp_path / "huge.py").write_text("x" * 200_001)
+    files = python_stdlib_files(str(tmp_path))
+    names = [n for n, _ in files]
+    assert len(files) == 45 and names == sorted(names) and not any("t.py" in n or "huge" in n for n in names)
+    train, held = python_stdlib_corpora(str(tmp_path))
+    assert held.names == [names[19], names[39]] and not set(held.names) & set(train.names)
+    assert train.chars + held.chars == sum(len(t) for _, t in files)
+    rng = random.Random(0)
+    for _ in range(200):
+        chunk = train.chunk(rng, 25)
+        assert 0 < len(chunk) <= 25 and chunk.startswith("line ")  # always starts at a line start
+        assert any(chunk in t for t in train.texts) and not any(chunk in t for t in held.texts)
+    seq = packed_sequence(random.Random(1), 64, 1.0, True, held)
+    assert len(seq) == 64 and seq[0] == BOS_ID and BOS_ID not in seq[1:]
+    assert EOS_ID in seq and UNK_ID in seq  # documents end with <eos>; newlines map to <unk>
+    assert packed_sequence(random.Random(1), 64, 1.0, True, held) == seq  # deterministic in the seed
