@@ -17,10 +17,14 @@ model is unwrapped to plain linears and loaded with the RTN config, i.e. deploye
 rows are). Metrics on the same held-out prompts: completion loss (teacher-forced cross-entropy on
 completion tokens + eos) and greedy exact match, from the demo's `evaluate`.
 
+A base pre-trained with `<bos>` (its `pretrain_info.json` says `"bos": true`, as written by
+`bench/pretrain_outlier_base.py --bos`) gets `<bos>` in front of every SFT prompt and every evaluated
+prompt, as in its pre-training; the demo's shipped base has no `<bos>`. The JSON records `settings.bos`.
+
 Seeds run in separate processes (`--jobs`, 1 torch thread each): quality is not a timing figure.
 The last output line is a JSON object (`runs`, `rows`, paired `diffs`, `noise_rule`, settings).
 
-    python bench/quality.py [--quick] [--seeds N] [--steps N] [--eval-prompts N] [--jobs N]
+    python bench/quality.py [--quick] [--seeds N] [--steps N] [--eval-prompts N] [--jobs N] [--base DIR]
 """
 
 from __future__ import annotations
@@ -127,7 +131,7 @@ def _train_torchao(s, base: Path, train_ds, tok, out: Path, seed: int, scheme: s
 def run_seed(seed: int, settings: dict, base: str, workdir: str) -> list[dict]:
     """All methods and settings of one seed; returns one row per (method, scheme)."""
     from hf_roste.demo.run import DATA_SEED, DemoSettings, _dataset, _load, _train_fp, evaluate
-    from hf_roste.demo.tasks import char_tokenizer, held_out_split
+    from hf_roste.demo.tasks import BOS_ID, char_tokenizer, held_out_split
 
     s = DemoSettings(output_dir=workdir, seeds=settings["seeds"], steps=settings["steps"],
                      batch_size=settings["batch_size"], learning_rate=settings["learning_rate"],
@@ -136,14 +140,15 @@ def run_seed(seed: int, settings: dict, base: str, workdir: str) -> list[dict]:
     tok = char_tokenizer()
     eval_pairs = held_out_split(s.eval_prompts, DATA_SEED + 1)
     train_pairs = held_out_split(s.train_examples, DATA_SEED, exclude={p for p, _ in eval_pairs})
-    train_ds = _dataset(train_pairs)
+    bos = bool(settings.get("bos"))
+    train_ds = _dataset(train_pairs, "<bos>" if bos else "")  # "<bos>" is one token (BOS_ID) for the char tokenizer
     out = Path(workdir) / f"seed{seed}"
     base_p = Path(base)
     rows: list[dict] = []
 
     def record(method, scheme, model, secs, **extra):
         t0 = time.perf_counter()
-        m = evaluate(model, eval_pairs, desc=f"{method} {scheme}")
+        m = evaluate(model, eval_pairs, desc=f"{method} {scheme}", prefix=[BOS_ID] if bos else ())
         rows.append({"seed": seed, "method": method, "scheme": scheme, "completion_loss": m["completion_loss"],
                      "exact_match": m["exact_match"], "prompts": m["prompts"], "train_seconds": secs,
                      "eval_seconds": time.perf_counter() - t0, **extra})
@@ -175,6 +180,12 @@ def run_seed(seed: int, settings: dict, base: str, workdir: str) -> list[dict]:
             record(method, scheme, m, secs, rotations_on=on)
         del m
     return rows
+
+
+def base_uses_bos(base: str) -> bool:
+    """True when the base was pre-trained with `<bos>` first (`"bos": true` in its `pretrain_info.json`)."""
+    info = Path(base) / "pretrain_info.json"
+    return info.is_file() and bool(json.loads(info.read_text()).get("bos", False))
 
 
 def _stats(values: list[float]) -> dict:
@@ -250,6 +261,7 @@ def main() -> None:
     base = args.base or str(shipped_base_path())
     if not os.path.isfile(os.path.join(base, "config.json")):
         raise SystemExit(f"bench/quality.py: base checkpoint {base} is missing (hf-roste demo --pretrain)")
+    settings["bos"] = base_uses_bos(base)
     t0 = time.perf_counter()
     runs: list[dict] = []
     with tempfile.TemporaryDirectory() as work:

@@ -81,3 +81,13 @@ def test_outlier_base_code_corpus(tmp_path):
     assert len(seq) == 64 and seq[0] == BOS_ID and BOS_ID not in seq[1:]
     assert EOS_ID in seq and UNK_ID in seq  # documents end with <eos>; newlines map to <unk>
     assert packed_sequence(random.Random(1), 64, 1.0, True, held) == seq  # deterministic in the seed
+
+
+def test_quality_bench_detects_a_bos_base(tmp_path):
+    from bench.quality import base_uses_bos
+
+    assert not base_uses_bos(str(tmp_path))  # no pretrain_info.json: the demo's convention, no <bos>
+    (tmp_path / "pretrain_info.json").write_text(json.dumps({"bos": False}))
+    assert not base_uses_bos(str(tmp_path))
+    (tmp_path / "pretrain_info.json").write_text(json.dumps({"bos": True, "steps": 3}))
+    assert base_uses_bos(str(tmp_path))

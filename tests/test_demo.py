@@ -79,3 +79,27 @@ def test_held_out_task_is_not_in_the_mix():
 def test_bad_arguments(bad):
     with pytest.raises(SystemExit, match="--seeds must be >= 1"):
         main(["demo", "--seeds", bad])
+
+
+def test_evaluate_with_a_bos_prefix_scores_only_the_completion():
+    from hf_roste.demo.run import _dataset, evaluate
+    from hf_roste.demo.tasks import BOS_ID, EOS_ID
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(shipped_base_path(), dtype=torch.float32).eval()
+    pairs = held_out_split(6, 5)
+    with_bos = evaluate(model, pairs, prefix=[BOS_ID])
+    plain = evaluate(model, pairs)
+    loss_sum, tokens = 0.0, 0
+    with torch.no_grad():
+        for p, c in pairs:
+            ids = torch.tensor([[BOS_ID, *encode(p + c), EOS_ID]])
+            logits = model(input_ids=ids).logits[0]
+            start = 1 + len(p)  # first completion position after <bos> + prompt
+            loss_sum += float(torch.nn.functional.cross_entropy(logits[start - 1 : -1], ids[0, start:], reduction="sum"))
+            tokens += ids.shape[1] - start
+    assert with_bos["completion_tokens"] == plain["completion_tokens"] == tokens
+    assert with_bos["completion_loss"] == pytest.approx(loss_sum / tokens, rel=1e-5)
+    assert with_bos["completion_loss"] != pytest.approx(plain["completion_loss"], rel=1e-3)  # the prefix is seen
+    ds = _dataset(pairs, "<bos>")
+    assert ds[0]["prompt"] == "<bos>" + pairs[0][0] and ds[0]["completion"] == pairs[0][1]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -75,8 +76,12 @@ def _buckets(pairs: list[tuple[str, str]]) -> dict[tuple[int, int], list[tuple[s
 
 
 @torch.no_grad()
-def evaluate(model, pairs: list[tuple[str, str]], batch_size: int = 256, desc: str = "eval") -> dict:
-    """Completion loss and greedy exact match on `pairs` (no padding: batches share one length)."""
+def evaluate(model, pairs: list[tuple[str, str]], batch_size: int = 256, desc: str = "eval",
+             prefix: Sequence[int] = ()) -> dict:
+    """Completion loss and greedy exact match on `pairs` (no padding: batches share one length).
+
+    `prefix` token ids are put in front of every prompt (e.g. `[BOS_ID]` for a base pre-trained with
+    `<bos>`); they are part of the prompt, never scored."""
     from tqdm.auto import tqdm
 
     model.eval()
@@ -86,7 +91,8 @@ def evaluate(model, pairs: list[tuple[str, str]], batch_size: int = 256, desc: s
         for i in range(0, len(rows), batch_size):
             chunks.append((lp, lc, rows[i : i + batch_size]))
     for lp, lc, rows in tqdm(chunks, desc=desc, leave=False, mininterval=2):
-        ids = torch.tensor([encode(p + c) + [EOS_ID] for p, c in rows])
+        ids = torch.tensor([[*prefix, *encode(p + c), EOS_ID] for p, c in rows])
+        lp += len(prefix)
         logits = model(input_ids=ids).logits.float()
         pred, target = logits[:, lp - 1 : -1], ids[:, lp:]
         loss_sum += float(torch.nn.functional.cross_entropy(pred.reshape(-1, pred.shape[-1]), target.reshape(-1),
@@ -113,10 +119,11 @@ def greedy_tokens(model, pairs: list[tuple[str, str]]) -> list[list[int]]:
     return out
 
 
-def _dataset(pairs):
+def _dataset(pairs, prompt_prefix: str = ""):
+    """Prompt-completion dataset; `prompt_prefix` (e.g. `"<bos>"`, one token for the char tokenizer) starts every prompt."""
     from datasets import Dataset
 
-    return Dataset.from_dict({"prompt": [p for p, _ in pairs], "completion": [c for _, c in pairs]})
+    return Dataset.from_dict({"prompt": [prompt_prefix + p for p, _ in pairs], "completion": [c for _, c in pairs]})
 
 
 def _common_args(s: DemoSettings, out: Path, seed: int) -> dict:
