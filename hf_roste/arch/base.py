@@ -61,8 +61,13 @@ class ArchAdapter:
     # --------------------------------------------------------------- lookup
     @staticmethod
     def get(root: nn.Module, path: str) -> nn.Module:
-        """The submodule at dotted `path` (raises AttributeError naming the path)."""
-        return root.get_submodule(path)
+        """The submodule at dotted `path` (raises AttributeError naming the path).
+
+        A PEFT tuner layer (e.g. a LoRA wrapper) is looked through: its base layer is returned, the
+        module whose weights and flags RoSTE reads and rotates."""
+        module = root.get_submodule(path)
+        base = getattr(module, "get_base_layer", None)
+        return base() if callable(base) else module
 
     @staticmethod
     def set(root: nn.Module, path: str, module: nn.Module) -> None:

@@ -57,6 +57,17 @@ class RoSTEState:
     save_format: str = "packed"
 
 
+def unwrap_peft(model: nn.Module) -> nn.Module:
+    """The transformers model inside a PEFT model (the model itself otherwise)."""
+    base = getattr(model, "get_base_model", None)
+    return base() if callable(base) else model
+
+
+def trained_lora_modules(model: nn.Module) -> list[str]:
+    """Names of LoRA `B` matrices that are not all zero (a trained, not freshly initialised, adapter)."""
+    return [name for name, p in model.named_parameters() if ".lora_B." in f".{name}" and bool(p.detach().any())]
+
+
 def get_state(model: nn.Module) -> RoSTEState:
     """The RoSTE state of a prepared model; a clear error for a model that was not prepared."""
     base = getattr(model, "get_base_model", None)
@@ -279,6 +290,7 @@ def set_rotation_config(model: nn.Module, rotation_config: dict, record: bool = 
     Returns the applied configuration.
     """
     state = get_state(model)
+    model = unwrap_peft(model)
     if state.packed:
         raise ValueError(
             "This model was loaded from a packed RoSTE checkpoint: its rotations are fused into integer codes and "

@@ -37,7 +37,7 @@ from transformers.utils import logging
 
 from ..config import PER_LAYER_ROTATIONS
 from ..modules.qat_linear import QATLinear
-from .apply import get_state, set_rotation_config
+from .apply import get_state, set_rotation_config, trained_lora_modules, unwrap_peft
 from .search_result import RotationSearchResult, layer_table
 from .search_stats import CRITERIA, TYPE_INDEX, ErrorCollector
 
@@ -271,6 +271,17 @@ def search_rotation_config(
             without `attention_mask`.
     """
     state = get_state(model)
+    if model is not unwrap_peft(model):
+        trained = trained_lora_modules(model)
+        if trained and apply:
+            raise ValueError(
+                f"search_rotation_config on a PEFT model whose LoRA adapters are trained ({len(trained)} non-zero "
+                f"lora_B, e.g. {trained[0]}): a rotation change is fused into the base weights but not into the "
+                "adapters, which would change the model. Search before training the adapters (RoSTESFTTrainer does "
+                "at train start; rotation_search_interval is not supported with LoRA), or merge them first "
+                "(merge_and_unload())."
+            )
+        model = unwrap_peft(model)  # LoRA wrappers are looked through (ArchAdapter.get returns their base layer)
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy={strategy!r} is invalid: expected one of {STRATEGIES}.")
     if criterion not in CRITERIA:

@@ -103,11 +103,14 @@ class ErrorCollector:
             if flags["R4"] and isinstance(down, QATLinear):
                 self._weight_errors(i, "R4", down, lambda w, t: hadamard_transform(w, None, transpose=t),
                                     bool(down.input_hadamard))
-                self._handles.append(down.register_forward_pre_hook(self._linear_hook(i, "R4", down)))
+                # hooked on the module the layer calls (a LoRA wrapper calls its base layer's pieces, not its forward)
+                called = layer.get_submodule(adapter.down_proj)
+                self._handles.append(called.register_forward_pre_hook(self._linear_hook(i, "R4", down)))
             if flags["R2"] and isinstance(o_proj, QATLinear):
                 rot = self._o_rotation(i)
                 self._weight_errors(i, "R2", o_proj, rot, self._r2_on(i))
-                self._handles.append(o_proj.register_forward_pre_hook(self._linear_hook(i, "R2", o_proj)))
+                called = layer.get_submodule(adapter.o_proj)
+                self._handles.append(called.register_forward_pre_hook(self._linear_hook(i, "R2", o_proj)))
             if flags["R2"] or flags["R3"]:
                 st = self.state.attention_states[i]
                 obs = self._attention_observer(i, adapter.get(layer, adapter.attn))
@@ -164,14 +167,14 @@ class ErrorCollector:
                 x_off, x_on = _both(x, input_is_rotated(), rotate)
             if self.criterion == "paper":
                 for s, xs in enumerate((x_off, x_on)):
-                    self._add(i, name, s, quantization_error(xs, module.act_spec, row_mask=mask))
+                    self._add(i, name, s, quantization_error(xs, lin.act_spec, row_mask=mask))
                 return None
-            w_cur = module.weight.detach().float()
-            w_is_on = bool(module.input_hadamard) if name == "R4" else self._r2_on(i)
+            w_cur = lin.weight.detach().float()
+            w_is_on = bool(lin.input_hadamard) if name == "R4" else self._r2_on(i)
             w_off, w_on = _both(w_cur, w_is_on, rotate)
             y_ref = F.linear(x_off, w_off)
             for s, (xs, ws) in enumerate(((x_off, w_off), (x_on, w_on))):
-                y = F.linear(fake_quantize(xs, module.act_spec), fake_quantize(ws, module.weight_spec))
+                y = F.linear(fake_quantize(xs, lin.act_spec), fake_quantize(ws, lin.weight_spec))
                 err = (y - y_ref).square_().sum(-1)
                 self._add(i, name, s, torch.where(mask, err, 0.0).sum(dtype=torch.float64))
             return None

@@ -154,6 +154,12 @@ class RoSTESFTTrainer(SFTTrainer):
         if train_dataset is not None:
             _check_dataset_columns(train_dataset, "train_dataset", kwargs.get("formatting_func") is not None)
         if peft_config is not None:
+            if args is not None and getattr(args, "rotation_search_interval", None):
+                raise ValueError(
+                    "RoSTESFTConfig.rotation_search_interval is not supported with peft_config: a re-search fuses "
+                    "rotation changes into the base weights but not into the trained LoRA adapters. With LoRA the "
+                    "search runs once, at train start; set rotation_search_interval=None."
+                )
             register_roste_lora(peft_config)
         self._pending_logs: dict[str, float] = {}
         self._monitor: QuantErrorMonitor | None = None

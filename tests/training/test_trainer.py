@@ -188,3 +188,62 @@ def test_periodic_re_search_keeps_function_and_optimizer_coherent(tiny_checkpoin
     assert all(err <= 1e-4 for _, err in calls), calls
     losses = list(_losses(trainer).values())
     assert len(losses) == 6 and all(torch.isfinite(torch.tensor(losses)))
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen3"])
+def test_rotation_search_through_lora_wrappers_preserves_function(tiny_checkpoints, kind):
+    """The search on a PEFT model looks through the LoRA wrappers: it measures R2/R4 and fuses them exactly."""
+    from peft import LoraConfig, get_peft_model
+
+    from hf_roste import search_rotation_config, set_quantization_enabled
+    from hf_roste.modules.qat_linear import QATLinear
+    from hf_roste.training.lora import register_roste_lora
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_checkpoints[kind], quantization_config=RoSTEConfig(),
+                                                 dtype=torch.float32, attn_implementation="eager")
+    lora = register_roste_lora(LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear",
+                                          task_type="CAUSAL_LM"))
+    peft_model = get_peft_model(model, lora).eval()
+    g = torch.Generator().manual_seed(3)
+    batches = [{"input_ids": torch.randint(0, 128, (4, 16), generator=g), "attention_mask": torch.ones(4, 16, dtype=torch.long)}
+               for _ in range(2)]
+    ids = batches[0]["input_ids"]
+    set_quantization_enabled(peft_model, False)
+    with torch.no_grad():
+        before = peft_model(input_ids=ids).logits
+    set_quantization_enabled(peft_model, True)
+    result = search_rotation_config(peft_model, batches)
+    rows = result.table()
+    assert all(r.get("R4_error") is not None and r.get("R2_error") is not None for r in rows), rows
+    assert all(r["R4_error"][0] > 0 and r["R2_error"][0] > 0 for r in rows)
+    applied = get_state(peft_model).applied
+    base = peft_model.get_base_model()
+    for i, flags in enumerate(applied["layers"]):  # R4 is switched on the QATLinear the LoRA layer computes with
+        down = base.model.layers[i].mlp.down_proj.get_base_layer()
+        assert isinstance(down, QATLinear) and down.input_hadamard == flags["R4"]
+    assert any(f["R4"] or f["R2"] for f in applied["layers"]), applied  # something was fused
+    set_quantization_enabled(peft_model, False)
+    with torch.no_grad():
+        after = peft_model(input_ids=ids).logits
+    assert (after - before).abs().max() <= 1e-4 * before.abs().max()
+
+
+def test_lora_with_default_adaptive_search_trains_and_refuses_re_search(tiny_checkpoints, tmp_path):
+    from peft import LoraConfig
+
+    from hf_roste import search_rotation_config
+
+    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+    trainer = RoSTESFTTrainer(model=str(tiny_checkpoints["llama"]), args=_args(tmp_path, max_steps=4),
+                              train_dataset=prompt_completion_dataset(), processing_class=char_tokenizer(),
+                              quantization_config=RoSTEConfig(), peft_config=lora)
+    trainer.train()
+    assert trainer.last_search_result is not None and get_state(trainer.model).searched
+    assert all(r.get("R4_error") is not None for r in trainer.last_search_result.table())
+    # the adapters are trained now: a new search would rotate the base weights under them
+    with pytest.raises(ValueError, match=r"LoRA adapters are trained.*merge_and_unload"):
+        search_rotation_config(trainer.model, trainer.calibration_batches())
+    with pytest.raises(ValueError, match=r"rotation_search_interval is not supported with peft_config"):
+        RoSTESFTTrainer(model=str(tiny_checkpoints["llama"]), args=_args(tmp_path, rotation_search_interval=2),
+                        train_dataset=prompt_completion_dataset(), processing_class=char_tokenizer(),
+                        quantization_config=RoSTEConfig(), peft_config=lora)
