@@ -271,7 +271,8 @@ def search_rotation_config(
             without `attention_mask`.
     """
     state = get_state(model)
-    if model is not unwrap_peft(model):
+    inner = unwrap_peft(model)
+    if inner is not model:
         trained = trained_lora_modules(model)
         if trained and apply:
             raise ValueError(
@@ -281,7 +282,7 @@ def search_rotation_config(
                 "at train start; rotation_search_interval is not supported with LoRA), or merge them first "
                 "(merge_and_unload())."
             )
-        model = unwrap_peft(model)  # LoRA wrappers are looked through (ArchAdapter.get returns their base layer)
+        model = inner  # LoRA wrappers are looked through (ArchAdapter.get returns their base layer)
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy={strategy!r} is invalid: expected one of {STRATEGIES}.")
     if criterion not in CRITERIA:
