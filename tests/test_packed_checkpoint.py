@@ -167,6 +167,17 @@ def test_dequantize_gives_plain_model_equal_to_qat_without_quantization(tiny_che
         assert res.returncode == 0 and "ForCausalLM" in res.stdout, res.stderr[-1500:]
 
 
+def test_dequantize_after_save_pretrained(tiny_checkpoints, tmp_path):
+    # save_pretrained turns the live model.config.dtype into a string ("float32")
+    model = _qat(tiny_checkpoints["llama"])
+    model.save_pretrained(tmp_path / "packed")
+    assert isinstance(model.config.dtype, str)
+    plain = model.dequantize()
+    assert all(p.dtype == torch.float32 for p in plain.parameters())
+    with pytest.raises(ValueError, match="not a torch dtype"):
+        _qat(tiny_checkpoints["llama"]).dequantize(dtype="float33")
+
+
 def test_dequantize_packed_model_uses_dequantized_codes(trained):
     model, out = trained
     packed = AutoModelForCausalLM.from_pretrained(out, **EAGER)

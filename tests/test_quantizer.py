@@ -209,3 +209,26 @@ def test_weight_group_size_not_dividing_a_layer_is_a_clear_error_at_load(tiny_ch
         _load(path, weight_group_size=48)
     model = _load(path, weight_group_size=48, modules_to_not_convert=["down_proj", "lm_head"])
     assert type(model.get_submodule("model.layers.0.mlp.down_proj")) is torch.nn.Linear
+
+
+def test_r4_on_an_unconverted_down_proj_is_refused_before_loading(tiny_checkpoints, monkeypatch):
+    import hf_roste.rotation.apply as apply_mod
+
+    path = tiny_checkpoints["llama"]
+    folded = []
+    monkeypatch.setattr(apply_mod, "fold_norms", lambda *a, **k: folded.append(1))
+    skip = ["down_proj", "lm_head"]
+    with pytest.raises(ValueError, match=r"R4 is switched on \(by rotation_search='all'\) for "
+                                         r"model\.layers\.0\.mlp\.down_proj.*modules_to_not_convert.*'R4'"):
+        AutoModelForCausalLM.from_pretrained(path, quantization_config=RoSTEConfig(
+            rotation_search="all", modules_to_not_convert=skip))
+    only_layer_1 = {"R1": True, "layers": [{"R2": True, "R3": True, "R4": False}, {"R2": True, "R3": True, "R4": True}]}
+    with pytest.raises(ValueError, match=r"\(by rotation_config\) for model\.layers\.1\.mlp\.down_proj"):
+        AutoModelForCausalLM.from_pretrained(path, quantization_config=RoSTEConfig(
+            rotation_config=only_layer_1, modules_to_not_convert=["layers.1.mlp.down_proj", "lm_head"]))
+    assert not folded
+    monkeypatch.undo()
+    # R4 off where the module is excluded, or not allowed at all: loads
+    model = _load(path, rotation_config=only_layer_1, modules_to_not_convert=["layers.0.mlp.down_proj", "lm_head"])
+    assert type(model.get_submodule("model.layers.0.mlp.down_proj")) is torch.nn.Linear
+    _load(path, rotation_search="all", rotations=("R1", "R2", "R3"), modules_to_not_convert=skip)

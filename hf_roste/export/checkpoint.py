@@ -150,13 +150,16 @@ def _safetensors_files(checkpoint_files: Iterable[str] | None) -> list[str]:
 
 
 def verify_checkpoint(
-    model: nn.Module, checkpoint_files: Iterable[str] | None, expected_format: str, hf_quantizer=None
+    model: nn.Module, checkpoint_files: Iterable[str] | None, expected_format: str, hf_quantizer=None,
+    check_config: bool = True,
 ) -> None:
     """Check a RoSTE checkpoint against the (meta) skeleton it will be loaded into.
 
     Raises `CheckpointError` naming the file and the problem: unreadable or truncated file,
     missing digests, a digest mismatch (corrupted bytes), missing or unexpected tensors, wrong
     shapes, wrong dtypes of codes and scales, or a format that disagrees with config.json.
+    `check_config=False` skips the comparison of the recorded quantization config with
+    `hf_quantizer`'s (for callers that compare the settings themselves, e.g. trainer resume).
     """
     files = _safetensors_files(checkpoint_files)
     expected = {k: v for k, v in model.state_dict().items()}
@@ -180,7 +183,7 @@ def verify_checkpoint(
                     f"{expected_format!r}; the files and the config come from different saves."
                 )
             config = getattr(hf_quantizer, "quantization_config", None)
-            if CONFIG_KEY in meta and config is not None and config_problem is None:
+            if check_config and CONFIG_KEY in meta and config is not None and config_problem is None:
                 config_problem = _config_disagreement(name, meta[CONFIG_KEY], config)
             try:
                 file_digests = json.loads(meta[DIGEST_KEY])

@@ -21,10 +21,11 @@ What is written (built with compressed-tensors' own `QuantizationArgs` / `Quanti
   (`location: weight_input, inverse: true`, informational: offline transforms are not re-applied
   by loaders). The transform matrix is also stored as `<down_proj>.R4_input.weight` (unnormalised
   +-1 entries; the loaders divide by sqrt(n)), which is how vLLM loads online transforms. Sizes that
-  are powers of two use the `hadamard` type (Sylvester, vLLM's fast kernel); other sizes use the
-  `random-hadamard` type with the stored matrix (our matrix is compressed-tensors' `_matmul_hadU`
-  construction with all signs +1; vLLM applies it as a dense matmul). Per-layer mixed R4 is expressed
-  with explicit module names as targets;
+  are powers of two use the `hadamard` type (Sylvester, vLLM's fast kernel). Other sizes can only be
+  declared `random-hadamard`, which compressed-tensors' own loader regenerates with random signs
+  instead of reading the stored matrix (our matrix is its `_matmul_hadU` construction with all signs
+  +1), so they are refused unless `strict=False`. Per-layer mixed R4 is expressed with explicit module
+  names as targets;
 - R1 and R2 need nothing: they are fused into the weights (embeddings and lm_head hold R1, so the
   exported config unties the embeddings).
 
@@ -157,6 +158,16 @@ def check_exportable(config: RoSTEConfig, model: nn.Module | None = None, *, str
                 problems.append(
                     f"online R4 on a {adapter.down_proj} with a bias: vLLM's online transforms take bias-free "
                     "layers; train with RoSTEConfig(rotations=('R1', 'R2', 'R3')) (no R4)."
+                )
+            size = down.in_features
+            if strict and size & (size - 1):
+                problems.append(
+                    f"online R4 of size {size} (not a power of two): compressed-tensors can only name it "
+                    "'random-hadamard', and its loader regenerates that matrix with random signs instead of reading "
+                    "the stored one, so the served model would not be the trained one (measured: 5-175% logit "
+                    "error). Train with RoSTEConfig(rotations=('R1', 'R2', 'R3')) (no R4), or export with "
+                    "strict=False (hf-roste export --non-strict) for engines that load the stored "
+                    "R4_input.weight (not verified here)."
                 )
     layer_flags = rc["layers"] if rc is not None else [config.default_layer_flags()]
     if config.kv_bits < 16 and any(f["R3"] for f in layer_flags):

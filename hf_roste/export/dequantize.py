@@ -75,10 +75,17 @@ def _restore_layernorms(model: nn.Module, adapter, signs: torch.Tensor | None, d
 
 
 @torch.no_grad()
-def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+def dequantize_model(model: nn.Module, dtype: torch.dtype | str | None = None) -> nn.Module:
     """Turn a RoSTE model into an ordinary transformers model in place and return it."""
     state = get_state(model)
     adapter, config = state.adapter, state.config
+    if isinstance(dtype, str):  # e.g. model.config.dtype, which save_pretrained turns into "float32"
+        if dtype == "auto":
+            dtype = None
+        elif isinstance(getattr(torch, dtype, None), torch.dtype):
+            dtype = getattr(torch, dtype)
+        else:
+            raise ValueError(f"dequantize(dtype={dtype!r}): not a torch dtype; use e.g. torch.float32 or 'bfloat16'.")
     dtype = dtype or next(p for p in model.parameters() if p.is_floating_point()).dtype
     layers = adapter.decoder_layers(model)
     for i, layer in enumerate(layers):

@@ -95,9 +95,9 @@ def error_rows(config: RoSTEConfig) -> tuple[list[str], list[dict[str, Any]]]:
     """Rows of the per-layer error table from `rotation_config['errors']` (kept setting in bold)."""
     rc = config.rotation_config or {}
     errors = rc.get("errors")
-    if not errors:
+    types = [t for t in PER_LAYER_ROTATIONS if any(t in e for e in errors or ())]
+    if not types:  # nothing measured, or no per-layer rotation allowed (e.g. rotations=("R1",))
         return [], []
-    types = [t for t in PER_LAYER_ROTATIONS if any(t in e for e in errors)]
     rows = []
     for i, (flags, errs) in enumerate(zip(rc["layers"], errors, strict=False)):
         cells = []
@@ -114,12 +114,13 @@ def error_rows(config: RoSTEConfig) -> tuple[list[str], list[dict[str, Any]]]:
 def plot_rotation_errors(config: RoSTEConfig, path: str | os.PathLike) -> bool:
     """Write a PNG of the per-layer quantization error with and without each rotation.
 
-    Returns False (and writes nothing) when the configuration has no measured errors. matplotlib
-    is imported lazily, with the Agg backend.
+    Returns False (and writes nothing) when the configuration has no measured errors (also when no
+    per-layer rotation was allowed). matplotlib is imported lazily, with the Agg backend.
     """
     rc = config.rotation_config or {}
     errors = rc.get("errors")
-    if not errors:
+    types = [t for t in PER_LAYER_ROTATIONS if any(t in e for e in errors or ())]
+    if not types:
         return False
     try:
         import matplotlib
@@ -132,7 +133,6 @@ def plot_rotation_errors(config: RoSTEConfig, path: str | os.PathLike) -> bool:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    types = [t for t in PER_LAYER_ROTATIONS if any(t in e for e in errors)]
     fig, axes = plt.subplots(1, len(types), figsize=(4.2 * len(types), 3.4), squeeze=False)
     for ax, t in zip(axes[0], types, strict=True):
         xs = [i for i, e in enumerate(errors) if t in e]

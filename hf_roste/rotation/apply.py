@@ -127,11 +127,34 @@ def check_weight_group_size(model: nn.Module, adapter: ArchAdapter, config: RoST
     )
 
 
+def check_r4_targets(model: nn.Module, adapter: ArchAdapter, config: RoSTEConfig) -> None:
+    """R4 must not be switched on for a layer whose down projection is left unconverted.
+
+    The online R4 rotates the down projection's input inside its RoSTE module, so a plain
+    `nn.Linear` kept by `modules_to_not_convert` cannot carry it. (The adaptive search never
+    switches it on there; an explicit `rotation_config` or `rotation_search="all"` would.)
+    """
+    if "R4" not in config.rotations:
+        return
+    flags = config.resolved_rotation_config(adapter.num_layers(model))["layers"]
+    bad = [f"{adapter.layers}.{i}.{adapter.down_proj}" for i, f in enumerate(flags)
+           if f.get("R4") and _excluded(f"{adapter.layers}.{i}.{adapter.down_proj}", config)]
+    if bad:
+        how = "rotation_config" if config.rotation_config is not None else f"rotation_search={config.rotation_search!r}"
+        raise ValueError(
+            f"R4 is switched on (by {how}) for {', '.join(bad[:4])}{' ...' if len(bad) > 4 else ''}, which "
+            "modules_to_not_convert keeps as a plain Linear: R4 rotates that module's input for its quantizer and "
+            "needs the RoSTE module. Remove 'R4' from RoSTEConfig.rotations, set R4 off for those layers, use "
+            "rotation_search='adaptive' (it leaves R4 off there), or quantize those modules."
+        )
+
+
 def check_model_fits_config(model: nn.Module, config: RoSTEConfig, adapter: ArchAdapter | None = None) -> None:
     """Fail before any weight is read if `config` cannot be applied to `model` (works on a meta model)."""
     adapter = adapter or get_adapter(model)
     check_rotation_sizes(model, adapter, config)
     check_weight_group_size(model, adapter, config)
+    check_r4_targets(model, adapter, config)
 
 
 def _excluded(path: str, config: RoSTEConfig) -> bool:

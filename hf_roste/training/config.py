@@ -71,6 +71,12 @@ class RoSTESFTConfig(SFTConfig):
                 f"RoSTESFTConfig.rotation_search_interval={k!r} is invalid: expected None (search once) or an int >= 1 "
                 "(re-search every N optimizer steps)."
             )
+        if k is not None and self.rotation_search == "none":
+            raise ValueError(
+                f"RoSTESFTConfig.rotation_search='none' contradicts rotation_search_interval={k}: 'none' keeps the "
+                "model's rotations and never searches. Set rotation_search_interval=None, or choose "
+                "rotation_search='adaptive' (or 'layerwise') to re-search every N steps."
+            )
         if not isinstance(self.log_quantization_error, bool):
             raise ValueError(
                 f"RoSTESFTConfig.log_quantization_error={self.log_quantization_error!r} is invalid: expected a bool."

@@ -12,15 +12,21 @@ equivalent), no LoRA variants (DoRA, ...), no mixed-adapter batches.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig, PeftModel
 from peft.tuners.lora.layer import Linear as LoraLinear
+from peft.tuners.lora.layer import LoraLayer
+from transformers.utils import logging
 
 from ..modules.qat_linear import QATLinear
 from ..numerics import fake_quantize
+from .state import STATE_FILE, check_saved_quantization_config, read_state_file
+
+logger = logging.get_logger(__name__)
 
 
 def check_lora_config(config: LoraConfig) -> None:
@@ -77,13 +83,60 @@ def register_roste_lora(config: LoraConfig) -> LoraConfig:
     return config
 
 
+def check_no_foreign_lora(model) -> None:
+    """Refuse plain PEFT LoRA layers around `QATLinear`s (a model built with `get_peft_model` directly).
+
+    Such a layer adds the adapter outside the weight quantizer, so the trained model is not the
+    one `merge_and_unload()` and packing produce.
+    """
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer) and not isinstance(module, QATLoraLinear):
+            if isinstance(module.get_base_layer(), QATLinear):
+                raise ValueError(
+                    f"{name} is a plain PEFT LoRA layer around a RoSTE QATLinear: its update would bypass the weight "
+                    "quantizer and the merged, packed model would differ from the trained one. Pass the LoRA "
+                    "settings as RoSTESFTTrainer(peft_config=LoraConfig(...)) on the un-wrapped model, or call "
+                    "register_roste_lora(config) before get_peft_model(model, config)."
+                )
+
+
+def _saved_state(adapter_path: str) -> dict | None:
+    if os.path.isdir(adapter_path):
+        if os.path.isfile(os.path.join(adapter_path, STATE_FILE)):
+            return read_state_file(adapter_path)
+        return None
+    try:  # a Hub repository
+        from huggingface_hub import hf_hub_download
+
+        local = hf_hub_download(adapter_path, STATE_FILE)
+    except Exception:  # no such file in the repo, or offline
+        return None
+    return read_state_file(os.path.dirname(local))
+
+
 def load_roste_adapter(model, adapter_path: str, adapter_name: str = "default", is_trainable: bool = False) -> PeftModel:
     """Load LoRA adapters trained with RoSTE onto a RoSTE base model (the one documented call).
 
-    The base must be prepared with the same `RoSTEConfig` (and rotation configuration) it was
-    trained with, e.g. loaded from the trainer's output or from the same full-precision checkpoint
-    and configuration.
+    The base must be prepared with the same `RoSTEConfig` the adapters were trained with, e.g.
+    loaded from the same full-precision checkpoint and configuration. When the adapter folder
+    holds the trainer's `roste_state.json`, its quantizer settings are checked against the base
+    (a mismatch is an error) and its rotation configuration (the search's choice) is applied to
+    the base before the adapters are attached.
     """
+    from ..rotation.apply import get_state, set_rotation_config
+
+    saved = _saved_state(adapter_path)
+    state = get_state(model)
+    if saved is None:
+        logger.warning(
+            "%s has no %s: the base model's rotation configuration and quantizer settings cannot be checked "
+            "against the ones the adapters were trained with.", adapter_path, STATE_FILE,
+        )
+    else:
+        check_saved_quantization_config(saved, state.config, adapter_path)
+        if saved["rotation_config"] != {"R1": state.applied["R1"], "layers": state.applied["layers"]}:
+            set_rotation_config(model, saved["rotation_config"], record=True)
+            state.searched = True
     config = LoraConfig.from_pretrained(adapter_path)
     register_roste_lora(config)
     config.inference_mode = not is_trainable

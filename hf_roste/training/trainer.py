@@ -14,6 +14,8 @@ What it adds to `SFTTrainer`:
 from __future__ import annotations
 
 import copy
+import dataclasses
+import glob
 import json
 import os
 from typing import Any
@@ -21,7 +23,7 @@ from typing import Any
 import torch
 from transformers import AutoConfig, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
-from transformers.utils import logging
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, logging
 from trl import SFTTrainer
 
 from ..config import RoSTEConfig
@@ -29,12 +31,11 @@ from ..io import atomic_write_text
 from ..rotation.apply import RoSTEState, get_state, save_format, set_rotation_config
 from ..rotation.search import search_rotation_config
 from .config import RoSTESFTConfig
-from .lora import register_roste_lora
+from .lora import check_no_foreign_lora, register_roste_lora
 from .monitor import QuantErrorMonitor
+from .state import STATE_FILE, check_saved_quantization_config, read_state_file
 
 logger = logging.get_logger(__name__)
-
-STATE_FILE = "roste_state.json"
 _DATASET_FORMATS = (
     "'text' (language modeling), 'messages' (conversational), 'prompt' + 'completion' "
     "(prompt-completion, the paper's completion-only loss), or pre-tokenized 'input_ids'"
@@ -74,6 +75,92 @@ def last_complete_checkpoint(output_dir: str) -> str | None:
         if prefix == PREFIX_CHECKPOINT_DIR and step.isdigit() and os.path.isfile(os.path.join(output_dir, name, STATE_FILE)):
             found.append((int(step), os.path.join(output_dir, name)))
     return max(found)[1] if found else None
+
+
+def _check_trainable(state: RoSTEState) -> None:
+    if state.packed:
+        raise ValueError(
+            "This model was loaded from a packed RoSTE checkpoint (integer codes, no full-precision weights), which "
+            "cannot be fine-tuned: only its embeddings and norms would train. Fine-tune the full-precision model "
+            "instead: a trainer checkpoint-* folder (master weights) or the original base loaded with "
+            "quantization_config=RoSTEConfig(...)."
+        )
+
+
+def _is_peft(model) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:  # pragma: no cover - peft is a dependency
+        return False
+    return isinstance(getattr(model, "module", model), PeftModel)
+
+
+def _has_adapter_weights(folder: str) -> bool:
+    return any(os.path.isfile(os.path.join(folder, name)) for name in ("adapter_model.safetensors", "adapter_model.bin"))
+
+
+def _refuse_packed_folder(folder: str) -> None:
+    config_path = os.path.join(folder, "config.json")
+    if not os.path.isfile(config_path):
+        return
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            qc = json.load(f).get("quantization_config") or {}
+    except (OSError, ValueError):
+        return
+    if isinstance(qc, dict) and qc.get("checkpoint_format") == "packed":
+        raise ValueError(
+            f"{folder} is a packed final save (integer codes, written by save_model() / save_pretrained), not a "
+            "training checkpoint: training cannot resume from it. Resume from one of the checkpoint-* folders "
+            "written during training (resume_from_checkpoint=True picks the newest complete one)."
+        )
+
+
+def _load_master_weights(model, folder: str) -> None:
+    """Load a trainer checkpoint's master weights into `model` after verifying every tensor's digest."""
+    from ..export.checkpoint import _model_key_mapper, verify_checkpoint
+
+    model = getattr(model, "module", model)
+    _refuse_packed_folder(folder)
+    single, index = os.path.join(folder, SAFE_WEIGHTS_NAME), os.path.join(folder, SAFE_WEIGHTS_INDEX_NAME)
+    if os.path.isfile(single):
+        files = [single]
+    elif os.path.isfile(index):
+        with open(index, encoding="utf-8") as f:
+            files = sorted({os.path.join(folder, name) for name in json.load(f)["weight_map"].values()})
+    elif _has_adapter_weights(folder):
+        raise ValueError(
+            f"{folder} is a LoRA adapter checkpoint (adapter weights only) but this trainer fine-tunes the full model. "
+            "Resume it with the same peft_config it was trained with."
+        )
+    else:
+        other = sorted(os.path.basename(p) for p in glob.glob(os.path.join(folder, "*.bin")))
+        raise ValueError(
+            f"{folder} holds no safetensors weights"
+            + (f" (found {other}: RoSTE loads checkpoints from safetensors only)" if other else "")
+            + ". Resume from a checkpoint-* folder written by RoSTESFTTrainer."
+        )
+    hf_quantizer = getattr(model, "hf_quantizer", None)
+    # the quantizer settings were compared with roste_state.json already; the digests are checked here
+    verify_checkpoint(model, files, "master", hf_quantizer=hf_quantizer, check_config=False)
+    to_model_key = _model_key_mapper(model, hf_quantizer)
+    from safetensors import safe_open
+
+    state = {}
+    for path in files:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            for key in f.keys():
+                state[to_model_key(key)] = f.get_tensor(key)
+    result = model.load_state_dict(state, strict=False)
+    tied = set(getattr(model, "all_tied_weights_keys", None) or {})
+    missing = [k for k in result.missing_keys if k not in tied]
+    if missing or result.unexpected_keys:
+        raise ValueError(
+            f"{folder} does not match this model: missing {missing[:8]}, unexpected {result.unexpected_keys[:8]}. "
+            "Resume with the model (architecture and RoSTEConfig) the checkpoint was trained with."
+        )
+    if tied and result.missing_keys:
+        model.tie_weights()
 
 
 class _RoSTECallback(TrainerCallback):
@@ -134,7 +221,10 @@ class RoSTESFTTrainer(SFTTrainer):
         if args is None:
             raise ValueError("RoSTESFTTrainer needs args=RoSTESFTConfig(output_dir=...).")
         if not isinstance(args, RoSTESFTConfig):
-            args = RoSTESFTConfig(**{k: v for k, v in args.to_dict().items() if k in RoSTESFTConfig.__dataclass_fields__})
+            # field values, not `to_dict()`: that one replaces every `*_token` field by a placeholder
+            fields = {f.name for f in dataclasses.fields(RoSTESFTConfig) if f.init}
+            args = RoSTESFTConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(args)
+                                     if f.init and f.name in fields})
         if quantization_config is not None and not isinstance(quantization_config, RoSTEConfig):
             raise TypeError(
                 f"RoSTESFTTrainer(quantization_config=...) must be a RoSTEConfig, got {type(quantization_config).__name__}."
@@ -146,7 +236,8 @@ class RoSTESFTTrainer(SFTTrainer):
                     "RoSTE QAT model, or pass a model loaded with it."
                 )
         else:
-            get_state(model)  # raises a clear error for models not prepared for RoSTE
+            _check_trainable(get_state(model))  # get_state raises a clear error for models not prepared for RoSTE
+            check_no_foreign_lora(model)
             if quantization_config is not None:
                 raise ValueError(
                     "The model is already a RoSTE model; do not pass quantization_config again (it would be ignored)."
@@ -178,6 +269,7 @@ class RoSTESFTTrainer(SFTTrainer):
             **kwargs,
         )
         self.roste_state: RoSTEState = get_state(self.model)
+        _check_trainable(self.roste_state)
         if args.log_quantization_error:
             self._monitor = QuantErrorMonitor(self.model)
         self.add_callback(_RoSTECallback(self))
@@ -274,18 +366,45 @@ class RoSTESFTTrainer(SFTTrainer):
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
     def _restore_rotation_state(self, checkpoint: str) -> None:
-        state_path = os.path.join(checkpoint, STATE_FILE)
-        if not os.path.isfile(state_path):
-            raise ValueError(
-                f"{checkpoint} has no {STATE_FILE}: it was not written by RoSTESFTTrainer, so its rotation configuration "
-                "is unknown and resuming would train different weights than were saved."
-            )
-        with open(state_path, encoding="utf-8") as f:
-            saved = json.load(f)
-        rc = saved["rotation_config"]
-        set_rotation_config(self.model, rc, record=True)
+        """Check the checkpoint's quantizer settings against the model's and apply its rotation configuration."""
+        saved = read_state_file(checkpoint)
+        _refuse_packed_folder(checkpoint)
+        check_saved_quantization_config(saved, self.roste_state.config, checkpoint)
+        set_rotation_config(self.model, saved["rotation_config"], record=True)
         self.roste_state.searched = bool(saved.get("searched", True))
         logger.info("RoSTE: restored the rotation configuration of %s", checkpoint)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        """Load a checkpoint's weights: verified, renamed like `from_pretrained` does, strictly.
+
+        transformers' version reads the file directly and loads with `strict=False`, so renamed
+        keys (GPT-NeoX saves `lm_head` as `embed_out`) are silently left untrained and corrupted
+        files are not noticed. Adapter-only (PEFT) and FSDP/DeepSpeed checkpoints go through
+        transformers, after the same rotation / quantizer checks.
+        """
+        target = model if model is not None else self.model
+        if _is_peft(target) and not _has_adapter_weights(resume_from_checkpoint):
+            raise ValueError(
+                f"{resume_from_checkpoint} holds no LoRA adapter weights (adapter_model.safetensors) but this trainer "
+                "trains LoRA adapters (peft_config): it is a full fine-tuning checkpoint. Resume it without "
+                "peft_config, or resume a LoRA run from its own checkpoints."
+            )
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled or _is_peft(target):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        _load_master_weights(target, resume_from_checkpoint)
+        return None
+
+    def _load_best_model(self) -> None:
+        """Restore the best checkpoint's rotation configuration, then its weights (not just the weights)."""
+        best = self.state.best_model_checkpoint
+        if best is None or not os.path.isfile(os.path.join(best, STATE_FILE)):
+            return super()._load_best_model()
+        self._restore_rotation_state(best)
+        logger.info("Loading best model from %s (score: %s).", best, self.state.best_metric)
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled or _is_peft(self.model):
+            return super()._load_best_model()
+        _load_master_weights(self.model, best)
+        return None
 
     def _write_state_file(self, folder: str) -> None:
         state = self.roste_state
@@ -398,6 +517,9 @@ class RoSTESFTTrainer(SFTTrainer):
 
     # ------------------------------------------------------------------ logging
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        if "loss" in logs and self._pending_logs:  # results of a re-search between steps
+            pending, self._pending_logs = self._pending_logs, {}
+            logs = {**logs, **pending}
         if self._monitor is not None and "loss" in logs:
             logs = {**logs, **self._monitor.pop_metrics()}
         if "loss" in logs and self.skipped_nonfinite_steps:

@@ -165,3 +165,18 @@ def test_asymmetric_weights_with_strict_false_store_packed_zero_points(tiny_chec
     sd = load_file(tmp_path / "out" / "model.safetensors")
     zp = sd["model.layers.0.mlp.down_proj.weight_zero_point"]
     assert zp.dtype == torch.int32 and zp.shape == (64 // 8, 1)  # 4-bit zero points packed along the output dim
+
+
+def test_non_power_of_two_r4_is_refused_unless_non_strict(tiny_checkpoints, tmp_path):
+    # mistral's tiny intermediate size is 192: compressed-tensors would regenerate a random-signed R4
+    model = _qat(tiny_checkpoints["mistral"], **EXPORTABLE)
+    assert check_exportable(get_state(model).config, model, strict=False) == []
+    with pytest.raises(ExportError, match=r"online R4 of size 192 \(not a power of two\).*rotations="):
+        export_compressed_tensors(model, tmp_path / "strict")
+    assert not (tmp_path / "strict").exists()
+    export_compressed_tensors(model, tmp_path / "loose", strict=False)
+    assert (tmp_path / "loose" / "config.json").exists()
+    no_r4 = _qat(tiny_checkpoints["mistral"], **{**EXPORTABLE, "rotations": ("R1", "R2")})
+    export_compressed_tensors(no_r4, tmp_path / "no_r4")
+    qc = json.loads((tmp_path / "no_r4" / "config.json").read_text())["quantization_config"]
+    assert not qc.get("transform_config")

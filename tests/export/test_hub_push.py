@@ -209,3 +209,16 @@ def test_cli_push_offline_exit_code(tmp_path, searched, capsys):
     code = cli_main(["push", str(saved), "me/x", "--token", FAKE_TOKEN])
     err = capsys.readouterr().err
     assert code == 2 and "offline mode" in err and FAKE_TOKEN not in err
+
+
+@pytest.mark.parametrize("rotations", [("R1",), ()])
+def test_card_without_per_layer_rotations(tiny_checkpoints, tmp_path, rotations):
+    from hf_roste.export.hub import prepare_push_folder
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_checkpoints["llama"], dtype=torch.float32,
+                                                 quantization_config=RoSTEConfig(rotations=rotations)).eval()
+    ids = sample_ids(4, 16)
+    hf_roste.search_rotation_config(model, [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}])
+    prepare_push_folder(model, tmp_path / "push", repo_id="me/x")
+    card = (tmp_path / "push" / "README.md").read_text()
+    assert "| layer |" not in card and not (tmp_path / "push" / PLOT_FILE).exists()
