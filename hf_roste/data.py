@@ -37,13 +37,30 @@ def _builder_for(path: str) -> str | None:
     return _FILE_BUILDERS.get(os.path.splitext(lower)[1])
 
 
+class MissingSplitError(ValueError):
+    """The dataset has no split of the requested name (`available` lists the ones it has)."""
+
+    def __init__(self, name: str, split: str, available: list[str]) -> None:
+        self.name, self.split, self.available = name, split, list(available)
+        super().__init__(
+            f"Dataset {name!r} has no split {split!r}; available splits: {self.available}. Ask for one of those."
+        )
+
+
+#: columns that hold text in the formats above; a CSV or JSON reader may type them as numbers
+TEXT_COLUMNS = ("prompt", "completion", "text")
+
+
 def load_any_dataset(name_or_path: str, config: str | None = None, split: str | None = "train",
                      streaming: bool = False):
     """Load `name_or_path` (Hub id, local data file or local folder) and return `split`.
 
     `split=None` returns the whole `DatasetDict`. A single local file has one split, `train`:
     asking for another split of it returns that same data (with an info log), so a test file can be
-    passed as `--dataset test.jsonl` without naming a split.
+    passed as `--dataset test.jsonl` without naming a split. `prompt`, `completion` and `text`
+    columns read as numbers (`24+48=,72` in a CSV) are turned back into strings. An empty,
+    unparsable or example-less file raises a `ValueError` naming the file; a missing split a
+    `MissingSplitError`.
     """
     import datasets
 
@@ -56,7 +73,13 @@ def load_any_dataset(name_or_path: str, config: str | None = None, split: str | 
                 f"Cannot tell the format of the local file {name_or_path!r}: use a .json, .jsonl, .parquet, .csv or "
                 ".arrow file (or a folder written by Dataset.save_to_disk)."
             )
-        data = datasets.load_dataset(builder, data_files={"train": name_or_path}, streaming=streaming)
+        if os.path.getsize(name_or_path) == 0:
+            raise ValueError(f"The data file {name_or_path!r} is empty: it needs examples with {FORMATS_HELP}.")
+        kwargs: dict[str, Any] = {}
+        if builder == "csv":
+            kwargs["converters"] = dict.fromkeys(TEXT_COLUMNS, str)  # keep "007" and "3.50" as written
+        data = _load(name_or_path, builder, data_files={"train": name_or_path}, streaming=streaming, **kwargs)
+        data = _text_columns_as_strings(data)
         if split is None:
             return data
         if split != "train":
@@ -66,18 +89,77 @@ def load_any_dataset(name_or_path: str, config: str | None = None, split: str | 
         os.path.isfile(os.path.join(name_or_path, "dataset_info.json"))
         or os.path.isfile(os.path.join(name_or_path, "dataset_dict.json"))
     ):
-        data = datasets.load_from_disk(name_or_path)
+        try:
+            data = datasets.load_from_disk(name_or_path)
+        except IndexError as exc:  # datasets cannot concatenate the zero tables of an empty saved split
+            raise ValueError(
+                f"Cannot read the saved dataset {name_or_path!r}: a split of it holds no examples. Save it again "
+                "with examples in every split."
+            ) from exc
+        data = _text_columns_as_strings(data)
         if isinstance(data, datasets.Dataset):
             return data
         return data if split is None else _pick_split(data, split, name_or_path)
-    data = datasets.load_dataset(name_or_path, config, streaming=streaming)
+    data = _text_columns_as_strings(_load(name_or_path, name_or_path, config, streaming=streaming))
     return data if split is None else _pick_split(data, split, name_or_path)
+
+
+def _load(name: str, *args: Any, **kwargs: Any):
+    """`datasets.load_dataset(*args, **kwargs)` with unreadable data reported as a `ValueError` naming `name`."""
+    import datasets
+    from datasets.exceptions import DatasetGenerationError
+
+    try:
+        return datasets.load_dataset(*args, **kwargs)
+    except DatasetGenerationError as exc:
+        cause = exc.__cause__ or exc.__context__
+        detail = f"{type(cause).__name__}: {cause}" if cause is not None else str(exc)
+        raise ValueError(
+            f"Cannot read the dataset {name!r} ({detail}). Fix the file: .jsonl needs one JSON object per line, "
+            ".json a list of objects (or one object per line), .csv a header row."
+        ) from exc
+    except StopIteration as exc:  # the json reader on a file without any record
+        raise ValueError(f"The dataset {name!r} holds no examples: it needs examples with {FORMATS_HELP}.") from exc
+    except ValueError as exc:
+        if "corresponds to no data" in str(exc):
+            raise ValueError(f"The dataset {name!r} holds no examples: it needs examples with {FORMATS_HELP}.") from exc
+        raise
+
+
+def _text_columns_as_strings(data):
+    """`data` with non-string `prompt` / `completion` / `text` columns cast to strings (TRL needs strings)."""
+    import datasets
+
+    if isinstance(data, (datasets.DatasetDict, datasets.IterableDatasetDict)):
+        return type(data)({k: _text_columns_as_strings(v) for k, v in data.items()})
+    features = getattr(data, "features", None)
+    if not features or (isinstance(data, datasets.Dataset) and len(data) == 0):
+        return data
+    for column in TEXT_COLUMNS:
+        feature = features.get(column)
+        if isinstance(feature, datasets.Value) and feature.dtype not in ("string", "large_string"):
+            logger.info("Column %r holds %s values: using them as strings.", column, feature.dtype)
+            data = data.cast_column(column, datasets.Value("string"))
+        elif type(feature).__name__ == "Json" and isinstance(data, datasets.Dataset) and all(
+            v is None or isinstance(v, (str, int, float)) for v in data[column]
+        ):  # strings mixed with numbers: the numbers become strings
+            logger.info("Column %r mixes strings and numbers: using them all as strings.", column)
+            target = data.features.copy()
+            target[column] = datasets.Value("string")
+            data = data.map(_numbers_as_strings, fn_kwargs={"column": column}, batched=True, features=target,
+                            desc=f"Numbers in {column!r} as strings")
+    return data
+
+
+def _numbers_as_strings(batch: dict[str, list], column: str) -> dict[str, list]:
+    values = batch[column]
+    return {column: [str(v) if isinstance(v, (int, float)) else v for v in values]}
 
 
 def _pick_split(data, split: str, name: str):
     if split in data:
         return data[split]
-    raise ValueError(f"Dataset {name!r} has no split {split!r}; available splits: {sorted(data)}.")
+    raise MissingSplitError(name, split, sorted(data))
 
 
 def dataset_format(columns) -> str:

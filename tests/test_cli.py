@@ -200,3 +200,76 @@ def test_bad_arguments(workdir, tmp_path, capsys):
     bad_data = _jsonl(tmp_path / "cols.jsonl", [{"question": "q", "answer": "a"}])
     assert main(["search", workdir["model"], "--dataset", bad_data]) == 2
     assert "prompt" in capsys.readouterr().err
+
+
+SFT_FLAGS = ["--per_device_train_batch_size", "4", "--max_length", "32", "--report_to", "none", "--use_cpu", "true",
+             "--gradient_checkpointing", "false", "--disable_tqdm", "true", "--rotation_calibration_samples", "8",
+             "--bf16", "false"]
+
+
+def test_text_columns_read_as_numbers_become_strings(tmp_path):
+    from hf_roste.data import load_any_dataset
+
+    csv = tmp_path / "sums.csv"
+    csv.write_text("prompt,completion\n24+48=,72\n1+6=,007\n1.5+2=,3.50\n")
+    data = load_any_dataset(str(csv))
+    assert data["completion"] == ["72", "007", "3.50"]  # as written, not 72 / 7.0 / 3.5
+    data = load_any_dataset(_jsonl(tmp_path / "n.jsonl", [{"prompt": "2+2=", "completion": 4}, {"prompt": 5, "completion": 6}]))
+    assert data["prompt"] == ["2+2=", "5"] and data["completion"] == ["4", "6"]
+    data = load_any_dataset(_jsonl(tmp_path / "t.jsonl", [{"text": 12}]))
+    assert data["text"] == ["12"]
+
+
+def test_sft_on_csv_with_numeric_completions(workdir, tmp_path):
+    csv = tmp_path / "train.csv"
+    prompt_completion_dataset(16).to_csv(str(csv))  # `24+48=,72`: the completion column reads as int64
+    assert csv.read_text().splitlines()[1].split(",")[1].isdigit()  # bare numbers: read as int64
+    assert main(["sft", "--model_name_or_path", workdir["model"], "--dataset_name", str(csv), "--output_dir",
+                 str(tmp_path / "o"), "--max_steps", "1", "--save_strategy", "no", *SFT_FLAGS]) == 0
+
+
+def test_sft_resume_from_checkpoint_true_and_false(workdir, tmp_path):
+    out = tmp_path / "o"
+    base = ["sft", "--model_name_or_path", workdir["model"], "--dataset_name", workdir["train"], "--output_dir",
+            str(out), "--save_strategy", "steps", "--save_steps", "2", *SFT_FLAGS]
+    assert main([*base, "--max_steps", "2"]) == 0
+    assert (out / "checkpoint-2" / "roste_state.json").exists()
+    # `true` resumes from the newest complete checkpoint of output_dir (not from a folder named "true")
+    assert main([*base, "--max_steps", "3", "--resume_from_checkpoint", "true"]) == 0
+    state = json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())
+    assert state["global_step"] == 3 and not [h for h in state["log_history"] if h.get("step") in (1, 2) and "loss" in h]
+    # `false` starts over
+    assert main([*base, "--max_steps", "1", "--save_strategy", "no", "--resume_from_checkpoint", "false",
+                 "--output_dir", str(tmp_path / "fresh")]) == 0
+
+
+def test_eval_on_roste_lora_adapter_folder_scores_the_trained_model(workdir, tmp_path):
+    """`hf-roste eval` on the folder of `hf-roste sft --use_peft true` rebuilds the RoSTE base (saved quantization and
+    rotations) with the adapters inside the quantizers: the score is the trained model's, not FP base + plain LoRA."""
+    from datasets import load_dataset
+
+    from hf_roste.commands.sft import parse_args, run_sft
+    from hf_roste.evaluation import evaluate_perplexity
+
+    out = tmp_path / "lora"
+    # plain `--use_peft true`: lora_dropout defaults to 0 for RoSTE (TRL's 0.05 has no exact quantized merge)
+    args = parse_args(["--model_name_or_path", workdir["model"], "--dataset_name", workdir["train"], "--output_dir",
+                       str(out), "--max_steps", "3", "--learning_rate", "1e-2", "--save_strategy", "no",
+                       "--use_peft", "true", "--lora_target_modules", "all-linear", *SFT_FLAGS])
+    assert args[2].lora_dropout == 0
+    trainer = run_sft(*args)
+    trained = trainer.model.eval()
+    assert any(p.abs().sum() > 0 for n, p in trained.named_parameters() if "lora_B" in n)
+    assert (out / "adapter_config.json").exists() and (out / "roste_state.json").exists()
+    data = load_dataset("json", data_files=workdir["test"], split="train")
+    expected = evaluate_perplexity(trained, trainer.processing_class, data, progress=False)
+
+    scores = tmp_path / "scores.json"
+    assert main(["eval", str(out), "--task", "perplexity", "--dataset", workdir["test"], "--output", str(scores),
+                 "--no-progress"]) == 0
+    report = json.loads(scores.read_text())
+    for key in ("perplexity_completion", "perplexity_full"):
+        assert report["results"][key] == pytest.approx(expected[key], rel=1e-5), key
+    assert report["model_kind"] == "RoSTE w4a4kv4 + LoRA"
+    # the rotation search cannot run on adapters (it would rotate the base under them)
+    assert main(["search", str(out), "--dataset", workdir["train"], "--samples", "4"]) == 2

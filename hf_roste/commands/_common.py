@@ -5,9 +5,13 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Callable
 from typing import Any
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+DEBUG_ENV = "HF_ROSTE_DEBUG"
+ADAPTER_CONFIG = "adapter_config.json"
+STATE_FILE = "roste_state.json"
 
 
 class CommandError(Exception):
@@ -17,6 +21,50 @@ class CommandError(Exception):
 def fail(command: str, message: str) -> int:
     print(f"hf-roste {command}: error: {message}", file=sys.stderr)
     return 2
+
+
+def debug_enabled() -> bool:
+    """True when `HF_ROSTE_DEBUG` is set (to anything but 0/false/no): errors keep their traceback."""
+    return os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+def _user_error_types() -> tuple[type[BaseException], ...]:
+    """Exceptions a bad file, path, setting or model raises deep in the stack (not bugs of a command)."""
+    import yaml
+    from datasets.exceptions import DatasetsError
+
+    return ValueError, OSError, TypeError, yaml.YAMLError, DatasetsError
+
+
+def describe_error(exc: BaseException) -> str:
+    """One message for `exc`: its text (its type if empty), plus the underlying cause of a datasets error."""
+    message = str(exc).strip() or type(exc).__name__
+    cause = exc.__cause__
+    if cause is not None and type(exc).__module__.startswith("datasets") and str(cause).strip():
+        message = f"{message}: {type(cause).__name__}: {str(cause).strip()}"
+    return message
+
+
+def run_guarded(command: str, handler: Callable[..., int], *args: Any) -> int:
+    """`handler(*args)` with user errors reported as `hf-roste COMMAND: error: ...` and exit code 2.
+
+    `CommandError` is printed as is. ValueError, OSError, TypeError, YAML and `datasets` errors from
+    deeper code (the library's own checks, unreadable files, offline Hub) are printed with their
+    message and a hint to set `HF_ROSTE_DEBUG=1`, which re-raises them with the traceback. Any other
+    exception type is a bug and keeps its traceback.
+    """
+    try:
+        return handler(*args)
+    except CommandError as exc:
+        if debug_enabled():
+            raise
+        return fail(command, str(exc))
+    except _user_error_types() as exc:
+        if debug_enabled():
+            raise
+        code = fail(command, describe_error(exc))
+        print(f"hf-roste {command}: (set {DEBUG_ENV}=1 to see the traceback)", file=sys.stderr)
+        return code
 
 
 def torch_dtype(name: str | None):
@@ -58,11 +106,39 @@ def load_model(path: str, *, quantization_config=None, dtype: str | None = None,
     return AutoModelForCausalLM.from_pretrained(path, **kwargs)
 
 
-def load_tokenizer(path: str, revision: str | None = None):
+def load_model_arg(flag: str, path: str, **kwargs: Any):
+    """`load_model(path, **kwargs)`; a model that cannot be found or read is a `CommandError` naming `flag`."""
+    try:
+        return load_model(path, **kwargs)
+    except OSError as exc:
+        raise CommandError(
+            f"{flag} {path!r}: cannot load the model ({_first_line(exc)}). Pass a folder written by save_pretrained "
+            "or a Hub id that is reachable (or already in the cache when HF_HUB_OFFLINE=1)."
+        ) from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0].strip() if text else type(exc).__name__
+
+
+def load_tokenizer(path: str, revision: str | None = None, flag: str = "--tokenizer"):
+    """`AutoTokenizer.from_pretrained(path)` with a pad token; a missing tokenizer is a `CommandError` naming `flag`."""
     from transformers import AutoTokenizer
 
     kwargs = {"revision": revision} if revision else {}
-    tok = AutoTokenizer.from_pretrained(path, **kwargs)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as exc:
+        local = os.path.isdir(path)
+        if local and not any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json")):
+            detail = "the folder has no tokenizer files"
+        else:
+            detail = " ".join(str(exc).split()) or type(exc).__name__
+        raise CommandError(
+            f"Cannot load a tokenizer from {path!r}: {detail}. Save one into that folder "
+            f"(tokenizer.save_pretrained(path)) or pass a tokenizer folder or Hub id with {flag}."
+        ) from exc
     if tok.pad_token is None and tok.eos_token is not None:
         tok.pad_token = tok.eos_token
     return tok
@@ -74,3 +150,119 @@ def check_path_or_hub_id(command: str, flag: str, value: str) -> None:
                                                                                       ".csv", ".arrow")
     if looks_local and not os.path.exists(os.path.expanduser(value)):
         raise CommandError(f"{flag} {value!r} does not exist: pass an existing local path or a Hub id.")
+
+
+def check_output_file(flag: str, path: str) -> None:
+    """An output *file* flag pointing at an existing folder is a user error."""
+    if os.path.isdir(path):
+        raise CommandError(f"{flag} {path!r} is a folder: pass a file path, e.g. {os.path.join(path, 'out.json')}.")
+
+
+def check_output_dir(flag: str, path: str) -> None:
+    """An output *folder* flag pointing at an existing file is a user error."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise CommandError(f"{flag} {path!r} is a file, not a folder: pass a folder path (it is created if missing).")
+
+
+def load_dataset_arg(flag: str, name: str, config: str | None = None, split: str = "train", *,
+                     split_flag: str = "--split", streaming: bool = False):
+    """`load_any_dataset(name, config, split)` for a command-line flag: every failure is a `CommandError`
+    naming the flag (missing split, unreadable or empty file, offline Hub), and so is an empty split."""
+    from datasets.exceptions import DatasetsError
+
+    from ..data import MissingSplitError, load_any_dataset
+
+    check_path_or_hub_id("", flag, name)
+    try:
+        data = load_any_dataset(name, config, split=split, streaming=streaming)
+    except MissingSplitError as exc:
+        raise CommandError(
+            f"{split_flag} {split}: {name} has no split {split!r} (available: {', '.join(exc.available)}). "
+            f"Pass {split_flag} with one of those."
+        ) from exc
+    except (ValueError, OSError, DatasetsError) as exc:
+        raise CommandError(f"{flag} {name}: {describe_error(exc)}") from exc
+    if not streaming and hasattr(data, "__len__") and len(data) == 0:
+        raise CommandError(f"{flag} {name}: split {split!r} has no examples; pass a dataset that has some.")
+    return data
+
+
+def is_roste_adapter(path: str) -> bool:
+    """A folder of LoRA adapters trained by `RoSTESFTTrainer` (`adapter_config.json` + `roste_state.json`)."""
+    return os.path.isfile(os.path.join(path, ADAPTER_CONFIG)) and os.path.isfile(os.path.join(path, STATE_FILE))
+
+
+def is_adapter_folder(path: str) -> bool:
+    """A folder of PEFT adapters (`adapter_config.json`), RoSTE or not."""
+    return os.path.isfile(os.path.join(path, ADAPTER_CONFIG))
+
+
+def adapter_base_model(path: str) -> tuple[str, str | None]:
+    """(base_model_name_or_path, revision) recorded in the adapter folder's `adapter_config.json`."""
+    cfg_path = os.path.join(path, ADAPTER_CONFIG)
+    try:
+        with open(cfg_path, encoding="utf-8") as f:
+            cfg = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CommandError(f"{cfg_path} is not readable JSON ({exc}); save the adapters again.") from exc
+    base = cfg.get("base_model_name_or_path") if isinstance(cfg, dict) else None
+    if not base or not isinstance(base, str):
+        raise CommandError(
+            f"{cfg_path} does not name its base model (base_model_name_or_path): set it to the model the adapters "
+            "were trained on."
+        )
+    return base, cfg.get("revision") or None
+
+
+def load_roste_lora_model(path: str, *, flag: str = "MODEL_DIR", dtype: str | None = None):
+    """The RoSTE + LoRA model that `hf-roste sft --use_peft true` trained and saved in `path`.
+
+    The base named in `adapter_config.json` is loaded with the `RoSTEConfig` and rotation
+    configuration of `roste_state.json` (so its weights are rotated and fake-quantized exactly as
+    during training), then the adapters go inside the weight quantizers with `load_roste_adapter`.
+    """
+    from ..config import RoSTEConfig
+    from ..rotation.apply import get_state, set_rotation_config
+    from ..training.lora import load_roste_adapter
+
+    base, revision = adapter_base_model(path)
+    state_path = os.path.join(path, STATE_FILE)
+    try:
+        with open(state_path, encoding="utf-8") as f:
+            saved = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CommandError(f"{state_path} is not readable JSON ({exc}); the adapter folder is damaged.") from exc
+    qc_dict = saved.get("quantization_config") if isinstance(saved, dict) else None
+    rotation_config = saved.get("rotation_config") if isinstance(saved, dict) else None
+    if not isinstance(qc_dict, dict) or not isinstance(rotation_config, dict):
+        raise CommandError(
+            f"{state_path} lacks 'quantization_config' or 'rotation_config': the adapter folder is damaged or was "
+            "not written by RoSTESFTTrainer."
+        )
+    if base.startswith((".", "/", "~")) and not os.path.exists(os.path.expanduser(base)):
+        raise CommandError(
+            f"{flag} {path!r} holds LoRA adapters for the base model {base!r}, which does not exist here. Put the "
+            f"base model there, or set base_model_name_or_path in {os.path.join(path, ADAPTER_CONFIG)} to where it is."
+        )
+    rotation_config = {"R1": rotation_config.get("R1"), "layers": rotation_config.get("layers")}
+    if is_roste_checkpoint(base):
+        model = load_model_arg(f"{flag} base model", base, dtype=dtype, revision=revision)
+        current = get_state(model).config.to_dict()
+        free = {"rotation_search", "rotation_config", "checkpoint_format", "format_version", "quant_method"}
+        diffs = sorted(k for k in set(current) | set(qc_dict) if k not in free and current.get(k) != qc_dict.get(k))
+        if diffs:
+            raise CommandError(
+                f"{flag} {path!r}: the base model {base!r} now has other RoSTE settings ({', '.join(diffs)}) than the "
+                "adapters were trained with; evaluate them on the base they were trained on."
+            )
+        if get_state(model).packed:
+            raise CommandError(
+                f"{flag} {path!r}: the base model {base!r} is a packed RoSTE checkpoint, whose rotations cannot be "
+                "set to the ones the adapters were trained with; point base_model_name_or_path at its master checkpoint."
+            )
+        set_rotation_config(model, rotation_config)
+    else:
+        fields = {k: v for k, v in qc_dict.items() if k not in ("rotation_config", "checkpoint_format")}
+        qc = RoSTEConfig.from_dict({**fields, "rotation_config": rotation_config})
+        model = load_model_arg(f"{flag} base model", base, quantization_config=qc, dtype=dtype, revision=revision)
+    return load_roste_adapter(model, path)

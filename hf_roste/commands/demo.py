@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import os
+from typing import NoReturn
+
+from ._common import fail, run_guarded
 
 
 def register(subparsers) -> None:
@@ -33,15 +37,41 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
+class DemoUsageError(SystemExit):
+    """Exit code 2 (a usage error, like argparse's) whose `str()` is the message printed to stderr."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(2)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def _usage_error(message: str) -> NoReturn:
+    fail("demo", message)
+    raise DemoUsageError(f"hf-roste demo: error: {message}")
+
+
 def run(args: argparse.Namespace) -> int:
+    # every check before any side effect (set_num_threads rejects 0 with a bare RuntimeError)
+    for name in ("threads", "seeds", "steps", "eval_prompts", "calibration_samples", "pretrain_steps"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            _usage_error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.base is not None and not args.pretrain and not os.path.isfile(os.path.join(args.base, "config.json")):
+        _usage_error(f"--base {args.base!r} is not a saved model folder (no config.json): pass a folder written by "
+                     "save_pretrained (e.g. by `hf-roste demo --pretrain`), or leave --base out to use the shipped base.")
+    if args.output_dir and os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+        _usage_error(f"--output-dir {args.output_dir!r} is a file: pass a folder path.")
     if args.threads is not None:
         import torch
 
         torch.set_num_threads(args.threads)
-    for name in ("threads", "seeds", "steps", "eval_prompts", "calibration_samples", "pretrain_steps"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise SystemExit(f"hf-roste demo: error: --{name.replace('_', '-')} must be >= 1, got {value}")
+    return run_guarded("demo", _run, args)
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.pretrain:
         from pathlib import Path
 

@@ -5,7 +5,9 @@
     hf-roste eval MODEL_DIR --task perplexity --dataset test.jsonl --output scores.json
 
 MODEL_DIR may be a saved RoSTE checkpoint (evaluated with its fake quantizers, i.e. the function
-it was trained with) or a plain full-precision model; `--quantize` turns a full-precision model into
+it was trained with), the LoRA adapter folder of `hf-roste sft --use_peft true` (its base is
+rebuilt with the saved RoSTE configuration and rotations, the adapters inside the quantizers) or a
+plain full-precision model; `--quantize` turns a full-precision model into
 a RoSTE W4A4KV4 model first (round-to-nearest PTQ, no rotation search: the paper's "RTN" row with
 `--rotations none`). Generation is greedy with left-padded batches; ROUGE needs
 `pip install hf-roste[eval]`.
@@ -24,11 +26,18 @@ from ..evaluation import TASKS
 from ._common import (
     DTYPES,
     CommandError,
+    adapter_base_model,
+    check_output_file,
     check_path_or_hub_id,
     fail,
+    is_adapter_folder,
+    is_roste_adapter,
     is_roste_checkpoint,
-    load_model,
+    load_dataset_arg,
+    load_model_arg,
+    load_roste_lora_model,
     load_tokenizer,
+    run_guarded,
 )
 from .search import _positive
 
@@ -41,7 +50,8 @@ def register(subparsers) -> None:
         description=__doc__.split("\n\n", 1)[1] if __doc__ else None,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("model", metavar="MODEL_DIR", help="Model folder or Hub id (RoSTE checkpoint or full precision).")
+    p.add_argument("model", metavar="MODEL_DIR", help="Model folder or Hub id (RoSTE checkpoint, the LoRA adapter folder of "
+                   "`hf-roste sft --use_peft true`, or full precision).")
     p.add_argument("--task", required=True, choices=TASKS,
                    help="rouge (ROUGE-1/2/L/Lsum of greedy completions), exact-match, or perplexity "
                    "(completion-only and full).")
@@ -71,11 +81,38 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        return _run(args)
-    except CommandError as exc:
+        return run_guarded("eval", _run, args)
+    except ImportError as exc:  # an optional extra (rouge-score) is missing: the message names it
         return fail("eval", str(exc))
-    except ImportError as exc:
-        return fail("eval", str(exc))
+
+
+def resolve_device(name: str | None) -> str:
+    """`--device`, checked: a real device type whose backend is available here (default: cuda if any, else cpu)."""
+    import torch
+
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise CommandError(f"--device {name!r} is not a device: use cpu, cuda, cuda:N or mps.") from None
+    if device.type == "cpu":
+        return name
+    if device.type == "meta":
+        raise CommandError("--device meta holds no data and cannot evaluate: use cpu or an accelerator (cuda, mps).")
+    backend = torch.backends.mps if device.type == "mps" else getattr(torch, device.type, None)
+    available = getattr(backend, "is_available", None)
+    if available is None:
+        raise CommandError(f"--device {name}: this torch build has no {device.type} backend; use cpu, cuda or mps.")
+    if not available():
+        raise CommandError(
+            f"--device {name}: no {device.type} device is available here (torch.{device.type}.is_available() is False). "
+            "Use --device cpu, or leave --device out to pick cuda when there is one."
+        )
+    count = getattr(backend, "device_count", None)
+    if device.index is not None and count is not None and device.index >= count():
+        raise CommandError(f"--device {name}: there are only {count()} {device.type} device(s) (indices from 0).")
+    return name
 
 
 def _quant_config(args):
@@ -91,9 +128,6 @@ def _quant_config(args):
 
 
 def _run(args: argparse.Namespace) -> int:
-    import torch
-
-    from ..data import load_any_dataset
     from ..evaluation import _require_rouge, evaluate, format_table
 
     if args.task == "rouge":
@@ -102,15 +136,35 @@ def _run(args: argparse.Namespace) -> int:
         raise CommandError("--rotations only applies with --quantize (a RoSTE checkpoint keeps its own rotations).")
     check_path_or_hub_id("eval", "MODEL_DIR", args.model)
     check_path_or_hub_id("eval", "--dataset", args.dataset)
+    if args.output:
+        check_output_file("--output", args.output)
+    device = resolve_device(args.device)
+    lora = is_roste_adapter(args.model)
     qc = None
     if args.quantize:
         if is_roste_checkpoint(args.model):
             raise CommandError(f"--quantize: {args.model} is already a RoSTE checkpoint; drop --quantize.")
+        if lora:
+            raise CommandError(
+                f"--quantize: {args.model} holds RoSTE LoRA adapters, evaluated with the quantization they were "
+                "trained with; drop --quantize."
+            )
+        if is_adapter_folder(args.model):
+            raise CommandError(
+                f"--quantize: {args.model} holds LoRA adapters, which would be added outside the quantizers of a "
+                "rotated base they were not trained on. Merge them first (PeftModel.merge_and_unload(), then "
+                "save_pretrained) and evaluate the merged folder with --quantize."
+            )
         qc = _quant_config(args)
-    dataset = load_any_dataset(args.dataset, args.dataset_config, split=args.split)
-    tokenizer = load_tokenizer(args.tokenizer or args.model)
-    model = load_model(args.model, quantization_config=qc, dtype=args.dtype)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dataset = load_dataset_arg("--dataset", args.dataset, args.dataset_config, split=args.split)
+    tokenizer_path = args.tokenizer or args.model
+    if lora and not args.tokenizer and not os.path.isfile(os.path.join(args.model, "tokenizer_config.json")):
+        tokenizer_path = adapter_base_model(args.model)[0]  # adapters saved without a tokenizer: the base's
+    tokenizer = load_tokenizer(tokenizer_path)
+    if lora:
+        model = load_roste_lora_model(args.model, dtype=args.dtype)
+    else:
+        model = load_model_arg("MODEL_DIR", args.model, quantization_config=qc, dtype=args.dtype)
     model.to(device)
     kwargs = dict(batch_size=args.batch_size, max_samples=args.max_samples, progress=not args.no_progress)
     if args.task == "perplexity":
@@ -125,6 +179,8 @@ def _run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise CommandError(f"--dataset {args.dataset}: {exc}") from None
     kind = "RoSTE " + model.config.quantization_config.scheme_name if getattr(model, "roste", None) else "full precision"
+    if lora:
+        kind += " + LoRA"
     print(format_table(results, title=f"{args.task} - {args.model} ({kind})"))
     if args.output:
         report = {"task": args.task, "model": args.model, "dataset": args.dataset, "split": args.split,

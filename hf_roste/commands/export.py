@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 from ._common import fail
 
@@ -37,6 +38,14 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..export.compressed_tensors import ExportError, export_compressed_tensors
 
+    if not os.path.exists(args.model):
+        return fail("export", f"DIR {args.model!r} does not exist: pass the folder written by save_pretrained "
+                              "(or trainer.save_model) of a RoSTE model.")
+    if not os.path.isdir(args.model):
+        return fail("export", f"DIR {args.model!r} is a file, not a folder: pass the folder written by save_pretrained "
+                              "(or trainer.save_model) of a RoSTE model.")
+    if os.path.exists(args.output) and not os.path.isdir(args.output):
+        return fail("export", f"OUT {args.output!r} is a file, not a folder: pass a folder path.")
     try:
         summary = export_compressed_tensors(args.model, args.output, strict=not args.non_strict)
     except (ExportError, ValueError, OSError) as exc:

@@ -22,11 +22,15 @@ from ..config import ROTATION_NAMES, SUPPORTED_BITS
 from ._common import (
     DTYPES,
     CommandError,
+    check_output_dir,
+    check_output_file,
     check_path_or_hub_id,
-    fail,
+    is_adapter_folder,
     is_roste_checkpoint,
-    load_model,
+    load_dataset_arg,
+    load_model_arg,
     load_tokenizer,
+    run_guarded,
 )
 
 logger = logging.get_logger("hf_roste.search")
@@ -79,33 +83,54 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        return _run(args)
-    except CommandError as exc:
-        return fail("search", str(exc))
+    return run_guarded("search", _run, args)
+
+
+def _checkpoint_format(path: str) -> str | None:
+    """`checkpoint_format` of a local RoSTE checkpoint ("master" / "packed"; None if not recorded)."""
+    with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+        return (json.load(f).get("quantization_config") or {}).get("checkpoint_format")
 
 
 def _run(args: argparse.Namespace) -> int:
     import hf_roste
     from hf_roste import RoSTEConfig
 
-    from ..data import dataset_format, example_text, load_any_dataset
+    from ..data import dataset_format, example_text
 
     if args.output is None and args.rotation_config is None:
         logger.warning("Neither --output nor --rotation-config given: the search result is only printed.")
     check_path_or_hub_id("search", "MODEL_DIR", args.model)
     check_path_or_hub_id("search", "--dataset", args.dataset)
-    data = load_any_dataset(args.dataset, args.dataset_config, split=args.split)
+    if args.rotation_config:
+        check_output_file("--rotation-config", args.rotation_config)
+    if args.output:
+        check_output_dir("--output", args.output)
+    if is_adapter_folder(args.model):
+        raise CommandError(
+            f"MODEL_DIR {args.model!r} holds LoRA adapters (adapter_config.json), not a model: a search changes the "
+            "rotations fused into the base weights, which the adapters were trained against. Search the base model "
+            "(hf-roste sft searches it at train start anyway), or merge the adapters (model.merge_and_unload()), save "
+            "master weights (with hf_roste.save_format(model, 'master'): model.save_pretrained(DIR)) and search DIR."
+        )
+    roste = is_roste_checkpoint(args.model)
+    if roste and _checkpoint_format(args.model) == "packed":
+        raise CommandError(
+            f"MODEL_DIR {args.model!r} is a packed RoSTE checkpoint: its rotations are fused into integer codes and "
+            "cannot be searched again. Search the full-precision model, or a master checkpoint (a checkpoint-* "
+            "folder written during training)."
+        )
+    data = load_dataset_arg("--dataset", args.dataset, args.dataset_config, split=args.split)
     try:
         fmt = dataset_format(data.column_names)
     except ValueError as exc:
         raise CommandError(f"--dataset {args.dataset}: {exc}") from None
     tokenizer = load_tokenizer(args.tokenizer or args.model)
     qc = None
-    if not is_roste_checkpoint(args.model):
+    if not roste:
         qc = RoSTEConfig(weight_bits=args.weight_bits, activation_bits=args.activation_bits, kv_bits=args.kv_bits,
                          rotations=tuple(args.rotations), rotation_search="adaptive")
-    model = load_model(args.model, quantization_config=qc, dtype=args.dtype)
+    model = load_model_arg("MODEL_DIR", args.model, quantization_config=qc, dtype=args.dtype)
     model.eval()
     if fmt != "tokenized":
         texts = [{"text": example_text(data[i], tokenizer)} for i in range(len(data))] if len(data) <= args.samples \

@@ -8,6 +8,11 @@ Same parser conventions as `trl sft` (`trl.TrlParser`): YAML keys and `--flags` 
 `trl.ModelConfig` (model) and `RoSTEArguments` (the `RoSTEConfig` quantization fields, same names,
 plus `quantize`); command-line flags override the YAML. Nothing here is process-specific, so the
 command runs unchanged under `accelerate launch` / `torchrun`.
+
+With `use_peft: true` (RoSTE LoRA: the adapters train inside the weight quantizer) `lora_dropout`
+defaults to 0, the only value with an exact merge; TRL's 0.05 stays the default with
+`quantize: false`. `resume_from_checkpoint: true` resumes from the newest complete checkpoint of
+`output_dir`.
 """
 
 from __future__ import annotations
@@ -23,7 +28,16 @@ from trl import ModelConfig, ScriptArguments, TrlParser
 
 from ..config import FIELD_HELP, ROTATION_NAMES, SUPPORTED_BITS, RoSTEConfig
 from ..training.config import RoSTESFTConfig
-from ._common import CommandError, fail, load_model, load_tokenizer
+from ._common import (
+    CommandError,
+    check_output_dir,
+    check_path_or_hub_id,
+    fail,
+    load_dataset_arg,
+    load_model_arg,
+    load_tokenizer,
+    run_guarded,
+)
 
 logger = logging.get_logger("hf_roste.sft")
 
@@ -110,8 +124,14 @@ class RoSTEArguments:
     def to_roste_config(self, trainer_rotation_search: str | None = None) -> RoSTEConfig:
         rotation_config = None
         if self.rotation_config is not None:
-            with open(self.rotation_config, encoding="utf-8") as f:
-                rotation_config = json.load(f)
+            try:
+                with open(self.rotation_config, encoding="utf-8") as f:
+                    rotation_config = json.load(f)
+            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+                raise ValueError(
+                    f"rotation_config={self.rotation_config!r} is not valid JSON ({exc}): pass a file written by "
+                    "`hf-roste search MODEL --rotation-config FILE`."
+                ) from None
             if isinstance(rotation_config, dict) and "rotation_config" in rotation_config:
                 rotation_config = rotation_config["rotation_config"]  # a full `search` report
         mode = "none" if trainer_rotation_search == "none" else "adaptive"
@@ -137,13 +157,60 @@ def make_parser() -> TrlParser:
 def parse_args(argv: Sequence[str]):
     """(script_args, training_args, model_args, roste_args) from `argv` (YAML via --config + overrides)."""
     argv = list(argv)
+    config = None
     if "--config" in argv:
         i = argv.index("--config")
         if i + 1 >= len(argv):
             raise CommandError("--config needs a YAML file, e.g. --config recipes/qwen2.5-0.5b/roste.yaml.")
-        if not os.path.isfile(argv[i + 1]):
-            raise CommandError(f"--config {argv[i + 1]!r} does not exist; recipes are in recipes/<model>/<variant>.yaml.")
-    return make_parser().parse_args_and_config(argv)
+        config = argv[i + 1]
+        if not os.path.isfile(config):
+            raise CommandError(f"--config {config!r} does not exist; recipes are in recipes/<model>/<variant>.yaml.")
+        _check_yaml(config)
+    script_args, training_args, model_args, roste_args = make_parser().parse_args_and_config(argv)
+    _default_lora_dropout(model_args, roste_args, _explicit_fields(argv, config))
+    return script_args, training_args, model_args, roste_args
+
+
+def _check_yaml(path: str) -> None:
+    """A recipe that is not a YAML mapping is a `CommandError` pointing at the problem."""
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except yaml.YAMLError as exc:
+        raise CommandError(f"--config {path} is not valid YAML: {' '.join(str(exc).split())}. Fix the file.") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CommandError(f"--config {path} cannot be read: {exc}.") from None
+    if data is not None and not isinstance(data, dict):
+        raise CommandError(f"--config {path} must hold a YAML mapping of fields (key: value), got a {type(data).__name__}.")
+
+
+def _explicit_fields(argv: Sequence[str], config: str | None) -> set[str]:
+    """Field names the user set: `--flags` on the command line and keys of the `--config` YAML."""
+    names = {a[2:].split("=", 1)[0].replace("-", "_") for a in argv if a.startswith("--")}
+    if config is not None:
+        import yaml
+
+        with open(config, encoding="utf-8") as f:
+            data = yaml.safe_load(f) or {}
+        names |= {str(k) for k in data}
+    return names
+
+
+def _default_lora_dropout(model_args, roste_args, explicit: set[str]) -> None:
+    """RoSTE LoRA needs `lora_dropout=0` (`hf_roste.training.lora`): the default when unset, an error when set."""
+    if not (model_args.use_peft and roste_args.quantize) or not model_args.lora_dropout:
+        return
+    if "lora_dropout" in explicit:
+        raise CommandError(
+            f"--lora_dropout {model_args.lora_dropout} is not supported with RoSTE: the LoRA update is trained inside "
+            "the weight quantizer, so that merging reproduces the trained model, and dropout on the LoRA input has no "
+            "merged equivalent. Pass --lora_dropout 0 (or --quantize false for the full-precision LoRA baseline)."
+        )
+    logger.info("RoSTE LoRA: lora_dropout=0 (TRL's default %s has no exact merge into the quantized weight).",
+                model_args.lora_dropout)
+    model_args.lora_dropout = 0.0
 
 
 def register(subparsers) -> None:
@@ -165,10 +232,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if "bf16/gpu" in message:
             message += " On a machine without a GPU add --use_cpu true (bf16 autocast on CPU) or --bf16 false."
         return fail("sft", message)
-    try:
-        run_sft(script_args, training_args, model_args, roste_args)
-    except CommandError as exc:
-        return fail("sft", str(exc))
+    return run_guarded("sft", _run, script_args, training_args, model_args, roste_args)
+
+
+def _run(script_args, training_args, model_args, roste_args) -> int:
+    run_sft(script_args, training_args, model_args, roste_args)
     return 0
 
 
@@ -199,11 +267,63 @@ def recipe_num_processes(accelerate_config: str) -> int | None:
     return int(n) if n is not None else None
 
 
+def _resume_checkpoint(training_args, quantize: bool) -> str | None:
+    """`resume_from_checkpoint` as a folder: `true` is the newest complete checkpoint of `output_dir`, `false` none."""
+    value = training_args.resume_from_checkpoint
+    if value is None or value is False or str(value).strip().lower() in ("", "false", "none"):
+        return None
+    output_dir = training_args.output_dir
+    if value is True or str(value).strip().lower() == "true":
+        if quantize:
+            from ..training.trainer import last_complete_checkpoint
+
+            found = last_complete_checkpoint(output_dir)
+        else:
+            from transformers.trainer_utils import get_last_checkpoint
+
+            found = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+        if found is None:
+            raise CommandError(
+                f"--resume_from_checkpoint true: {output_dir} holds no complete checkpoint-* folder to resume from. "
+                "Leave the flag out to start a new run, or pass the checkpoint folder to resume."
+            )
+        logger.info("Resuming from %s", found)
+        return found
+    if not os.path.isdir(value):
+        raise CommandError(
+            f"--resume_from_checkpoint {value!r} is not a folder: pass a checkpoint-* folder written during training, "
+            "or true for the newest complete one in --output_dir."
+        )
+    return value
+
+
+def _check_search_options(training_args, model_args, quantize: bool) -> None:
+    """Rotation-search options that cannot take effect are refused (RoSTE) or warned about (quantize=false)."""
+    interval = training_args.rotation_search_interval
+    if not quantize:
+        for name in ("rotation_search", "rotation_search_interval"):
+            if getattr(training_args, name) not in (None, "none"):
+                logger.warning("quantize=false: %s=%r is ignored (full-precision SFT baseline, no rotations).", name,
+                               getattr(training_args, name))
+        return
+    if interval and training_args.rotation_search == "none":
+        raise CommandError(
+            f"--rotation_search_interval {interval} re-runs the rotation search, but --rotation_search none turns the "
+            "search off: drop --rotation_search_interval, or choose --rotation_search adaptive or layerwise."
+        )
+    if interval and model_args.use_peft:
+        raise CommandError(
+            f"--rotation_search_interval {interval} is not supported with --use_peft true: a re-search rotates the "
+            "base weights under LoRA adapters trained in the old rotation. With LoRA the search runs once, at train "
+            "start: drop --rotation_search_interval."
+        )
+
+
 def run_sft(script_args, training_args, model_args, roste_args):
     """Load data, tokenizer and model, train, `save_model`; returns the trainer."""
     from trl import SFTTrainer, get_peft_config
 
-    from ..data import load_any_dataset
+    from ..data import MissingSplitError, dataset_format
     from ..training.trainer import RoSTESFTTrainer
 
     if not model_args.model_name_or_path:
@@ -213,40 +333,65 @@ def run_sft(script_args, training_args, model_args, roste_args):
     n = script_args.max_train_samples
     if n is not None and n < 1:
         raise CommandError(f"--max_train_samples {n} is invalid: expected an int >= 1 (or leave it unset).")
+    check_path_or_hub_id("sft", "--model_name_or_path", model_args.model_name_or_path)
+    if script_args.tokenizer_name_or_path:
+        check_path_or_hub_id("sft", "--tokenizer_name_or_path", script_args.tokenizer_name_or_path)
+    check_output_dir("--output_dir", training_args.output_dir)
+    _check_search_options(training_args, model_args, roste_args.quantize)
+    resume = _resume_checkpoint(training_args, roste_args.quantize)
     _check_world_size(script_args, training_args)
 
-    train_dataset = load_any_dataset(script_args.dataset_name, script_args.dataset_config,
-                                     split=script_args.dataset_train_split, streaming=script_args.dataset_streaming)
-    if n is not None and not script_args.dataset_streaming and n < len(train_dataset):
+    streaming = script_args.dataset_streaming
+    train_dataset = load_dataset_arg("--dataset_name", script_args.dataset_name, script_args.dataset_config,
+                                     split=script_args.dataset_train_split, split_flag="--dataset_train_split",
+                                     streaming=streaming)
+    columns = getattr(train_dataset, "column_names", None)
+    if columns is not None:
+        try:
+            dataset_format(columns)
+        except ValueError as exc:
+            raise CommandError(f"--dataset_name {script_args.dataset_name}: {exc} Rename the columns.") from None
+    if n is not None and not streaming and n < len(train_dataset):
         train_dataset = train_dataset.shuffle(seed=training_args.seed).select(range(n))
     eval_dataset = None
-    if str(getattr(training_args, "eval_strategy", "no")) not in ("no", "IntervalStrategy.NO"):
-        eval_dataset = load_any_dataset(script_args.dataset_name, script_args.dataset_config,
-                                        split=script_args.dataset_test_split, streaming=script_args.dataset_streaming)
+    eval_strategy = str(getattr(training_args, "eval_strategy", "no"))
+    if eval_strategy not in ("no", "IntervalStrategy.NO"):
+        try:
+            eval_dataset = load_dataset_arg("--dataset_name", script_args.dataset_name, script_args.dataset_config,
+                                            split=script_args.dataset_test_split, split_flag="--dataset_test_split",
+                                            streaming=streaming)
+        except CommandError as exc:
+            missing = exc.__cause__
+            if not isinstance(missing, MissingSplitError):
+                raise
+            raise CommandError(
+                f"--eval_strategy {eval_strategy.split('.')[-1].lower()} evaluates on split {missing.split!r} "
+                f"(--dataset_test_split), but {missing.name} has no such split (available: "
+                f"{', '.join(missing.available)}). Pass --dataset_test_split with one of those, or --eval_strategy no."
+            ) from None
 
     tokenizer = load_tokenizer(script_args.tokenizer_name_or_path or model_args.model_name_or_path,
-                               revision=model_args.model_revision if not script_args.tokenizer_name_or_path else None)
+                               revision=model_args.model_revision if not script_args.tokenizer_name_or_path else None,
+                               flag="--tokenizer_name_or_path")
     peft_config = get_peft_config(model_args)
     revision = model_args.model_revision if model_args.model_revision != "main" else None
 
     if roste_args.quantize:
         qc = roste_args.to_roste_config(training_args.rotation_search)
         logger.info("RoSTE QA-SFT: %s, rotations %s", qc.scheme_name, list(qc.rotations) or "none")
-        model = load_model(model_args.model_name_or_path, quantization_config=qc, dtype=model_args.dtype,
-                           attn_implementation=model_args.attn_implementation, revision=revision)
+        model = load_model_arg("--model_name_or_path", model_args.model_name_or_path, quantization_config=qc,
+                               dtype=model_args.dtype, attn_implementation=model_args.attn_implementation,
+                               revision=revision)
         trainer = RoSTESFTTrainer(model=model, args=training_args, train_dataset=train_dataset,
                                   eval_dataset=eval_dataset, processing_class=tokenizer, peft_config=peft_config)
     else:
-        if training_args.rotation_search not in (None, "none"):
-            logger.warning("quantize=false: rotation_search=%r is ignored (full-precision SFT baseline).",
-                           training_args.rotation_search)
         logger.info("Full-precision SFT baseline (quantize=false): TRL SFTTrainer.")
-        model = load_model(model_args.model_name_or_path, dtype=model_args.dtype,
-                           attn_implementation=model_args.attn_implementation, revision=revision)
+        model = load_model_arg("--model_name_or_path", model_args.model_name_or_path, dtype=model_args.dtype,
+                               attn_implementation=model_args.attn_implementation, revision=revision)
         trainer = SFTTrainer(model=model, args=training_args, train_dataset=train_dataset,
                              eval_dataset=eval_dataset, processing_class=tokenizer, peft_config=peft_config)
 
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(training_args.output_dir)
     if trainer.is_world_process_zero():
         logger.info("Saved the trained model to %s", training_args.output_dir)
