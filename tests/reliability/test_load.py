@@ -126,15 +126,18 @@ def test_long_generation_memory_is_the_kv_cache(models, kind):
 def test_large_batch_is_finite_and_does_not_leak(models):
     ids = torch.randint(0, 128, (64, 256), generator=torch.Generator().manual_seed(1))
     proc = psutil.Process()
-    rss = []
-    for model in (models["packed"], models["qat"]):
-        for _ in range(3):
+    rss = {}
+    for name in ("packed", "qat"):
+        rss[name] = []
+        for _ in range(4):
             with torch.no_grad():
-                logits = model(ids).logits
+                logits = models[name](ids).logits
             assert torch.isfinite(logits).all()
             del logits
             gc.collect()
-            rss.append(proc.memory_info().rss)
-    growth = max(rss[2] - rss[1], rss[5] - rss[4])
+            rss[name].append(proc.memory_info().rss)
+    # a leak grows RSS on every repeat; a one-off allocator jump (another test's memory returned or
+    # reused) moves one step only, so the smallest step after the warm-up repeat is the leak estimate
+    growth = max(min(r[i + 1] - r[i] for i in range(1, len(r) - 1)) for r in rss.values())
     record("large_batch", batch=64, seq=256, rss_growth_between_repeats_mb=round(growth / 2**20, 1))
-    assert growth <= 32 * 2**20, [r / 2**20 for r in rss]
+    assert growth <= 32 * 2**20, {k: [x / 2**20 for x in v] for k, v in rss.items()}
