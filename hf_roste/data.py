@@ -204,6 +204,24 @@ def split_prompt_reference(example: Mapping[str, Any], tokenizer) -> tuple[str, 
     raise ValueError(f"Example with keys {sorted(example)} is not prompt/completion or messages.")
 
 
+def scored_completion(example: Mapping[str, Any], tokenizer) -> tuple[str, str, bool]:
+    """(prompt text, completion text, completion_is_rendered) for scoring a completion's likelihood.
+
+    For a `messages` example the completion is what the chat template renders after the prompt
+    for the last assistant turn (its content plus the template's end-of-turn tokens, which SFT
+    trains on), when the rendered conversation starts with the rendered prompt; otherwise, and for
+    prompt/completion data, it is the reference text (`completion_is_rendered` False).
+    """
+    prompt, reference = split_prompt_reference(example, tokenizer)
+    if "messages" in example and not ("prompt" in example and "completion" in example):
+        messages = list(example["messages"])
+        last = max(i for i, m in enumerate(messages) if m.get("role") == "assistant")
+        full = _apply_template(tokenizer, messages[: last + 1], add_generation_prompt=False)
+        if full.startswith(prompt) and len(full) > len(prompt):
+            return prompt, full[len(prompt):], True
+    return prompt, reference, False
+
+
 def _apply_template(tokenizer, messages, add_generation_prompt: bool) -> str:
     if getattr(tokenizer, "chat_template", None) is None:
         raise ValueError(

@@ -26,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
-from .data import dataset_format, split_prompt_reference
+from .data import dataset_format, scored_completion, split_prompt_reference
 
 logger = logging.get_logger(__name__)
 
@@ -78,8 +78,9 @@ def generate_completions(model, tokenizer, prompts: Sequence[str], *, max_new_to
         raise ValueError(f"max_new_tokens and batch_size must be >= 1, got {max_new_tokens} and {batch_size}.")
     _ensure_pad(tokenizer)
     device = _device(model)
-    old_side = tokenizer.padding_side
+    old_side, old_trunc = tokenizer.padding_side, tokenizer.truncation_side
     tokenizer.padding_side = "left"
+    tokenizer.truncation_side = "left"  # an over-long prompt keeps its end (the text right before the answer)
     was_training = model.training
     model.eval()
     outputs: list[str] = []
@@ -94,7 +95,7 @@ def generate_completions(model, tokenizer, prompts: Sequence[str], *, max_new_to
             new = out[:, enc["input_ids"].shape[1]:]
             outputs.extend(t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True))
     finally:
-        tokenizer.padding_side = old_side
+        tokenizer.padding_side, tokenizer.truncation_side = old_side, old_trunc
         model.train(was_training)
     return outputs
 
@@ -173,11 +174,13 @@ def _encode_for_perplexity(row: dict, tokenizer, fmt: str, max_length: int | Non
     elif fmt == "text":
         ids, start = list(tokenizer(str(row["text"]))["input_ids"]), 0
     else:
-        prompt, reference = split_prompt_reference(row, tokenizer)
+        prompt, reference, rendered = scored_completion(row, tokenizer)
         p_ids = list(tokenizer(prompt)["input_ids"])
         c_ids = list(tokenizer(reference, add_special_tokens=False)["input_ids"])
-        if fmt == "prompt_completion" and (not c_ids or c_ids[-1] not in eos):
-            c_ids = c_ids + eos  # as TRL's completion-only training appends eos
+        if not rendered and (not c_ids or c_ids[-1] not in eos):
+            # as TRL's completion-only training appends eos (conversations: the chat template's end of turn,
+            # taken from the rendered conversation when possible)
+            c_ids = c_ids + eos
         ids, start = p_ids + c_ids, len(p_ids)
     if max_length is not None:
         ids = ids[:max_length]

@@ -38,6 +38,13 @@ class RoSTEHfQuantizer(HfQuantizer):
     def __init__(self, quantization_config: RoSTEConfig, **kwargs: Any) -> None:
         if not isinstance(quantization_config, RoSTEConfig):
             raise TypeError(f"RoSTEHfQuantizer needs a RoSTEConfig, got {type(quantization_config).__name__}.")
+        try:  # the fields are checked in RoSTEConfig.__init__; a field set afterwards (or via .update()) is not
+            RoSTEConfig.from_dict(quantization_config.to_dict())
+        except (ValueError, TypeError, KeyError) as exc:
+            raise ValueError(
+                f"Invalid RoSTEConfig (was a field changed after it was built?): {exc} Build a new RoSTEConfig(...) "
+                "with the values you want instead of assigning to its attributes."
+            ) from exc
         super().__init__(quantization_config, **kwargs)
         fmt = quantization_config.checkpoint_format
         if self.pre_quantized and fmt is None:

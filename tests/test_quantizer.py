@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 
@@ -232,3 +233,48 @@ def test_r4_on_an_unconverted_down_proj_is_refused_before_loading(tiny_checkpoin
     model = _load(path, rotation_config=only_layer_1, modules_to_not_convert=["layers.0.mlp.down_proj", "lm_head"])
     assert type(model.get_submodule("model.layers.0.mlp.down_proj")) is torch.nn.Linear
     _load(path, rotation_search="all", rotations=("R1", "R2", "R3"), modules_to_not_convert=skip)
+
+
+def test_config_changed_after_construction_is_validated_at_load(tiny_checkpoints):
+    cfg = RoSTEConfig()
+    cfg.rotation_search = "ALL"  # bypasses RoSTEConfig.__init__'s checks
+    with pytest.raises(ValueError, match=r"Invalid RoSTEConfig \(was a field changed after it was built\?\).*"
+                                         r"rotation_search='ALL'"):
+        AutoModelForCausalLM.from_pretrained(tiny_checkpoints["llama"], quantization_config=cfg)
+    cfg = RoSTEConfig()
+    cfg.update(modules_to_not_convert="down_proj")
+    with pytest.raises(ValueError, match="modules_to_not_convert must be None or a list"):
+        AutoModelForCausalLM.from_pretrained(tiny_checkpoints["llama"], quantization_config=cfg)
+
+
+def test_gpt_neox_without_attention_bias_is_refused_before_loading(tmp_path, monkeypatch):
+    from transformers import GPTNeoXConfig
+
+    import hf_roste.rotation.apply as apply_mod
+
+    cfg = GPTNeoXConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        vocab_size=128, rotary_pct=0.5, attention_bias=False, max_position_embeddings=64)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "neox")
+    folded = []
+    monkeypatch.setattr(apply_mod, "fold_norms", lambda *a, **k: folded.append(1))
+    with pytest.raises(ValueError, match=r"attention\.query_key_value has no bias but reads a LayerNorm with a bias"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "neox", quantization_config=RoSTEConfig())
+    assert not folded
+
+
+def test_api_arguments_are_type_checked(tiny_checkpoints):
+    from hf_roste import search_rotation_config, set_quantization_enabled, set_rotation_config
+
+    model = _load(tiny_checkpoints["llama"])
+    with pytest.raises(TypeError, match="enabled must be True or False, got 'False'"):
+        set_quantization_enabled(model, "False")
+    with pytest.raises(TypeError, match="needs a dict"):
+        set_rotation_config(model, None)
+    ids = sample_ids()
+    before = copy.deepcopy(get_state(model).applied)
+    batch = [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}]
+    with pytest.raises(TypeError, match="optimizer must be a torch.optim.Optimizer"):
+        search_rotation_config(model, batch, optimizer="adam")
+    assert get_state(model).applied == before  # refused before anything was applied
+    with pytest.raises(ValueError, match="attention_mask is all zeros"):
+        search_rotation_config(model, [{"input_ids": ids, "attention_mask": torch.zeros_like(ids)}])

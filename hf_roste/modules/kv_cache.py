@@ -396,7 +396,7 @@ class RoSTEQuantizedSlidingWindowLayer(RoSTEQuantizedLayer):
             n = self.stored_length
 
             def window(t: Tensor) -> Tensor:
-                end = n - drop
+                end = max(n - drop, 0)  # dropping more than is stored leaves nothing (no negative slice)
                 return t[:, :, max(end - keep, 0) : end]
 
             self._map(window)

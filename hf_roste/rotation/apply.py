@@ -149,12 +149,32 @@ def check_r4_targets(model: nn.Module, adapter: ArchAdapter, config: RoSTEConfig
         )
 
 
+def check_norm_bias_readers(model: nn.Module, adapter: ArchAdapter) -> None:
+    """A LayerNorm bias is folded into the biases of the linears reading that norm; they must have one."""
+    if adapter.norm_kind != "layernorm":
+        return
+    missing = []
+    for i, layer in enumerate(adapter.decoder_layers(model)):
+        for norm_path, readers in ((adapter.input_norm, adapter.qkv), (adapter.post_attention_norm, adapter.mlp_in)):
+            if getattr(adapter.get(layer, norm_path), "bias", None) is None:
+                continue
+            missing += [f"{adapter.layers}.{i}.{p}" for p in readers if adapter.get(layer, p).bias is None]
+    if missing:
+        raise ValueError(
+            f"{model.config.model_type}: {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''} has no bias but "
+            "reads a LayerNorm with a bias, which RoSTE folds into that linear's bias to make the norm rotation-"
+            "invariant (e.g. GPT-NeoX with attention_bias=False). This layout is not supported: use a checkpoint "
+            "whose attention / MLP input projections have biases (e.g. Pythia), or an RMSNorm family."
+        )
+
+
 def check_model_fits_config(model: nn.Module, config: RoSTEConfig, adapter: ArchAdapter | None = None) -> None:
     """Fail before any weight is read if `config` cannot be applied to `model` (works on a meta model)."""
     adapter = adapter or get_adapter(model)
     check_rotation_sizes(model, adapter, config)
     check_weight_group_size(model, adapter, config)
     check_r4_targets(model, adapter, config)
+    check_norm_bias_readers(model, adapter)
 
 
 def _excluded(path: str, config: RoSTEConfig) -> bool:
@@ -314,6 +334,13 @@ def set_rotation_config(model: nn.Module, rotation_config: dict, record: bool = 
     """
     state = get_state(model)
     model = unwrap_peft(model)
+    if not isinstance(rotation_config, dict):
+        raise TypeError(
+            f"set_rotation_config needs a dict {{'R1': bool, 'layers': [{{'R2': bool, 'R3': bool, 'R4': bool}}, ...]}}, "
+            f"got {type(rotation_config).__name__}."
+        )
+    if not isinstance(record, bool):
+        raise TypeError(f"set_rotation_config(record=...) must be True or False, got {record!r}.")
     if state.packed:
         raise ValueError(
             "This model was loaded from a packed RoSTE checkpoint: its rotations are fused into integer codes and "
@@ -344,6 +371,8 @@ def set_rotation_config(model: nn.Module, rotation_config: dict, record: bool = 
 
 def set_quantization_enabled(model: nn.Module, enabled: bool) -> None:
     """Turn every RoSTE fake quantizer (weights, activations, K/V) on or off; rotations stay."""
+    if not isinstance(enabled, bool):
+        raise TypeError(f"set_quantization_enabled(model, enabled): enabled must be True or False, got {enabled!r}.")
     if get_state(model).packed:
         raise ValueError(
             "A packed RoSTE model computes with integer codes; quantization cannot be turned off. "

@@ -68,8 +68,16 @@ def sample_calibration_batches(
     """
     if data is None or len(data) == 0:
         raise ValueError("sample_calibration_batches got empty calibration data.")
-    if n_samples < 1 or batch_size < 1:
-        raise ValueError(f"n_samples and batch_size must be >= 1, got {n_samples} and {batch_size}.")
+    for name, value in (("n_samples", n_samples), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"sample_calibration_batches: {name} must be an int >= 1, got {value!r}.")
+    if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1):
+        raise ValueError(f"sample_calibration_batches: max_length must be None or an int >= 1, got {max_length!r}.")
+    if (rank is None) != (world_size is None):
+        raise ValueError("sample_calibration_batches: pass both rank and world_size, or neither.")
+    if world_size is not None and not (isinstance(world_size, int) and world_size >= 1 and 0 <= rank < world_size):
+        raise ValueError(f"sample_calibration_batches: need world_size >= 1 and 0 <= rank < world_size, got "
+                         f"rank={rank!r}, world_size={world_size!r}.")
     if len(data) < n_samples:
         logger.warning("Calibration data has %d examples, fewer than n_samples=%d: using all.", len(data), n_samples)
     g = torch.Generator().manual_seed(int(seed))
@@ -80,6 +88,11 @@ def sample_calibration_batches(
             rank, world_size = dist.get_rank(), dist.get_world_size()
         else:
             rank, world_size = 0, 1
+    if len(order) < world_size:  # the same on every rank: all raise, none waits for the others
+        raise ValueError(
+            f"sample_calibration_batches: {len(order)} calibration example(s) for {world_size} processes; every "
+            f"process needs at least one. Draw n_samples >= {world_size} from data with at least that many examples."
+        )
     order = order[rank::world_size]
     if pad_token_id is None:
         pad_token_id = getattr(tokenizer, "pad_token_id", None)

@@ -287,6 +287,10 @@ def search_rotation_config(
         raise ValueError(f"strategy={strategy!r} is invalid: expected one of {STRATEGIES}.")
     if criterion not in CRITERIA:
         raise ValueError(f"criterion={criterion!r} is invalid: expected one of {CRITERIA}.")
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer (or None), got {type(optimizer).__name__}.")
+    if not isinstance(apply, bool):
+        raise TypeError(f"apply must be True or False, got {apply!r}.")
     batches = _check_batches(calibration_batches)
     start = time.perf_counter()
     device = _input_device(model)
@@ -301,6 +305,11 @@ def search_rotation_config(
         collector, finals = _measure(model, state, batches, criterion, searchable, device, strategy == "layerwise")
         reduced = _all_reduce(torch.cat([collector.sums.flatten(), torch.tensor([float(collector.tokens)])]))
         tokens = int(round(float(reduced[-1])))
+        if tokens == 0:  # summed over every process, so every process raises alike
+            raise ValueError(
+                "Every calibration token is masked out (attention_mask is all zeros): the search would decide from "
+                "nothing. Pass batches whose attention_mask marks the real tokens with 1."
+            )
         collector.sums = reduced[:-1].reshape(collector.sums.shape)
         errs = collector.errors(tokens)
         layers = []

@@ -304,6 +304,12 @@ class RoSTESFTTrainer(SFTTrainer):
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             # each rank measures its share; the search all-reduces the errors, so every rank decides alike
             rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+            if n < world:  # raised on every rank alike (a rank with no samples would leave the others waiting)
+                raise ValueError(
+                    f"The rotation search draws {n} calibration sample(s) but there are {world} processes: every "
+                    f"process needs at least one. Set rotation_calibration_samples >= {world} (paper: 128)"
+                    + (" or pass a larger train_dataset." if n < self.args.rotation_calibration_samples else ".")
+                )
             order = order[rank::world]
         size = max(1, self.args.per_device_train_batch_size)
         batches = []

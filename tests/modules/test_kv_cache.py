@@ -409,3 +409,22 @@ def test_output_cache_reads_the_cache_under_either_name():
         assert isinstance(output_cache(model(ids, use_cache=True)), DynamicCache)
         assert output_cache(model(ids, use_cache=False)) is None
     assert output_cache(CausalLMOutputWithPast(logits=torch.zeros(1))) is None
+
+
+@pytest.mark.parametrize("window", [2, 3, 4])
+@pytest.mark.parametrize("tokens,drop", [(5, 3), (6, 3), (3, 3), (4, 1), (1, 1)])
+def test_sliding_crop_matches_transformers_when_dropping_everything_stored(window, tokens, drop):
+    from transformers.cache_utils import DynamicSlidingWindowLayer
+
+    from hf_roste.modules.kv_cache import RoSTEQuantizedSlidingWindowLayer
+
+    ours = RoSTEQuantizedSlidingWindowLayer(AttentionQuantState(r3=False, kv_spec=QuantSpec(4, granularity="token_head")),
+                                            window)
+    ref = DynamicSlidingWindowLayer(window)
+    k = torch.randn(1, 1, tokens, 8, generator=torch.Generator().manual_seed(tokens))
+    for layer in (ours, ref):
+        layer.activate_past_recording()
+        layer.update(k, k)
+        layer.crop(0)
+        layer.crop(-drop)
+    assert (ours.get_seq_length(), ours.stored_length) == (ref.get_seq_length(), ref.keys.shape[-2])
