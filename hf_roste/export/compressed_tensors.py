@@ -21,11 +21,12 @@ What is written (built with compressed-tensors' own `QuantizationArgs` / `Quanti
   (`location: weight_input, inverse: true`, informational: offline transforms are not re-applied
   by loaders). The transform matrix is also stored as `<down_proj>.R4_input.weight` (unnormalised
   +-1 entries; the loaders divide by sqrt(n)), which is how vLLM loads online transforms. Sizes that
-  are powers of two use the `hadamard` type (Sylvester, vLLM's fast kernel). Other sizes can only be
-  declared `random-hadamard`, which compressed-tensors' own loader regenerates with random signs
-  instead of reading the stored matrix (our matrix is its `_matmul_hadU` construction with all signs
-  +1), so they are refused unless `strict=False`. Per-layer mixed R4 is expressed with explicit module
-  names as targets;
+  are powers of two use the `hadamard` type (Sylvester, vLLM's fast kernel). Other sizes (e.g. 4864,
+  14336) can only be declared `random-hadamard`, which compressed-tensors' loader regenerates as
+  `diag(q) H` (H our matrix, q signs from its unseeded generator) instead of reading the stored
+  matrix. The export builds that same matrix, stores it, and negates the up-projection rows where
+  `q = -1` (exact for symmetric integer codes), so `diag(q)` cancels in `act(gate) * up`. Per-layer
+  mixed R4 is expressed with explicit module names as targets;
 - R1 and R2 need nothing: they are fused into the weights (embeddings and lm_head hold R1, so the
   exported config unties the embeddings).
 
@@ -160,14 +161,12 @@ def check_exportable(config: RoSTEConfig, model: nn.Module | None = None, *, str
                     "layers; train with RoSTEConfig(rotations=('R1', 'R2', 'R3')) (no R4)."
                 )
             size = down.in_features
-            if strict and size & (size - 1):
+            if size & (size - 1) and _up_projection(adapter) is None:
                 problems.append(
-                    f"online R4 of size {size} (not a power of two): compressed-tensors can only name it "
-                    "'random-hadamard', and its loader regenerates that matrix with random signs instead of reading "
-                    "the stored one, so the served model would not be the trained one (measured: 5-175% logit "
-                    "error). Train with RoSTEConfig(rotations=('R1', 'R2', 'R3')) (no R4), or export with "
-                    "strict=False (hf-roste export --non-strict) for engines that load the stored "
-                    "R4_input.weight (not verified here)."
+                    f"online R4 of size {size} (not a power of two) on a model without a separate up projection: "
+                    "compressed-tensors names such a transform 'random-hadamard' and regenerates it with its own "
+                    "row signs, which hf_roste compensates in the up projection; train with "
+                    "RoSTEConfig(rotations=('R1', 'R2', 'R3')) (no R4)."
                 )
     layer_flags = rc["layers"] if rc is not None else [config.default_layer_flags()]
     if config.kv_bits < 16 and any(f["R3"] for f in layer_flags):
@@ -186,18 +185,66 @@ def _load(model_or_dir):
     return load_model(os.fspath(model_or_dir), dtype=None).eval()
 
 
-def _hadamard_weight(n: int, dtype: torch.dtype) -> tuple[str, torch.Tensor]:
-    """(`TransformScheme.type`, unnormalised matrix) for the online R4 of size n (equal to our R * sqrt(n))."""
+def _up_projection(adapter) -> str | None:
+    """The MLP input projection whose output multiplies the activated gate (None if the MLP has none)."""
+    ups = [p for p in adapter.mlp_in if p.rsplit(".", 1)[-1].startswith("up")]
+    return ups[0] if len(adapter.mlp_in) == 2 and len(ups) == 1 else None
+
+
+def _hadamard_weight(n: int, dtype: torch.dtype) -> tuple[str, torch.Tensor, torch.Tensor | None]:
+    """(`TransformScheme.type`, unnormalised matrix, row signs) of the online R4 of size n as loaders build it.
+
+    Powers of two: compressed-tensors' Sylvester matrix, equal to ours (signs None). Other sizes can
+    only be declared `random-hadamard`, which compressed-tensors regenerates as `diag(q) H` with H our
+    matrix and q a sign vector drawn from an unseeded `torch.Generator()` (its factory's). That
+    matrix is built here the same way and stored; the export negates the up-projection rows where
+    `q = -1` so that `diag(q)` cancels (the down projection's input is `act(gate) * up`).
+    """
     from ..rotation.hadamard import hadamard_matrix
 
-    h = torch.round(hadamard_matrix(n) * math.sqrt(n))
-    kind = "hadamard" if n & (n - 1) == 0 else "random-hadamard"
-    if kind == "hadamard":
+    h = torch.round(hadamard_matrix(n).double() * math.sqrt(n))
+    if n & (n - 1) == 0:
         from compressed_tensors.transform.utils.hadamard import deterministic_hadamard_matrix
 
         if not torch.equal(deterministic_hadamard_matrix(n, torch.float64), h):
             raise ExportError(f"internal: the R4 matrix of size {n} differs from compressed-tensors' Sylvester matrix.")
-    return kind, h.to(dtype)
+        return "hadamard", h.to(dtype), None
+    from compressed_tensors.transform.utils.hadamard import random_hadamard_matrix
+
+    # the loader's factory: TransformScheme.precision (float32, see build_transform_config), fresh generator
+    theirs = random_hadamard_matrix(n, torch.float32, torch.device("cpu"), torch.Generator()).double()
+    signs = torch.sign((theirs * h).sum(dim=1))
+    if not torch.equal(signs[:, None] * h, theirs):
+        raise ExportError(
+            f"internal: compressed-tensors' random-hadamard matrix of size {n} is not a row-signed copy of hf_roste's; "
+            "train with RoSTEConfig(rotations=('R1', 'R2', 'R3')) (no R4) to export this model."
+        )
+    return "random-hadamard", theirs.to(dtype), signs
+
+
+def _negate_rows(name: str, t: dict[str, torch.Tensor] | None, rest: dict[str, torch.Tensor], rows: torch.Tensor,
+                 config: RoSTEConfig) -> None:
+    """Negate output rows `rows` of linear `name` exactly (packed codes, or a full-precision weight in `rest`)."""
+    if t is None:
+        rest[f"{name}.weight"] = rest[f"{name}.weight"].clone()
+        rest[f"{name}.weight"][rows] *= -1
+        if rest.get(f"{name}.bias") is not None:
+            rest[f"{name}.bias"] = rest[f"{name}.bias"].clone()
+            rest[f"{name}.bias"][rows] *= -1
+        return
+    half = 1 << (config.weight_bits - 1)
+    codes = t["codes"].to(torch.int16)
+    if bool((codes[rows] == 0).any()):  # signed code -half has no negation in [-half, half - 1]
+        raise ExportError(
+            f"{name}: a weight code at the bottom of the symmetric range cannot be negated exactly, which the "
+            "random-hadamard R4 of this size needs; train with a weight_clip_ratio >= "
+            f"{(half - 1) / (half - 0.5):.4f} or RoSTEConfig(rotations=('R1', 'R2', 'R3')) (no R4)."
+        )
+    codes[rows] = 2 * half - codes[rows]
+    t["codes"] = codes.to(t["codes"].dtype)
+    if t["bias"] is not None:
+        t["bias"] = t["bias"].clone()
+        t["bias"][rows] *= -1
 
 
 def _weight_args(config: RoSTEConfig):
@@ -367,6 +414,21 @@ def export_compressed_tensors(model_or_dir, out_dir: str | os.PathLike, *, stric
 
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
     tensors: dict[str, torch.Tensor] = {}
+    r4_layers = [i for i, flags in enumerate(state.applied["layers"]) if flags["R4"]]
+    r4_modules = [f"{adapter.layers}.{i}.{adapter.down_proj}" for i in r4_layers]
+    transform_config, kind, h = None, None, None
+    if r4_modules:
+        size = adapter.get(adapter.decoder_layers(model)[0], adapter.down_proj).in_features
+        kind, h, signs = _hadamard_weight(size, dtype)
+        transform_config = build_transform_config(r4_modules, size, kind)
+        if signs is not None:  # cancel the loader's row signs in the up projections feeding those layers
+            rows = (signs < 0).nonzero().flatten()
+            up = _up_projection(adapter)
+            for i in r4_layers:
+                name = f"{adapter.layers}.{i}.{up}"
+                _negate_rows(name, linears.get(name), rest, rows, config)
+            notes.append(f"R4 of size {size} exported as compressed-tensors' random-hadamard matrix; its row signs "
+                         f"are compensated in {up} ({len(rows)} rows negated per layer).")
     for k, v in rest.items():
         if v.dtype == torch.uint8 and v.numel() == 0:
             continue  # the packed layers' empty `weight` marker
@@ -374,19 +436,8 @@ def export_compressed_tensors(model_or_dir, out_dir: str | os.PathLike, *, stric
     for name, t in linears.items():
         for leaf, v in _compress_linear(name, t, config, weights_scheme).items():
             tensors[f"{name}.{leaf}"] = v
-
-    r4_modules = []
-    layers = adapter.decoder_layers(model)
-    for i, flags in enumerate(state.applied["layers"]):
-        if flags["R4"]:
-            r4_modules.append(f"{adapter.layers}.{i}.{adapter.down_proj}")
-    transform_config, kind = None, None
-    if r4_modules:
-        size = adapter.get(layers[0], adapter.down_proj).in_features
-        kind, h = _hadamard_weight(size, dtype)
-        transform_config = build_transform_config(r4_modules, size, kind)
-        for name in r4_modules:
-            tensors[f"{name}.{TRANSFORM_NAME}_input.weight"] = h  # shared storage: one copy per layer is written
+    for name in r4_modules:
+        tensors[f"{name}.{TRANSFORM_NAME}_input.weight"] = h  # shared storage: one copy per layer is written
     file_tensors = revert_weight_conversion(model, tensors)
     file_tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in file_tensors.items()}
 

@@ -167,16 +167,19 @@ def test_asymmetric_weights_with_strict_false_store_packed_zero_points(tiny_chec
     assert zp.dtype == torch.int32 and zp.shape == (64 // 8, 1)  # 4-bit zero points packed along the output dim
 
 
-def test_non_power_of_two_r4_is_refused_unless_non_strict(tiny_checkpoints, tmp_path):
-    # mistral's tiny intermediate size is 192: compressed-tensors would regenerate a random-signed R4
-    model = _qat(tiny_checkpoints["mistral"], **EXPORTABLE)
-    assert check_exportable(get_state(model).config, model, strict=False) == []
-    with pytest.raises(ExportError, match=r"online R4 of size 192 \(not a power of two\).*rotations="):
-        export_compressed_tensors(model, tmp_path / "strict")
-    assert not (tmp_path / "strict").exists()
-    export_compressed_tensors(model, tmp_path / "loose", strict=False)
-    assert (tmp_path / "loose" / "config.json").exists()
-    no_r4 = _qat(tiny_checkpoints["mistral"], **{**EXPORTABLE, "rotations": ("R1", "R2")})
-    export_compressed_tensors(no_r4, tmp_path / "no_r4")
-    qc = json.loads((tmp_path / "no_r4" / "config.json").read_text())["quantization_config"]
-    assert not qc.get("transform_config")
+@pytest.mark.parametrize("kind", ["mistral", "llama_npow2_tied"])
+def test_non_power_of_two_r4_round_trips_through_the_compressed_tensors_loader(tiny_checkpoints, tmp_path, kind):
+    """R4 sizes 192 / 160: compressed-tensors regenerates a row-signed 'random-hadamard' matrix; the export
+    stores that matrix and negates the matching up_proj rows, so the plain-transformers model is the trained one."""
+    model = _qat(tiny_checkpoints[kind], **EXPORTABLE)
+    model.save_pretrained(tmp_path / "packed")
+    summary = export_compressed_tensors(model, tmp_path / "ct")
+    qc = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
+    assert qc["transform_config"]["config_groups"]["R4"]["type"] == "random-hadamard"
+    assert any("random-hadamard" in n for n in summary.get("notes", [])), summary
+    ids, got, info = _load_plain(tmp_path / "ct", tmp_path, drop_act=True, drop_kv=True, r4=True)
+    assert info["missing"] == []
+    packed = AutoModelForCausalLM.from_pretrained(tmp_path / "packed", attn_implementation="eager").eval()
+    with torch.no_grad():
+        ref = packed.dequantize()(ids).logits
+    assert ((got - ref).abs().max() / ref.abs().max()).item() <= 1e-5
