@@ -273,3 +273,18 @@ def test_eval_on_roste_lora_adapter_folder_scores_the_trained_model(workdir, tmp
     assert report["model_kind"] == "RoSTE w4a4kv4 + LoRA"
     # the rotation search cannot run on adapters (it would rotate the base under them)
     assert main(["search", str(out), "--dataset", workdir["train"], "--samples", "4"]) == 2
+
+
+def test_sft_with_a_rotation_config_file_keeps_it(workdir, tmp_path):
+    # every roste recipe says rotation_search: adaptive; a given file must still fix the rotations
+    layers = [{"R2": True, "R3": True, "R4": True}, {"R2": False, "R3": True, "R4": False}]
+    rc_file = tmp_path / "rc.json"
+    rc_file.write_text(json.dumps({"R1": True, "layers": layers}))
+    out = tmp_path / "fixed"
+    rc = main(["sft", "--model_name_or_path", workdir["model"], "--dataset_name", workdir["train"], "--output_dir",
+               str(out), "--max_steps", "1", "--per_device_train_batch_size", "4", "--max_length", "32",
+               "--report_to", "none", "--save_strategy", "no", "--use_cpu", "true", "--gradient_checkpointing",
+               "false", "--disable_tqdm", "true", "--rotation_search", "adaptive", "--rotation_config", str(rc_file)])
+    assert rc == 0
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert hf_roste.get_state(model).applied["layers"] == layers

@@ -4,8 +4,11 @@
 
 `compressed-tensors` writes the `pack-quantized` format (int4 codes, scales, dynamic per-token
 activation and K/V schemes, the online R4 Hadamard as a `transform_config`) that vLLM and
-transformers load without hf_roste. Options the format cannot express are refused with the
-RoSTEConfig setting that would make the model exportable (see `hf_roste.export.compressed_tensors`).
+transformers load without hf_roste. transformers (5.24) does not apply `transform_config`: a model
+with an online R4 loads there without it and computes a different function (apply it with
+compressed-tensors' `apply_transform_config`, serve with an engine that reads it, or train with
+`rotations=("R1", "R2")`). Options the format cannot express are refused with the RoSTEConfig
+setting that would make the model exportable (see `hf_roste.export.compressed_tensors`).
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import argparse
 import json
 import os
 
-from ._common import fail
+from ._common import debug_enabled, fail
 
 FORMATS = ("compressed-tensors",)
 
@@ -49,6 +52,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         summary = export_compressed_tensors(args.model, args.output, strict=not args.non_strict)
     except (ExportError, ValueError, OSError) as exc:
+        if debug_enabled():
+            raise
         return fail("export", str(exc))
     print(json.dumps(summary, indent=2, sort_keys=True))
     print(f"compressed-tensors checkpoint written to {args.output}")

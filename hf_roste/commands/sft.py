@@ -377,6 +377,16 @@ def run_sft(script_args, training_args, model_args, roste_args):
     revision = model_args.model_revision if model_args.model_revision != "main" else None
 
     if roste_args.quantize:
+        if roste_args.rotation_config is not None and training_args.rotation_search != "none":
+            if training_args.rotation_search_interval:
+                logger.warning("--rotation_config %s is replaced by the search at train start (--rotation_search %s "
+                               "with --rotation_search_interval %d re-searches during training).",
+                               roste_args.rotation_config, training_args.rotation_search,
+                               training_args.rotation_search_interval)
+            else:  # the file fixes the rotations: a search at train start would replace them
+                logger.info("--rotation_config %s fixes the per-layer rotations: rotation_search %r -> 'none'.",
+                            roste_args.rotation_config, training_args.rotation_search)
+                training_args.rotation_search = "none"
         qc = roste_args.to_roste_config(training_args.rotation_search)
         logger.info("RoSTE QA-SFT: %s, rotations %s", qc.scheme_name, list(qc.rotations) or "none")
         model = load_model_arg("--model_name_or_path", model_args.model_name_or_path, quantization_config=qc,

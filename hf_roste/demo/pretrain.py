@@ -1,7 +1,7 @@
 """Pre-train the demo's base model in full precision (`hf-roste demo --pretrain`).
 
 A Llama-shaped model (hidden 256, 4 layers, 4 heads of 64 with 2 KV heads, intermediate 512, vocab
-128, untied embeddings; about 2.7M parameters) trained from scratch with AdamW on the synthetic mix of
+128, untied embeddings; 2,427,136 parameters) trained from scratch with AdamW on the synthetic mix of
 `tasks.py` (packed sequences of whole examples, loss on every non-pad token). The shipped checkpoint
 in `hf_roste/data/demo_base/` was produced by this function with its defaults.
 """

@@ -55,7 +55,7 @@ a model cannot be exported, each naming the RoSTEConfig setting that would make 
   what a serving engine does depends on its own KV-cache setting (not verified here: no vLLM);
 - asymmetric weights: compressed-tensors stores packed zero points, which fit when every RoSTE zero
   point `z` lies in `[0, 2^b - 1]` (checked per layer; otherwise the export names the layer and
-  suggests `weight_symmetric=True`). But transformers 5.23 + compressed-tensors 0.20 cannot LOAD
+  suggests `weight_symmetric=True`). But transformers 5.23-5.24 + compressed-tensors 0.20 cannot LOAD
   packed zero points (its meta-device skeleton keeps `[out, groups]` and the load stops on the size
   mismatch; measured), so asymmetric weights are refused unless `strict=False`;
 - LayerNorm families (GPT-NeoX): RoSTE turns their LayerNorms into RMSNorms to fuse R1, which the
@@ -129,7 +129,7 @@ def check_exportable(config: RoSTEConfig, model: nn.Module | None = None, *, str
     if strict and config.weight_bits < 16 and not config.weight_symmetric:
         problems.append(
             "asymmetric weights (weight_symmetric=False): the format stores packed zero points, but transformers "
-            "5.23 with compressed-tensors 0.20 cannot load them (it expects unpacked [out, groups] zero points and "
+            "5.23-5.24 with compressed-tensors 0.20 cannot load them (it expects unpacked [out, groups] zero points and "
             "stops with a size mismatch; measured). Train with RoSTEConfig(weight_symmetric=True), or export with "
             "strict=False (hf-roste export --non-strict) for engines that read packed zero points."
         )

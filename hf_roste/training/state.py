@@ -20,6 +20,7 @@ STATE_FILE = "roste_state.json"
 #: RoSTEConfig fields that may differ between a checkpoint and the model it is loaded into: they
 #: choose *how* a rotation configuration is found or how files are written, not what the weights mean.
 _FREE_FIELDS = frozenset({"rotation_search", "rotation_config", "checkpoint_format", "format_version"})
+_NEVER_CONVERTED = frozenset({"lm_head"})
 
 
 def read_state_file(folder: str) -> dict[str, Any]:
@@ -71,6 +72,8 @@ def check_saved_quantization_config(saved: dict[str, Any], config: RoSTEConfig, 
         if key in _FREE_FIELDS:
             continue
         a, b = qc.get(key), current.get(key)
+        if key == "modules_to_not_convert":  # lm_head is never converted (None = default); order is irrelevant
+            a, b = (sorted(set(v or ()) - _NEVER_CONVERTED) for v in (a, b))
         if json.dumps(a, sort_keys=True) != json.dumps(b, sort_keys=True):
             diffs.append(f"{key}={a!r} in the checkpoint, {b!r} in the model")
     if diffs:

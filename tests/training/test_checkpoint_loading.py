@@ -190,3 +190,27 @@ def test_re_search_results_are_logged_at_their_step(tiny_checkpoints, tmp_path):
     assert trainer._pending_logs == {}
     with pytest.raises(ValueError, match="rotation_search='none' contradicts rotation_search_interval=2"):
         _args(tmp_path, rotation_search="none", rotation_search_interval=2)
+
+
+def test_resume_accepts_equivalent_modules_to_not_convert(tiny_checkpoints, tmp_path):
+    path = tiny_checkpoints["llama"]
+    kw = dict(max_steps=3, save_strategy="steps", save_steps=2)
+    skip = ["layers.0.mlp.down_proj", "lm_head"]
+    _trainer(path, _args(tmp_path, "run", **kw), RoSTEConfig(modules_to_not_convert=skip)).train()
+    ckpt = str(tmp_path / "run" / "checkpoint-2")
+    # the same exclusions written in another order are the same model
+    _trainer(path, _args(tmp_path, "run", **kw), RoSTEConfig(modules_to_not_convert=skip[::-1])).train(
+        resume_from_checkpoint=ckpt)
+    with pytest.raises(ValueError, match="modules_to_not_convert="):
+        _trainer(path, _args(tmp_path, "other", **kw), RoSTEConfig(modules_to_not_convert=["lm_head"])).train(
+            resume_from_checkpoint=ckpt)
+
+
+def test_saved_config_comparison_treats_default_exclusions_alike():
+    from hf_roste.training.state import check_saved_quantization_config
+
+    saved = {"quantization_config": RoSTEConfig().to_dict()}
+    check_saved_quantization_config(saved, RoSTEConfig(modules_to_not_convert=["lm_head"]), "ckpt")
+    check_saved_quantization_config(saved, RoSTEConfig(rotation_search="none"), "ckpt")  # how, not what
+    with pytest.raises(ValueError, match=r"kv_bits=4 in the checkpoint, 8 in the model"):
+        check_saved_quantization_config(saved, RoSTEConfig(kv_bits=8), "ckpt")
