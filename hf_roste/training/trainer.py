@@ -170,6 +170,11 @@ class _RoSTECallback(TrainerCallback):
         self.trainer = trainer
 
     def on_train_begin(self, args, state, control, **kwargs):
+        due, self.trainer._resume_search_step = self.trainer._resume_search_step, None
+        if due is not None and due == state.global_step and state.global_step < state.max_steps:
+            # the checkpoint was the last step of an earlier run (no re-search there): do the one an
+            # uninterrupted run would have done after this step, with the restored optimizer
+            self.trainer.run_rotation_search(optimizer=kwargs.get("optimizer") or self.trainer.optimizer)
         pending, self.trainer._pending_logs = self.trainer._pending_logs, {}
         if pending:
             self.trainer.log(pending)
@@ -259,6 +264,8 @@ class RoSTESFTTrainer(SFTTrainer):
         #: optimizer steps (1-based, as `state.global_step` after them) skipped for a non-finite loss
         self.skipped_nonfinite_steps: list[int] = []
         self.last_search_result = None
+        self._last_search_step: int | None = None  # global step of the last search (0 = before training)
+        self._resume_search_step: int | None = None  # set on resume when a re-search is owed at that step
         super().__init__(
             model=model,
             args=args,
@@ -337,6 +344,7 @@ class RoSTESFTTrainer(SFTTrainer):
         finally:
             self.model.train(was_training)
         self.last_search_result = result
+        self._last_search_step = self.state.global_step
         logs = {}
         for i, row in enumerate(result.table()):
             for name in ("R2", "R3", "R4"):
@@ -378,6 +386,11 @@ class RoSTESFTTrainer(SFTTrainer):
         check_saved_quantization_config(saved, self.roste_state.config, checkpoint)
         set_rotation_config(self.model, saved["rotation_config"], record=True)
         self.roste_state.searched = bool(saved.get("searched", True))
+        self._last_search_step = saved.get("last_search_step")
+        step, interval = saved.get("global_step"), self.args.rotation_search_interval
+        if interval and isinstance(step, int) and step > 0 and step % interval == 0 and \
+                isinstance(self._last_search_step, int) and self._last_search_step < step:
+            self._resume_search_step = step  # checked against the restored state at train begin
         logger.info("RoSTE: restored the rotation configuration of %s", checkpoint)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
@@ -406,6 +419,7 @@ class RoSTESFTTrainer(SFTTrainer):
         if best is None or not os.path.isfile(os.path.join(best, STATE_FILE)):
             return super()._load_best_model()
         self._restore_rotation_state(best)
+        self._resume_search_step = None  # training is over: no re-search is owed
         logger.info("Loading best model from %s (score: %s).", best, self.state.best_metric)
         if self.is_fsdp_enabled or self.is_deepspeed_enabled or _is_peft(self.model):
             return super()._load_best_model()
@@ -418,6 +432,8 @@ class RoSTESFTTrainer(SFTTrainer):
             "rotation_config": {"R1": state.applied["R1"], "layers": state.applied["layers"]},
             "searched": state.searched,
             "quantization_config": state.config.to_dict(),
+            "global_step": self.state.global_step,
+            "last_search_step": self._last_search_step,
         }
         atomic_write_text(os.path.join(folder, STATE_FILE), json.dumps(data, indent=2, sort_keys=True) + "\n")
 

@@ -214,3 +214,21 @@ def test_saved_config_comparison_treats_default_exclusions_alike():
     check_saved_quantization_config(saved, RoSTEConfig(rotation_search="none"), "ckpt")  # how, not what
     with pytest.raises(ValueError, match=r"kv_bits=4 in the checkpoint, 8 in the model"):
         check_saved_quantization_config(saved, RoSTEConfig(kv_bits=8), "ckpt")
+
+
+def test_extending_a_finished_run_with_re_search_equals_the_longer_run(tiny_checkpoints, tmp_path):
+    # a run's last step has no re-search (nothing follows it); extending the run from that checkpoint
+    # must do the re-search an uninterrupted longer run does after that step
+    path = tiny_checkpoints["llama"]
+    kw = dict(save_strategy="steps", save_steps=2, rotation_search_interval=2, learning_rate=2e-2)
+    full = _trainer(path, _args(tmp_path, "full", max_steps=6, **kw))
+    full.train()
+    _trainer(path, _args(tmp_path, "short", max_steps=4, **kw)).train()
+    longer = _trainer(path, _args(tmp_path, "short", max_steps=6, **kw))
+    longer.train(resume_from_checkpoint=str(tmp_path / "short" / "checkpoint-4"))
+    searched = [h["step"] for h in longer.state.log_history if "roste/search/layer_0/R2_error_on" in h]
+    assert 4 in searched, searched
+    a, b = _losses(full), _losses(longer)
+    for step in (5, 6):
+        assert b[step] == pytest.approx(a[step], rel=1e-5, abs=1e-6), (step, a, b)
+    assert get_state(longer.model).applied == get_state(full.model).applied
