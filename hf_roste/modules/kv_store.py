@@ -47,6 +47,12 @@ def encode_kv(x: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor, Tensor | None
     """
     d = x.shape[-1]
     lead = x.shape[:-1]
+    if x.numel() == 0:  # e.g. a step with no new tokens
+        groups = 1 if spec.granularity != "group" else max(1, d // spec.group_size)
+        empty = x.new_zeros(*lead, groups, dtype=torch.float32)
+        packed = x.new_zeros(*lead, packed_length(d, spec.bits),
+                             dtype=torch.uint8 if spec.bits == 3 else torch.float32)
+        return packed, empty, None if spec.symmetric else empty.clone()
     codes, scale, zero = _codes_fp32(x, spec)  # grouped layout, fp32 integer-valued codes
     codes = codes.nan_to_num_(nan=0.0).view(*lead, d)
     scale = scale.reshape(*lead, -1)

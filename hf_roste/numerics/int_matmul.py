@@ -242,11 +242,15 @@ def _stored_layout(codes: Tensor, zero: Tensor, spec: QuantSpec) -> tuple[Tensor
 _ONEDNN_ENABLED = True  # set False to force torch._int_mm (tests compare both routes)
 
 def _int_mm_ok(m: int, k: int, n: int, device: torch.device) -> bool:
-    """Whether ``torch._int_mm`` accepts these shapes (CPU: any; CUDA: m > 16, k, n % 8 == 0, k >= 16)."""
+    """Whether ``torch._int_mm`` computes these shapes correctly (CPU: k >= 2; CUDA: m > 16, k, n % 8 == 0, k >= 16).
+
+    On CPU (measured on torch 2.13) ``_int_mm`` returns uninitialised values when K == 1 and the
+    operands are contiguous, so K == 1 takes the exact float route.
+    """
     if not hasattr(torch, "_int_mm"):
         return False
     if device.type == "cpu":
-        return True
+        return k >= 2
     if device.type == "cuda":
         return m > 16 and k >= 16 and k % 8 == 0 and n % 8 == 0
     return False

@@ -99,13 +99,14 @@ def pack_codes(codes: Tensor, bits: int) -> Tensor:
     lead = codes.shape[:-1]
     if bits == 3:
         c = _pad_last(codes, 8).to(torch.int32)
-        c = c.reshape(*lead, -1, 8)
+        c = c.reshape(*lead, c.shape[-1] // 8, 8)  # explicit sizes: -1 is ambiguous for 0-size leads
         shifts = torch.arange(0, 24, 3, dtype=torch.int32, device=codes.device)
         v = (c << shifts).sum(dim=-1, dtype=torch.int32)  # disjoint bit fields: sum == OR
         out = torch.stack((v & 0xFF, (v >> 8) & 0xFF, v >> 16), dim=-1)
-        return out.to(torch.uint8).reshape(*lead, -1)
+        return out.to(torch.uint8).reshape(*lead, out.shape[-2] * 3)
     per_byte = 8 // bits
-    c = _pad_last(codes, per_byte).reshape(*lead, -1, per_byte)
+    c = _pad_last(codes, per_byte)
+    c = c.reshape(*lead, c.shape[-1] // per_byte, per_byte)
     out = c[..., 0].clone()
     for k in range(1, per_byte):
         out |= c[..., k] << (bits * k)
@@ -137,15 +138,15 @@ def unpack_codes(packed: Tensor, bits: int, length: int) -> Tensor:
         return packed.clone()
     lead = packed.shape[:-1]
     if bits == 3:
-        b = packed.to(torch.int32).reshape(*lead, -1, 3)
+        b = packed.to(torch.int32).reshape(*lead, packed.shape[-1] // 3, 3)
         v = b[..., 0] | (b[..., 1] << 8) | (b[..., 2] << 16)
         shifts = torch.arange(0, 24, 3, dtype=torch.int32, device=packed.device)
         out = (v.unsqueeze(-1) >> shifts) & 0x7
-        return out.to(torch.uint8).reshape(*lead, -1)[..., :length]
+        return out.to(torch.uint8).reshape(*lead, out.shape[-2] * 8)[..., :length]
     per_byte = 8 // bits
     mask = (1 << bits) - 1
     parts = [(packed >> (bits * k)) & mask for k in range(per_byte)]
-    return torch.stack(parts, dim=-1).reshape(*lead, -1)[..., :length]
+    return torch.stack(parts, dim=-1).reshape(*lead, packed.shape[-1] * per_byte)[..., :length]
 
 
 def _check_codes_spec(codes: object, spec: object) -> tuple[Tensor, QuantSpec]:

@@ -26,7 +26,9 @@ not overflow.)  Consequences of the rule:
 * the relative floor keeps ``|x / s| <= 2^20 + 1`` and ``|z| <= 2^20``, so ``x / s`` never
   overflows, and codes and zero points are exactly representable fp32 integers; tiny (1e-30,
   subnormal) and huge (1e30) magnitudes give finite results (outputs are finite whenever
-  ``amax <= 2^127``; only within ~25% of the fp32 maximum can the top grid point overflow);
+  ``amax <= 2^127``; only within ~25% of the fp32 maximum can the top grid point overflow). For
+  fp16 inputs the result is cast back to fp16, so a grid point above 65504 (asymmetric grids,
+  inputs near the fp16 maximum) becomes inf;
 * a constant group is reproduced EXACTLY in asymmetric mode (codes are 0, ``x_hat == mn``);
   an all-zero group gives exact zeros in both modes;
 * a group containing NaN or +-Inf gets ``s = NaN`` and ``z = 0``: its whole fake-quant output is

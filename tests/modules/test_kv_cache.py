@@ -428,3 +428,17 @@ def test_sliding_crop_matches_transformers_when_dropping_everything_stored(windo
         layer.crop(0)
         layer.crop(-drop)
     assert (ours.get_seq_length(), ours.stored_length) == (ref.get_seq_length(), ref.keys.shape[-2])
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_update_with_no_new_tokens_keeps_the_cache(bits):
+    from hf_roste.modules.kv_cache import PackedKV, RoSTEQuantizedLayer
+
+    spec = QuantSpec(bits, granularity="token_head")
+    layer = RoSTEQuantizedLayer(AttentionQuantState(r3=False, kv_spec=spec))
+    x = torch.randn(1, 2, 3, 16, generator=torch.Generator().manual_seed(bits))
+    k1, v1 = layer.update(x, x)
+    empty = torch.randn(1, 2, 0, 16)
+    k2, v2 = layer.update(empty, empty)
+    assert torch.equal(k1, k2) and torch.equal(v1, v2) and layer.get_seq_length() == 3
+    PackedKV.encode(empty, spec)

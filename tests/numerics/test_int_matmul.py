@@ -264,3 +264,15 @@ def test_int8_kernel_auto_probe_keeps_onednn_only_when_not_slower(monkeypatch, t
         assert dnn.onednn_int8_enabled() is expected
     finally:
         dnn.onednn_int8_enabled.cache_clear()
+
+
+@pytest.mark.parametrize("m,n", [(1, 1), (5, 7), (300, 16)])
+def test_int8_matmul_with_a_single_input_feature_is_exact(m, n):
+    # torch._int_mm on CPU returns uninitialised values for K == 1 (contiguous operands)
+    g = torch.Generator().manual_seed(m + n)
+    a = torch.randint(-128, 128, (m, 1), dtype=torch.int8, generator=g)
+    b = torch.randint(-128, 128, (n, 1), dtype=torch.int8, generator=g)
+    for b_t in (b.t(), b.t().contiguous()):
+        assert torch.equal(int8_matmul(a, b_t).long(), a.long() @ b.long().t())
+    x, w = torch.randn(m, 1, generator=g), torch.randn(n, 1, generator=g)
+    _check(x, w, None, _wspec(4, True, "channel"), QuantSpec(4, symmetric=False))

@@ -114,3 +114,12 @@ def test_validation_errors():
         from_unsigned(torch.tensor([20], dtype=torch.uint8), sym)
     with pytest.raises(ValueError, match="bits=16"):
         to_unsigned(torch.tensor([1], dtype=torch.uint8), QuantSpec(16))
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("shape", [(0, 5), (2, 0, 7), (0, 0, 3)])
+def test_zero_size_leading_dims(bits, shape):
+    codes = torch.zeros(shape, dtype=torch.uint8)
+    packed = pack_codes(codes, bits)
+    assert packed.shape == (*shape[:-1], packed_length(shape[-1], bits))
+    assert unpack_codes(packed, bits, shape[-1]).shape == shape
