@@ -5,19 +5,14 @@ from __future__ import annotations
 import json
 
 import pytest
-from tiny_data import char_tokenizer, prompt_completion_dataset, text_dataset
+from tiny_data import char_tokenizer, prompt_completion_dataset, text_dataset, write_jsonl
 from tiny_models import save_tiny
 from transformers import AutoModelForCausalLM
 
 import hf_roste
 from hf_roste.cli import main
 
-
-def _jsonl(path, dataset):
-    with open(path, "w") as f:
-        for row in dataset:
-            f.write(json.dumps(row) + "\n")
-    return str(path)
+_jsonl = write_jsonl
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import logging
 import pytest
 import torch
 from datasets import Dataset, DatasetDict
-from tiny_data import char_tokenizer, prompt_completion_dataset
+from tiny_data import char_tokenizer, prompt_completion_dataset, write_jsonl
 from tiny_models import save_tiny
 from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -22,11 +22,7 @@ SFT_FLAGS = ["--per_device_train_batch_size", "4", "--max_length", "32", "--repo
              "--rotation_calibration_samples", "8", "--bf16", "false", "--max_steps", "1"]
 
 
-def _jsonl(path, rows):
-    with open(path, "w") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-    return str(path)
+_jsonl = write_jsonl
 
 
 @pytest.fixture(scope="module")

@@ -52,3 +52,13 @@ def messages_dataset(n: int = 64, seed: int = 0) -> Dataset:
 
 def text_dataset(n: int = 64, seed: int = 0) -> Dataset:
     return Dataset.from_dict({"text": [p + c for p, c in _pairs(n, seed)]})
+
+
+def write_jsonl(path, rows) -> str:
+    """Write `rows` (dicts) as JSON lines to `path`; returns the path as a string."""
+    import json
+
+    with open(path, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    return str(path)

@@ -222,47 +222,34 @@ def load_roste_lora_model(path: str, *, flag: str = "MODEL_DIR", dtype: str | No
     during training), then the adapters go inside the weight quantizers with `load_roste_adapter`.
     """
     from ..config import RoSTEConfig
-    from ..rotation.apply import get_state, set_rotation_config
+    from ..rotation.apply import get_state
     from ..training.lora import load_roste_adapter
+    from ..training.state import read_state_file
 
     base, revision = adapter_base_model(path)
-    state_path = os.path.join(path, STATE_FILE)
-    try:
-        with open(state_path, encoding="utf-8") as f:
-            saved = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CommandError(f"{state_path} is not readable JSON ({exc}); the adapter folder is damaged.") from exc
-    qc_dict = saved.get("quantization_config") if isinstance(saved, dict) else None
-    rotation_config = saved.get("rotation_config") if isinstance(saved, dict) else None
-    if not isinstance(qc_dict, dict) or not isinstance(rotation_config, dict):
+    saved = read_state_file(path)  # validated: a damaged file is a clear ValueError
+    qc_dict = saved.get("quantization_config")
+    if not isinstance(qc_dict, dict):
         raise CommandError(
-            f"{state_path} lacks 'quantization_config' or 'rotation_config': the adapter folder is damaged or was "
-            "not written by RoSTESFTTrainer."
+            f"{os.path.join(path, STATE_FILE)} lacks 'quantization_config': the adapter folder is damaged or was not "
+            "written by RoSTESFTTrainer."
         )
     if base.startswith((".", "/", "~")) and not os.path.exists(os.path.expanduser(base)):
         raise CommandError(
             f"{flag} {path!r} holds LoRA adapters for the base model {base!r}, which does not exist here. Put the "
             f"base model there, or set base_model_name_or_path in {os.path.join(path, ADAPTER_CONFIG)} to where it is."
         )
-    rotation_config = {"R1": rotation_config.get("R1"), "layers": rotation_config.get("layers")}
+    rc = saved["rotation_config"]
     if is_roste_checkpoint(base):
         model = load_model_arg(f"{flag} base model", base, dtype=dtype, revision=revision)
-        current = get_state(model).config.to_dict()
-        free = {"rotation_search", "rotation_config", "checkpoint_format", "format_version", "quant_method"}
-        diffs = sorted(k for k in set(current) | set(qc_dict) if k not in free and current.get(k) != qc_dict.get(k))
-        if diffs:
-            raise CommandError(
-                f"{flag} {path!r}: the base model {base!r} now has other RoSTE settings ({', '.join(diffs)}) than the "
-                "adapters were trained with; evaluate them on the base they were trained on."
-            )
         if get_state(model).packed:
             raise CommandError(
                 f"{flag} {path!r}: the base model {base!r} is a packed RoSTE checkpoint, whose rotations cannot be "
                 "set to the ones the adapters were trained with; point base_model_name_or_path at its master checkpoint."
             )
-        set_rotation_config(model, rotation_config)
     else:
         fields = {k: v for k, v in qc_dict.items() if k not in ("rotation_config", "checkpoint_format")}
-        qc = RoSTEConfig.from_dict({**fields, "rotation_config": rotation_config})
+        qc = RoSTEConfig.from_dict({**fields, "rotation_config": {"R1": rc["R1"], "layers": rc["layers"]}})
         model = load_model_arg(f"{flag} base model", base, quantization_config=qc, dtype=dtype, revision=revision)
+    # load_roste_adapter checks the base's settings against roste_state.json and applies its rotations
     return load_roste_adapter(model, path)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import glob
 import json
 import os
 from typing import Any
@@ -23,13 +22,20 @@ from typing import Any
 import torch
 from transformers import AutoConfig, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
-from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, logging
+from transformers.utils import logging
 from trl import SFTTrainer
 
 from ..config import RoSTEConfig
 from ..io import atomic_write_text
 from ..rotation.apply import RoSTEState, get_state, save_format, set_rotation_config
 from ..rotation.search import search_rotation_config
+from .checkpoints import (
+    has_adapter_weights,
+    is_peft,
+    last_complete_checkpoint,
+    load_master_weights,
+    refuse_packed_folder,
+)
 from .config import RoSTESFTConfig
 from .lora import check_no_foreign_lora, register_roste_lora
 from .monitor import QuantErrorMonitor
@@ -65,18 +71,6 @@ def _is_roste_checkpoint(path: str) -> bool:
     return method == "roste"
 
 
-def last_complete_checkpoint(output_dir: str) -> str | None:
-    """The newest `checkpoint-N` folder of `output_dir` that holds `roste_state.json` (None if none)."""
-    if not os.path.isdir(output_dir):
-        return None
-    found = []
-    for name in os.listdir(output_dir):
-        prefix, _, step = name.rpartition("-")
-        if prefix == PREFIX_CHECKPOINT_DIR and step.isdigit() and os.path.isfile(os.path.join(output_dir, name, STATE_FILE)):
-            found.append((int(step), os.path.join(output_dir, name)))
-    return max(found)[1] if found else None
-
-
 def _check_trainable(state: RoSTEState) -> None:
     if state.packed:
         raise ValueError(
@@ -85,82 +79,6 @@ def _check_trainable(state: RoSTEState) -> None:
             "instead: a trainer checkpoint-* folder (master weights) or the original base loaded with "
             "quantization_config=RoSTEConfig(...)."
         )
-
-
-def _is_peft(model) -> bool:
-    try:
-        from peft import PeftModel
-    except ImportError:  # pragma: no cover - peft is a dependency
-        return False
-    return isinstance(getattr(model, "module", model), PeftModel)
-
-
-def _has_adapter_weights(folder: str) -> bool:
-    return any(os.path.isfile(os.path.join(folder, name)) for name in ("adapter_model.safetensors", "adapter_model.bin"))
-
-
-def _refuse_packed_folder(folder: str) -> None:
-    config_path = os.path.join(folder, "config.json")
-    if not os.path.isfile(config_path):
-        return
-    try:
-        with open(config_path, encoding="utf-8") as f:
-            qc = json.load(f).get("quantization_config") or {}
-    except (OSError, ValueError):
-        return
-    if isinstance(qc, dict) and qc.get("checkpoint_format") == "packed":
-        raise ValueError(
-            f"{folder} is a packed final save (integer codes, written by save_model() / save_pretrained), not a "
-            "training checkpoint: training cannot resume from it. Resume from one of the checkpoint-* folders "
-            "written during training (resume_from_checkpoint=True picks the newest complete one)."
-        )
-
-
-def _load_master_weights(model, folder: str) -> None:
-    """Load a trainer checkpoint's master weights into `model` after verifying every tensor's digest."""
-    from ..export.checkpoint import _model_key_mapper, verify_checkpoint
-
-    model = getattr(model, "module", model)
-    _refuse_packed_folder(folder)
-    single, index = os.path.join(folder, SAFE_WEIGHTS_NAME), os.path.join(folder, SAFE_WEIGHTS_INDEX_NAME)
-    if os.path.isfile(single):
-        files = [single]
-    elif os.path.isfile(index):
-        with open(index, encoding="utf-8") as f:
-            files = sorted({os.path.join(folder, name) for name in json.load(f)["weight_map"].values()})
-    elif _has_adapter_weights(folder):
-        raise ValueError(
-            f"{folder} is a LoRA adapter checkpoint (adapter weights only) but this trainer fine-tunes the full model. "
-            "Resume it with the same peft_config it was trained with."
-        )
-    else:
-        other = sorted(os.path.basename(p) for p in glob.glob(os.path.join(folder, "*.bin")))
-        raise ValueError(
-            f"{folder} holds no safetensors weights"
-            + (f" (found {other}: RoSTE loads checkpoints from safetensors only)" if other else "")
-            + ". Resume from a checkpoint-* folder written by RoSTESFTTrainer."
-        )
-    hf_quantizer = getattr(model, "hf_quantizer", None)
-    # the quantizer settings were compared with roste_state.json already; the digests are checked here
-    verify_checkpoint(model, files, "master", hf_quantizer=hf_quantizer, check_config=False)
-    to_model_key = _model_key_mapper(model, hf_quantizer)
-    from safetensors import safe_open
-
-    state = {}
-    for path in files:
-        with safe_open(path, framework="pt", device="cpu") as f:
-            for key in f.keys():
-                state[to_model_key(key)] = f.get_tensor(key)
-    result = model.load_state_dict(state, strict=False)
-    tied = set(getattr(model, "all_tied_weights_keys", None) or {})
-    missing = [k for k in result.missing_keys if k not in tied]
-    if missing or result.unexpected_keys:
-        raise ValueError(
-            f"{folder} does not match this model: missing {missing[:8]}, unexpected {result.unexpected_keys[:8]}. "
-            "Resume with the model (architecture and RoSTEConfig) the checkpoint was trained with."
-        )
-    if tied and result.missing_keys:
-        model.tie_weights()
 
 
 class _RoSTECallback(TrainerCallback):
@@ -382,7 +300,7 @@ class RoSTESFTTrainer(SFTTrainer):
     def _restore_rotation_state(self, checkpoint: str) -> None:
         """Check the checkpoint's quantizer settings against the model's and apply its rotation configuration."""
         saved = read_state_file(checkpoint)
-        _refuse_packed_folder(checkpoint)
+        refuse_packed_folder(checkpoint)
         check_saved_quantization_config(saved, self.roste_state.config, checkpoint)
         set_rotation_config(self.model, saved["rotation_config"], record=True)
         self.roste_state.searched = bool(saved.get("searched", True))
@@ -402,15 +320,15 @@ class RoSTESFTTrainer(SFTTrainer):
         transformers, after the same rotation / quantizer checks.
         """
         target = model if model is not None else self.model
-        if _is_peft(target) and not _has_adapter_weights(resume_from_checkpoint):
+        if is_peft(target) and not has_adapter_weights(resume_from_checkpoint):
             raise ValueError(
                 f"{resume_from_checkpoint} holds no LoRA adapter weights (adapter_model.safetensors) but this trainer "
                 "trains LoRA adapters (peft_config): it is a full fine-tuning checkpoint. Resume it without "
                 "peft_config, or resume a LoRA run from its own checkpoints."
             )
-        if self.is_fsdp_enabled or self.is_deepspeed_enabled or _is_peft(target):
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled or is_peft(target):
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
-        _load_master_weights(target, resume_from_checkpoint)
+        load_master_weights(target, resume_from_checkpoint)
         return None
 
     def _load_best_model(self) -> None:
@@ -421,9 +339,9 @@ class RoSTESFTTrainer(SFTTrainer):
         self._restore_rotation_state(best)
         self._resume_search_step = None  # training is over: no re-search is owed
         logger.info("Loading best model from %s (score: %s).", best, self.state.best_metric)
-        if self.is_fsdp_enabled or self.is_deepspeed_enabled or _is_peft(self.model):
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled or is_peft(self.model):
             return super()._load_best_model()
-        _load_master_weights(self.model, best)
+        load_master_weights(self.model, best)
         return None
 
     def _write_state_file(self, folder: str) -> None:
