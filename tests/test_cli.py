@@ -5,27 +5,28 @@ from __future__ import annotations
 import json
 
 import pytest
-from tiny_data import char_tokenizer, prompt_completion_dataset, text_dataset, write_jsonl
-from tiny_models import save_tiny
+from tiny_data import (
+    char_tokenizer,
+    prompt_completion_dataset,
+    save_tiny_with_tokenizer,
+    text_dataset,
+    write_jsonl,
+)
 from transformers import AutoModelForCausalLM
 
 import hf_roste
 from hf_roste.cli import main
 
-_jsonl = write_jsonl
-
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
-    model_dir = save_tiny("llama", root / "model")
-    char_tokenizer().save_pretrained(model_dir)
     return {
         "root": root,
-        "model": str(model_dir),
-        "train": _jsonl(root / "train.jsonl", prompt_completion_dataset(32)),
-        "test": _jsonl(root / "test.jsonl", prompt_completion_dataset(8, seed=1)),
-        "text": _jsonl(root / "text.jsonl", text_dataset(8)),
+        "model": save_tiny_with_tokenizer("llama", root / "model"),
+        "train": write_jsonl(root / "train.jsonl", prompt_completion_dataset(32)),
+        "test": write_jsonl(root / "test.jsonl", prompt_completion_dataset(8, seed=1)),
+        "text": write_jsonl(root / "text.jsonl", text_dataset(8)),
     }
 
 
@@ -192,7 +193,7 @@ def test_bad_arguments(workdir, tmp_path, capsys):
     assert "--quantize" in capsys.readouterr().err
     assert _exits(lambda: main(["search", workdir["model"], "--dataset", workdir["train"], "--samples", "0"])) == 2
     assert "--samples" in capsys.readouterr().err
-    bad_data = _jsonl(tmp_path / "cols.jsonl", [{"question": "q", "answer": "a"}])
+    bad_data = write_jsonl(tmp_path / "cols.jsonl", [{"question": "q", "answer": "a"}])
     assert main(["search", workdir["model"], "--dataset", bad_data]) == 2
     assert "prompt" in capsys.readouterr().err
 
@@ -209,9 +210,9 @@ def test_text_columns_read_as_numbers_become_strings(tmp_path):
     csv.write_text("prompt,completion\n24+48=,72\n1+6=,007\n1.5+2=,3.50\n")
     data = load_any_dataset(str(csv))
     assert data["completion"] == ["72", "007", "3.50"]  # as written, not 72 / 7.0 / 3.5
-    data = load_any_dataset(_jsonl(tmp_path / "n.jsonl", [{"prompt": "2+2=", "completion": 4}, {"prompt": 5, "completion": 6}]))
+    data = load_any_dataset(write_jsonl(tmp_path / "n.jsonl", [{"prompt": "2+2=", "completion": 4}, {"prompt": 5, "completion": 6}]))
     assert data["prompt"] == ["2+2=", "5"] and data["completion"] == ["4", "6"]
-    data = load_any_dataset(_jsonl(tmp_path / "t.jsonl", [{"text": 12}]))
+    data = load_any_dataset(write_jsonl(tmp_path / "t.jsonl", [{"text": 12}]))
     assert data["text"] == ["12"]
 
 

@@ -9,7 +9,7 @@ import logging
 import pytest
 import torch
 from datasets import Dataset, DatasetDict
-from tiny_data import char_tokenizer, prompt_completion_dataset, write_jsonl
+from tiny_data import char_tokenizer, prompt_completion_dataset, save_tiny_with_tokenizer, write_jsonl
 from tiny_models import save_tiny
 from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -22,14 +22,10 @@ SFT_FLAGS = ["--per_device_train_batch_size", "4", "--max_length", "32", "--repo
              "--rotation_calibration_samples", "8", "--bf16", "false", "--max_steps", "1"]
 
 
-_jsonl = write_jsonl
-
-
 @pytest.fixture(scope="module")
 def w(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli_errors")
-    model = save_tiny("llama", root / "model")
-    char_tokenizer().save_pretrained(model)
+    model = save_tiny_with_tokenizer("llama", root / "model")
     save_tiny("llama", root / "model_notok")
     # intermediate_size 90 has no Hadamard construction (R4)
     cfg = LlamaConfig(hidden_size=64, intermediate_size=90, num_hidden_layers=2, num_attention_heads=4,
@@ -53,9 +49,9 @@ def w(tmp_path_factory):
     return {
         "root": root,
         "model": str(model),
-        "train": _jsonl(root / "train.jsonl", prompt_completion_dataset(16)),
-        "test": _jsonl(root / "test.jsonl", prompt_completion_dataset(4, seed=1)),
-        "cols": _jsonl(root / "cols.jsonl", [{"question": "q", "answer": "a"}] * 4),
+        "train": write_jsonl(root / "train.jsonl", prompt_completion_dataset(16)),
+        "test": write_jsonl(root / "test.jsonl", prompt_completion_dataset(4, seed=1)),
+        "cols": write_jsonl(root / "cols.jsonl", [{"question": "q", "answer": "a"}] * 4),
     }
 
 

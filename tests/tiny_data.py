@@ -54,6 +54,15 @@ def text_dataset(n: int = 64, seed: int = 0) -> Dataset:
     return Dataset.from_dict({"text": [p + c for p, c in _pairs(n, seed)]})
 
 
+def save_tiny_with_tokenizer(kind: str, directory) -> str:
+    """A saved tiny model of `kind` with the char tokenizer next to it (a folder the CLI can load)."""
+    from tiny_models import save_tiny
+
+    path = save_tiny(kind, directory)
+    char_tokenizer().save_pretrained(path)
+    return str(path)
+
+
 def write_jsonl(path, rows) -> str:
     """Write `rows` (dicts) as JSON lines to `path`; returns the path as a string."""
     import json

@@ -157,7 +157,7 @@ def make_parser() -> TrlParser:
 def parse_args(argv: Sequence[str]):
     """(script_args, training_args, model_args, roste_args) from `argv` (YAML via --config + overrides)."""
     argv = list(argv)
-    config = None
+    recipe: dict = {}
     if "--config" in argv:
         i = argv.index("--config")
         if i + 1 >= len(argv):
@@ -165,14 +165,14 @@ def parse_args(argv: Sequence[str]):
         config = argv[i + 1]
         if not os.path.isfile(config):
             raise CommandError(f"--config {config!r} does not exist; recipes are in recipes/<model>/<variant>.yaml.")
-        _check_yaml(config)
+        recipe = _check_yaml(config)
     script_args, training_args, model_args, roste_args = make_parser().parse_args_and_config(argv)
-    _default_lora_dropout(model_args, roste_args, _explicit_fields(argv, config))
+    _default_lora_dropout(model_args, roste_args, _explicit_fields(argv, recipe))
     return script_args, training_args, model_args, roste_args
 
 
-def _check_yaml(path: str) -> None:
-    """A recipe that is not a YAML mapping is a `CommandError` pointing at the problem."""
+def _check_yaml(path: str) -> dict:
+    """The recipe's YAML mapping; a file that is not one is a `CommandError` pointing at the problem."""
     import yaml
 
     try:
@@ -184,18 +184,12 @@ def _check_yaml(path: str) -> None:
         raise CommandError(f"--config {path} cannot be read: {exc}.") from None
     if data is not None and not isinstance(data, dict):
         raise CommandError(f"--config {path} must hold a YAML mapping of fields (key: value), got a {type(data).__name__}.")
+    return data or {}
 
 
-def _explicit_fields(argv: Sequence[str], config: str | None) -> set[str]:
+def _explicit_fields(argv: Sequence[str], recipe: dict) -> set[str]:
     """Field names the user set: `--flags` on the command line and keys of the `--config` YAML."""
-    names = {a[2:].split("=", 1)[0].replace("-", "_") for a in argv if a.startswith("--")}
-    if config is not None:
-        import yaml
-
-        with open(config, encoding="utf-8") as f:
-            data = yaml.safe_load(f) or {}
-        names |= {str(k) for k in data}
-    return names
+    return {a[2:].split("=", 1)[0].replace("-", "_") for a in argv if a.startswith("--")} | {str(k) for k in recipe}
 
 
 def _default_lora_dropout(model_args, roste_args, explicit: set[str]) -> None:
@@ -275,7 +269,7 @@ def _resume_checkpoint(training_args, quantize: bool) -> str | None:
     output_dir = training_args.output_dir
     if value is True or str(value).strip().lower() == "true":
         if quantize:
-            from ..training.trainer import last_complete_checkpoint
+            from ..training.checkpoints import last_complete_checkpoint
 
             found = last_complete_checkpoint(output_dir)
         else:
@@ -306,11 +300,7 @@ def _check_search_options(training_args, model_args, quantize: bool) -> None:
                 logger.warning("quantize=false: %s=%r is ignored (full-precision SFT baseline, no rotations).", name,
                                getattr(training_args, name))
         return
-    if interval and training_args.rotation_search == "none":
-        raise CommandError(
-            f"--rotation_search_interval {interval} re-runs the rotation search, but --rotation_search none turns the "
-            "search off: drop --rotation_search_interval, or choose --rotation_search adaptive or layerwise."
-        )
+    # 'none' + interval is refused by RoSTESFTConfig itself, while the arguments are parsed
     if interval and model_args.use_peft:
         raise CommandError(
             f"--rotation_search_interval {interval} is not supported with --use_peft true: a re-search rotates the "

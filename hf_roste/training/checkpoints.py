@@ -59,11 +59,14 @@ def refuse_packed_folder(folder: str) -> None:
 
 
 def load_master_weights(model, folder: str) -> None:
-    """Load a trainer checkpoint's master weights into `model` after verifying every tensor's digest."""
+    """Load a trainer checkpoint's master weights into `model` after verifying every tensor's digest.
+
+    Callers run `refuse_packed_folder` first (with the `roste_state.json` checks); a packed folder
+    that reaches here still fails `verify_checkpoint`'s format check.
+    """
     from ..export.checkpoint import _model_key_mapper, verify_checkpoint
 
     model = getattr(model, "module", model)
-    refuse_packed_folder(folder)
     single, index = os.path.join(folder, SAFE_WEIGHTS_NAME), os.path.join(folder, SAFE_WEIGHTS_INDEX_NAME)
     if os.path.isfile(single):
         files = [single]

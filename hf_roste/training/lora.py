@@ -129,8 +129,8 @@ def load_roste_adapter(model, adapter_path: str, adapter_name: str = "default", 
     state = get_state(model)
     if saved is None:
         logger.warning(
-            "%s has no %s: the base model's rotation configuration and quantizer settings cannot be checked "
-            "against the ones the adapters were trained with.", adapter_path, STATE_FILE,
+            "No %s found for %s: the base model's rotation configuration and quantizer settings cannot be checked "
+            "against the ones the adapters were trained with.", STATE_FILE, adapter_path,
         )
     else:
         check_saved_quantization_config(saved, state.config, adapter_path)
