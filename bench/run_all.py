@@ -45,6 +45,16 @@ DEFAULT = ("train_step", "search", "inference", "scaling", "outliers", "quality"
 BASE_ARG = ("quality", "outliers")  # accept --base
 
 
+def record_rerun(data: dict, run_info: dict) -> None:
+    """Append a partial re-run; earlier re-runs keep only the benchmarks whose figures are still theirs."""
+    kept = []
+    for r in data.get("reruns", []):
+        left = [n for n in r.get("requested", []) if n not in run_info["requested"]]
+        if left:
+            kept.append({**r, "requested": left})
+    data["reruns"] = kept + [run_info]
+
+
 def machine_info() -> dict:
     info: dict = {"python": platform.python_version(), "platform": platform.platform(),
                   "cpu_count": os.cpu_count()}
@@ -174,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
                 "command": "python -m bench" + (" --quick" if args.quick else "")
                 + (f" --only {' '.join(args.only)}" if args.only else "")}
     if args.only and "suite" in data:  # a partial re-run: keep the record of the last whole-suite run
-        data.setdefault("reruns", []).append(run_info)
+        record_rerun(data, run_info)
     else:
         data["suite"] = run_info
     print(f"hf_roste benchmarks ({mode}): {', '.join(names)}; {data['machine'].get('cpu_model')}, "

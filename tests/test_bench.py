@@ -91,3 +91,56 @@ def test_quality_bench_detects_a_bos_base(tmp_path):
     assert not base_uses_bos(str(tmp_path))
     (tmp_path / "pretrain_info.json").write_text(json.dumps({"bos": True, "steps": 3}))
     assert base_uses_bos(str(tmp_path))
+
+
+def test_rotation_ablation_variants_are_what_they_say():
+    from bench.rotation_ablation import VARIANTS, variant_config
+
+    expect = {"ste": (False, False), "r1": (True, False), "all": (True, True)}
+    for variant, (r1, layers_on) in expect.items():
+        qc, criterion = variant_config("W3A3KV3", variant)
+        assert (qc.weight_bits, qc.activation_bits, qc.kv_bits) == (3, 3, 3) and criterion == "paper"
+        rc = qc.resolved_rotation_config(2)
+        assert rc["R1"] is r1
+        assert all(all(v is layers_on for v in layer.values()) for layer in rc["layers"]), variant
+    for variant, crit in (("adaptive", "paper"), ("adaptive_output", "output")):
+        qc, criterion = variant_config("W4A8KV4", variant)
+        assert qc.rotation_search == "adaptive" and criterion == crit and qc.activation_bits == 8
+    assert set(VARIANTS) == set(expect) | {"adaptive", "adaptive_output"}
+    with pytest.raises(ValueError, match="unknown variant"):
+        variant_config("W4A4KV4", "r2")
+
+
+def test_rotation_ablation_pairs_against_ste_of_the_same_seed_and_lr():
+    from bench.rotation_ablation import aggregate, markdown
+
+    settings = {"learning_rates": [2e-3, 1e-3], "variants": ["ste", "all"], "seeds": 3, "scheme": "W3A3KV3",
+                "steps": 5, "batch_size": 4, "train_examples": 10, "eval_prompts": 8}
+    loss = {(2e-3, "ste"): [0.10, 0.30, 0.20], (2e-3, "all"): [0.20, 0.45, 0.30],
+            (1e-3, "ste"): [0.05, 0.07, 0.06], (1e-3, "all"): [0.05, 0.06, 0.06]}
+    runs = [{"seed": s, "learning_rate": lr, "variant": v, "completion_loss": vals[s], "exact_match": 0.5,
+             "rotations_on": None} for (lr, v), vals in loss.items() for s in range(3)]
+    rows = {(r["learning_rate"], r["variant"]): r for r in aggregate(runs, settings)}
+    hi = rows[(2e-3, "all")]["vs_ste"]
+    assert hi["per_seed"] == pytest.approx([0.10, 0.15, 0.10]) and hi["verdict"] == "beyond noise"
+    lo = rows[(1e-3, "all")]["vs_ste"]
+    assert lo["mean"] == pytest.approx(-0.01 / 3) and lo["verdict"] == "within noise"
+    assert "vs_ste" not in rows[(2e-3, "ste")]
+    assert rows[(2e-3, "ste")]["completion_loss_sd"] == pytest.approx(0.1)
+    md = markdown({"settings": settings, "rows": list(rows.values()), "noise_rule": "rule", "wall_seconds": 1.0,
+                   "command": "python bench/rotation_ablation.py"})
+    assert "## learning rate 0.002" in md and "## learning rate 0.001" in md
+    assert "+0.1167 [+0.1000, +0.1500]" in md and "beyond noise" in md
+    assert "at this learning rate: all rotations on +0.1167." in md and "at this learning rate: none." in md
+
+
+def test_a_newer_rerun_supersedes_an_older_one():
+    from bench.run_all import record_rerun
+
+    data = {"suite": {"command": "python -m bench"},
+            "reruns": [{"command": "python -m bench --only quality search", "requested": ["quality", "search"]},
+                       {"command": "python -m bench --only outliers", "requested": ["outliers"]}]}
+    record_rerun(data, {"command": "python -m bench --only quality", "requested": ["quality"]})
+    assert [r["requested"] for r in data["reruns"]] == [["search"], ["outliers"], ["quality"]]
+    record_rerun(data, {"command": "python -m bench --only search outliers", "requested": ["search", "outliers"]})
+    assert [r["requested"] for r in data["reruns"]] == [["quality"], ["search", "outliers"]]
