@@ -11,7 +11,9 @@ the input of each quantized linear of every decoder layer is recorded:
 
 Per token t, r_t = max_i |x_ti| / median_i |x_ti|. Reported per layer and module: the median of r_t over
 tokens ("typical") and its maximum ("worst"). Rows of padding are never included. Bases: the demo's
-shipped base and, as a reference, a randomly initialised model of the same shape (no training).
+shipped base, the code-corpus base `bench/bases/code_base` when present (`<bos>` is put first in every
+sequence of a base pre-trained with it, as in its pre-training), and, as a reference, a randomly initialised
+model of the demo base's shape (no training).
 
     python bench/outliers.py [--quick] [--base PATH ...]
 """
@@ -30,6 +32,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 MODULES = ("q_proj", "o_proj", "gate_proj", "down_proj")
+CODE_BASE = os.path.join(ROOT, "bench", "bases", "code_base")
 
 
 def calibration(n_task: int, n_pretrain: int) -> list[torch.Tensor]:
@@ -129,18 +132,25 @@ def main() -> None:
     p.add_argument("--base", nargs="*", default=None, help="bases to analyse (default: the demo's shipped base)")
     args = p.parse_args()
     torch.set_num_threads(2)
+    from bench.quality import base_uses_bos
     from hf_roste.demo.run import shipped_base_path
+    from hf_roste.demo.tasks import BOS_ID
 
-    bases = args.base or [str(shipped_base_path())]
+    bases = args.base or [str(shipped_base_path())] + ([CODE_BASE] if os.path.isfile(os.path.join(CODE_BASE, "config.json"))
+                                                       else [])
     seqs = calibration(12 if args.quick else 256, 4 if args.quick else 64)
     tokens = sum(s.numel() for s in seqs)
-    results = {}
+    results, bos = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         named = {os.path.basename(os.path.normpath(b)) or b: b for b in bases}
         named["random-init twin of " + next(iter(named))] = random_twin(next(iter(named.values())), tmp)
         for name, path in named.items():
-            results[name] = analyse(path, seqs)
-    print(f"calibration: {len(seqs)} sequences, {tokens} tokens (held-out task + pretraining mix)")
+            bos[name] = base_uses_bos(path)
+            base_seqs = [torch.cat([torch.tensor([[BOS_ID]]), s], dim=1) for s in seqs] if bos[name] else seqs
+            results[name] = analyse(path, base_seqs)
+            results[name]["bos"] = bos[name]
+    print(f"calibration: {len(seqs)} sequences, {tokens} tokens (held-out task + pretraining mix); "
+          f"<bos> prepended for: {', '.join(n for n, b in bos.items() if b) or 'none'}")
     print("max/median of |x| per token: median over tokens / max over tokens, before -> after rotation")
     for name, res in results.items():
         print(f"\nbase: {name}")

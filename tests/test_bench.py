@@ -144,3 +144,32 @@ def test_a_newer_rerun_supersedes_an_older_one():
     assert [r["requested"] for r in data["reruns"]] == [["search"], ["outliers"], ["quality"]]
     record_rerun(data, {"command": "python -m bench --only search outliers", "requested": ["search", "outliers"]})
     assert [r["requested"] for r in data["reruns"]] == [["quality"], ["search", "outliers"]]
+
+
+def test_render_code_base_quality_section_and_targets(tmp_path):
+    import copy
+
+    from bench.report import render, targets
+
+    data = json.loads(FIXTURE.read_text())
+    q = copy.deepcopy(data["benchmarks"]["quality"])
+    q["figures"]["base"] = "bench/bases/code_base"
+    data["benchmarks"]["quality_code_base"] = q
+    first = next(iter(data["benchmarks"]["outliers"]["figures"]["bases"].values()))
+    first["bos"] = True
+    render(data, str(tmp_path / "benchmarks.md"))
+    md = (tmp_path / "benchmarks.md").read_text()
+    assert "## 4c. Quality on the code-corpus base" in md and "`bench/bases/code_base`" in md
+    assert "(`<bos>` first in every sequence, as in its pre-training)" in md
+    names = [t["target"] for t in targets(data)]
+    assert any("; code_base, paired" in n for n in names) and any("(W" in n and "code_base" not in n for n in names)
+    # the demo-base section keeps its own plot, the code-base one gets another
+    assert "benchmarks_quality.png" in md and "benchmarks_quality_code_base.png" in md or not _has_matplotlib()
+
+
+def _has_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
