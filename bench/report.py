@@ -508,7 +508,8 @@ def render(data: dict, docs_path: str) -> list[str]:
         lines += ["torchao is not installed here: the torchao QAT rows are absent.", ""]
     lines += ["Reproduce: `pip install -e \".[bench]\"` then `python -m bench` (full suite, writes "
               "`bench/results/latest.json` and this page), `python -m bench --quick` (2-minute sanity run), "
-              "`python -m bench --only quality` (one benchmark, merged into latest.json), `python -m bench --render` "
+              "`python -m bench --only quality` (one benchmark, merged into latest.json), `python -m bench --only "
+              "quality_code_base` (the optional code-base quality run, about 15 minutes), `python -m bench --render` "
               "(re-render only). Each benchmark also runs alone, e.g. `python bench/train_step.py`; its last output line "
               "is the JSON stored here.", ""]
     rows = []

@@ -218,8 +218,9 @@ def main(argv: list[str] | None = None) -> int:
     with open(args.out, "w") as f:
         json.dump(data, f, indent=1, sort_keys=True)
     print(f"wall time {run_info['wall_seconds']:.0f}s; results: {args.out}")
-    if args.docs:
-        print("written: " + ", ".join(render(data, args.docs)))
+    if args.docs:  # render what was written (sorted keys), so `--render` later gives the same page
+        with open(args.out) as f:
+            print("written: " + ", ".join(render(json.load(f), args.docs)))
     print(json.dumps({"results": args.out, "wall_seconds": run_info["wall_seconds"], "failed": failed,
                       "statuses": {n: data["benchmarks"][n]["status"] for n in names}}))
     return 1 if failed else 0
