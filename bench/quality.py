@@ -34,7 +34,6 @@ import argparse
 import json
 import math
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -44,6 +43,8 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+from bench._common import run_workers  # noqa: E402
 
 SCHEMES = {"W4A4KV4": (4, 4, 4), "W4A8KV4": (4, 8, 4), "W3A3KV3": (3, 3, 3)}
 METHODS = ("fp_sft", "sft_rtn", "sft_rot_rtn", "ste", "torchao_qat", "roste", "roste_output")
@@ -267,28 +268,10 @@ def main() -> None:
         raise SystemExit(f"bench/quality.py: base checkpoint {base} is missing (hf-roste demo --pretrain)")
     settings["bos"] = base_uses_bos(base)
     t0 = time.perf_counter()
-    runs: list[dict] = []
     with tempfile.TemporaryDirectory() as work:
-        pending = list(range(settings["seeds"]))
-        procs: list[tuple[int, subprocess.Popen]] = []
-        while pending or procs:
-            while pending and len(procs) < max(1, args.jobs):
-                seed = pending.pop(0)
-                cmd = [sys.executable, os.path.abspath(__file__), "--base", base, "--_seed", str(seed),
-                       "--_settings", json.dumps(settings), "--_workdir", work]
-                env = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1", PYTHONWARNINGS="ignore")
-                procs.append((seed, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                                     env=env)))
-            seed, proc = procs.pop(0)
-            out, err = proc.communicate()
-            for line in out.splitlines():
-                if line.startswith("ROWS "):
-                    runs += json.loads(line[5:])
-                elif line.startswith(("seed ", "torchao unavailable")):
-                    print(line)
-            if proc.returncode != 0:
-                print(err[-3000:], file=sys.stderr)
-                raise SystemExit(f"quality worker for seed {seed} failed ({proc.returncode})")
+        jobs = [(f"seed {seed}", [os.path.abspath(__file__), "--base", base, "--_seed", str(seed), "--_settings",
+                                  json.dumps(settings), "--_workdir", work]) for seed in range(settings["seeds"])]
+        runs = run_workers(jobs, args.jobs, ("seed ", "torchao unavailable"), "quality")
     rows, diffs = aggregate(runs, settings["schemes"])
     wall = time.perf_counter() - t0
     print(f"\n{settings['seeds']} seeds, {settings['eval_prompts']} held-out prompts, {settings['steps']} steps x batch "

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,6 +36,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from bench._common import run_workers  # noqa: E402
 from bench.quality import SCHEMES, _stats, _train_qa  # noqa: E402
 
 VARIANTS = {
@@ -107,7 +107,8 @@ def aggregate(runs: list[dict], settings: dict) -> list[dict]:
                 continue
             losses = [r["completion_loss"] for r in rs]
             row = {"learning_rate": lr, "variant": variant, "label": VARIANTS[variant], "seeds": len(rs),
-                   "completion_loss": _stats(losses), "exact_match": sum(r["exact_match"] for r in rs) / len(rs),
+                   "completion_loss": {"mean": sum(losses) / len(losses), "per_seed": losses},
+                   "exact_match": sum(r["exact_match"] for r in rs) / len(rs),
                    "completion_loss_sd": _sd(losses)}
             if variant != "ste":
                 paired = [s for s in seeds if (s, variant) in by and (s, "ste") in by]
@@ -203,28 +204,11 @@ def main() -> None:
     if "ste" not in settings["variants"]:
         settings["variants"] = ["ste", *settings["variants"]]  # the paired baseline
     t0 = time.perf_counter()
-    runs: list[dict] = []
     with tempfile.TemporaryDirectory() as work:
-        pending = [(seed, lr) for lr in settings["learning_rates"] for seed in range(settings["seeds"])]
-        procs: list[tuple[tuple[int, float], subprocess.Popen]] = []
-        while pending or procs:
-            while pending and len(procs) < max(1, args.jobs):
-                key = pending.pop(0)
-                cmd = [sys.executable, os.path.abspath(__file__), "--_run", f"{key[0]}:{key[1]!r}",
-                       "--_settings", json.dumps(settings), "--_workdir", work]
-                env = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1", PYTHONWARNINGS="ignore")
-                procs.append((key, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                                    env=env)))
-            key, proc = procs.pop(0)
-            out, err = proc.communicate()
-            for line in out.splitlines():
-                if line.startswith("ROWS "):
-                    runs += json.loads(line[5:])
-                elif line.startswith("lr "):
-                    print(line)
-            if proc.returncode != 0:
-                print(err[-3000:], file=sys.stderr)
-                raise SystemExit(f"rotation ablation worker {key} failed ({proc.returncode})")
+        jobs = [(f"seed {seed} lr {lr:g}", [os.path.abspath(__file__), "--_run", f"{seed}:{lr!r}", "--_settings",
+                                             json.dumps(settings), "--_workdir", work])
+                for lr in settings["learning_rates"] for seed in range(settings["seeds"])]
+        runs = run_workers(jobs, args.jobs, ("lr ",), "rotation ablation")
     from bench.quality import NOISE_RULE
 
     result = {"settings": settings, "runs": runs, "rows": aggregate(runs, settings), "noise_rule": NOISE_RULE,

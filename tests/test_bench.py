@@ -173,3 +173,18 @@ def _has_matplotlib() -> bool:
     except ImportError:
         return False
     return True
+
+
+def test_run_workers_collects_rows_in_job_order_and_stops_on_failure(capsys):
+    from bench._common import run_workers
+
+    def job(label, code):
+        return (label, ["-c", code])
+
+    rows = run_workers([job("a", "import time; time.sleep(0.3); print('ROWS [1, 2]'); print('note a')"),
+                        job("b", "print('ROWS [3]'); print('skip me')")], parallel=2, echo=("note",), what="test")
+    assert rows == [1, 2, 3]
+    assert "note a" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="test worker bad failed"):
+        run_workers([job("bad", "import sys; sys.exit(3)"), job("ok", "print('ROWS [4]')")], parallel=1, echo=(),
+                    what="test")
