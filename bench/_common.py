@@ -65,6 +65,9 @@ def run_workers(jobs: list[tuple[str, list[str]]], parallel: int, echo: tuple[st
             elif line.startswith(echo):
                 print(line)
         if proc.returncode != 0:
+            for _, other in procs:  # do not leave the other workers running
+                other.kill()
+                other.wait()
             print(err[-3000:], file=sys.stderr)
             raise SystemExit(f"{what} worker {label} failed ({proc.returncode})")
     return rows

@@ -129,7 +129,7 @@ def main() -> None:
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--base", nargs="*", default=None, help="bases to analyse (default: the demo's shipped base)")
+    p.add_argument("--base", nargs="*", default=None, help="bases to analyse (default: the demo's shipped base and bench/bases/code_base)")
     args = p.parse_args()
     torch.set_num_threads(2)
     from bench.quality import base_uses_bos

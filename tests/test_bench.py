@@ -175,7 +175,7 @@ def _has_matplotlib() -> bool:
     return True
 
 
-def test_run_workers_collects_rows_in_job_order_and_stops_on_failure(capsys):
+def test_run_workers_collects_rows_in_job_order_and_stops_on_failure(capsys, tmp_path):
     from bench._common import run_workers
 
     def job(label, code):
@@ -188,3 +188,11 @@ def test_run_workers_collects_rows_in_job_order_and_stops_on_failure(capsys):
     with pytest.raises(SystemExit, match="test worker bad failed"):
         run_workers([job("bad", "import sys; sys.exit(3)"), job("ok", "print('ROWS [4]')")], parallel=1, echo=(),
                     what="test")
+    import time
+
+    marker = tmp_path / "slow-finished"  # a failure stops the worker running beside it
+    slow = f"import time, pathlib; time.sleep(1.5); pathlib.Path({str(marker)!r}).write_text('x')"
+    with pytest.raises(SystemExit, match="test worker bad failed"):
+        run_workers([job("bad", "import sys; sys.exit(3)"), job("slow", slow)], parallel=2, echo=(), what="test")
+    time.sleep(3)
+    assert not marker.exists()
