@@ -132,20 +132,28 @@ def _train_torchao(s, base: Path, train_ds, tok, out: Path, seed: int, scheme: s
     return model, secs
 
 
-def run_seed(seed: int, settings: dict, base: str, workdir: str) -> list[dict]:
-    """All methods and settings of one seed; returns one row per (method, scheme)."""
-    from hf_roste.demo.run import DATA_SEED, DemoSettings, _dataset, _load, _train_fp, evaluate
-    from hf_roste.demo.tasks import BOS_ID, char_tokenizer, held_out_split
+def task_setup(settings: dict, workdir: str):
+    """Demo settings, tokenizer, held-out prompts and SFT dataset of one run; also used by the rotation ablation."""
+    from hf_roste.demo.run import DATA_SEED, DemoSettings, _dataset
+    from hf_roste.demo.tasks import char_tokenizer, held_out_split
 
     s = DemoSettings(output_dir=workdir, seeds=settings["seeds"], steps=settings["steps"],
                      batch_size=settings["batch_size"], learning_rate=settings["learning_rate"],
                      train_examples=settings["train_examples"], eval_prompts=settings["eval_prompts"],
                      calibration_samples=settings["calibration_samples"])
-    tok = char_tokenizer()
     eval_pairs = held_out_split(s.eval_prompts, DATA_SEED + 1)
     train_pairs = held_out_split(s.train_examples, DATA_SEED, exclude={p for p, _ in eval_pairs})
     bos = bool(settings.get("bos"))
     train_ds = _dataset(train_pairs, "<bos>" if bos else "")  # "<bos>" is one token (BOS_ID) for the char tokenizer
+    return s, char_tokenizer(), eval_pairs, train_ds, bos
+
+
+def run_seed(seed: int, settings: dict, base: str, workdir: str) -> list[dict]:
+    """All methods and settings of one seed; returns one row per (method, scheme)."""
+    from hf_roste.demo.run import _load, _train_fp, evaluate
+    from hf_roste.demo.tasks import BOS_ID
+
+    s, tok, eval_pairs, train_ds, bos = task_setup(settings, workdir)
     out = Path(workdir) / f"seed{seed}"
     base_p = Path(base)
     rows: list[dict] = []

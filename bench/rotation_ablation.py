@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -37,7 +38,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from bench._common import run_workers  # noqa: E402
-from bench.quality import SCHEMES, _stats, _train_qa  # noqa: E402
+from bench.quality import SCHEMES, _stats, _train_qa, roste_config, task_setup  # noqa: E402
 
 VARIANTS = {
     "ste": "STE (no rotation)",
@@ -56,31 +57,21 @@ def variant_config(scheme: str, variant: str):
     """The `RoSTEConfig` and search criterion of one ablation variant."""
     from hf_roste import RoSTEConfig
 
-    w, a, kv = SCHEMES[scheme]
-    bits = dict(weight_bits=w, activation_bits=a, kv_bits=kv)
-    if variant == "ste":
-        return RoSTEConfig(rotations=(), rotation_search="none", **bits), "paper"
     if variant == "r1":
-        return RoSTEConfig(rotations=("R1",), rotation_search="none", **bits), "paper"
-    if variant == "all":
-        return RoSTEConfig(rotation_search="all", **bits), "paper"
-    if variant in ("adaptive", "adaptive_output"):
-        return RoSTEConfig(**bits), ("output" if variant == "adaptive_output" else "paper")
-    raise ValueError(f"unknown variant {variant!r}; choose from {list(VARIANTS)}")
+        w, a, kv = SCHEMES[scheme]
+        return RoSTEConfig(rotations=("R1",), rotation_search="none", weight_bits=w, activation_bits=a,
+                           kv_bits=kv), "paper"
+    kinds = {"ste": "none", "all": "all", "adaptive": "adaptive", "adaptive_output": "adaptive"}
+    if variant not in kinds:
+        raise ValueError(f"unknown variant {variant!r}; choose from {list(VARIANTS)}")
+    return roste_config(scheme, kinds[variant]), ("output" if variant == "adaptive_output" else "paper")
 
 
 def run_one(seed: int, lr: float, settings: dict, workdir: str) -> list[dict]:
     """Every variant of one (seed, learning rate); one row each."""
-    from hf_roste.demo.run import DATA_SEED, DemoSettings, _dataset, evaluate, shipped_base_path
-    from hf_roste.demo.tasks import char_tokenizer, held_out_split
+    from hf_roste.demo.run import evaluate, shipped_base_path
 
-    s = DemoSettings(output_dir=workdir, seeds=1, steps=settings["steps"], batch_size=settings["batch_size"],
-                     learning_rate=lr, train_examples=settings["train_examples"],
-                     eval_prompts=settings["eval_prompts"], calibration_samples=settings["calibration_samples"])
-    tok = char_tokenizer()
-    eval_pairs = held_out_split(s.eval_prompts, DATA_SEED + 1)
-    train_pairs = held_out_split(s.train_examples, DATA_SEED, exclude={p for p, _ in eval_pairs})
-    train_ds = _dataset(train_pairs, "")
+    s, tok, eval_pairs, train_ds, _ = task_setup(dict(settings, seeds=1, learning_rate=lr), workdir)
     rows = []
     for variant in settings["variants"]:
         qc, criterion = variant_config(settings["scheme"], variant)
@@ -109,7 +100,7 @@ def aggregate(runs: list[dict], settings: dict) -> list[dict]:
             row = {"learning_rate": lr, "variant": variant, "label": VARIANTS[variant], "seeds": len(rs),
                    "completion_loss": {"mean": sum(losses) / len(losses), "per_seed": losses},
                    "exact_match": sum(r["exact_match"] for r in rs) / len(rs),
-                   "completion_loss_sd": _sd(losses)}
+                   "completion_loss_sd": statistics.stdev(losses) if len(losses) > 1 else None}
             if variant != "ste":
                 paired = [s for s in seeds if (s, variant) in by and (s, "ste") in by]
                 if paired:
@@ -120,13 +111,6 @@ def aggregate(runs: list[dict], settings: dict) -> list[dict]:
                 row["rotations_on_per_seed"] = on
             out.append(row)
     return out
-
-
-def _sd(values: list[float]) -> float | None:
-    if len(values) < 2:
-        return None
-    mean = sum(values) / len(values)
-    return (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
 
 
 def markdown(result: dict) -> str:
