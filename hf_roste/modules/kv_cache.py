@@ -346,7 +346,14 @@ class RoSTEQuantizedSlidingWindowLayer(RoSTEQuantizedLayer):
         self.cumulative_length = 0
         self.record_past = False
 
-    def activate_past_recording(self):
+    def activate_past_recording(self, **kwargs) -> None:
+        """Keep every stored token until the next ``crop`` (prompt-lookup / assisted decoding roll back).
+
+        Keyword arguments are accepted and ignored, as ``DynamicSlidingWindowLayer`` does: transformers
+        from 5.25 calls ``Cache.activate_past_recording(recurrent_states_to_keep=...)``, which forwards the
+        keyword to every layer, and it only concerns layers with recurrent states (linear attention); 5.20
+        to 5.24 call it without arguments.
+        """
         self.record_past = True
 
     def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
