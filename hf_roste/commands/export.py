@@ -49,6 +49,12 @@ def run(args: argparse.Namespace) -> int:
                               "(or trainer.save_model) of a RoSTE model.")
     if os.path.exists(args.output) and not os.path.isdir(args.output):
         return fail("export", f"OUT {args.output!r} is a file, not a folder: pass a folder path.")
+    from ..export.paths import OutputIsSourceError, check_output_is_not_source
+
+    try:
+        check_output_is_not_source(args.model, args.output, "export")
+    except OutputIsSourceError as exc:
+        return fail("export", str(exc))
     try:
         summary = export_compressed_tensors(args.model, args.output, strict=not args.non_strict)
     except (ExportError, ValueError, OSError) as exc:

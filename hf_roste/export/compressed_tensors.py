@@ -372,6 +372,7 @@ def export_compressed_tensors(model_or_dir, out_dir: str | os.PathLike, *, stric
 
     Raises:
         ExportError: the model uses an option the format cannot express (the message names it).
+        OutputIsSourceError: ``out_dir`` is the folder the model is read from (links resolved).
     """
     from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.quantization import QuantizationScheme
@@ -380,6 +381,9 @@ def export_compressed_tensors(model_or_dir, out_dir: str | os.PathLike, *, stric
 
     from ..rotation.apply import get_state
 
+    from .paths import check_output_is_not_source
+
+    check_output_is_not_source(model_or_dir, out_dir, "export_compressed_tensors")
     src_dir = None if isinstance(model_or_dir, nn.Module) else os.fspath(model_or_dir)
     if src_dir is not None:
         from ..commands._common import is_roste_checkpoint
