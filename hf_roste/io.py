@@ -76,7 +76,10 @@ def save_pretrained_atomic(model, save_directory: str | os.PathLike, save=None, 
         save = type(model).save_pretrained.__get__(model)
     if (not kwargs.get("is_main_process", True) or kwargs.get("push_to_hub") or kwargs.get("distributed_checkpoint")
             or os.path.isfile(save_directory)):
-        return save(save_directory, **kwargs)
+        out = save(save_directory, **kwargs)
+        if kwargs.get("is_main_process", True) and os.path.isdir(save_directory):
+            _write_load_guard(os.fspath(save_directory))
+        return out
     target = os.path.abspath(os.fspath(save_directory))
     parent, base = os.path.split(target)
     os.makedirs(parent, exist_ok=True)
@@ -88,6 +91,7 @@ def save_pretrained_atomic(model, save_directory: str | os.PathLike, save=None, 
     tmp = tempfile.mkdtemp(prefix=f".{base}.roste-tmp-", dir=parent)
     try:
         save(tmp, **kwargs)
+        _write_load_guard(tmp)
         _fsync_tree(tmp)
         if os.path.isdir(target):
             for name in os.listdir(target):
@@ -115,11 +119,19 @@ def save_pretrained_atomic(model, save_directory: str | os.PathLike, save=None, 
                 os.rename(old, target)  # undo the first of the two renames
             logger.warning("Could not swap %s into place atomically (%s); saving in place instead.", target, exc)
             shutil.rmtree(tmp, ignore_errors=True)
-            return save(target, **kwargs)
+            save(target, **kwargs)
+            _write_load_guard(target)
+            return None
         _fsync_dir(parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _write_load_guard(folder: str) -> None:
+    from .export.load_guard import write_load_guard  # a RoSTE checkpoint must not load without hf_roste
+
+    write_load_guard(folder)
 
 
 def _link_or_copy(src: str, dst: str) -> str:

@@ -60,6 +60,12 @@ class RoSTEHfQuantizer(HfQuantizer):
         # Decided once, here: never from a field that saving changes later.
         self.load_format = fmt if self.pre_quantized else "full_precision"
 
+    def update_attn_implementation(self, config):
+        """Lift the load guard of RoSTE checkpoints (see :mod:`hf_roste.export.load_guard`) before files resolve."""
+        from .export.load_guard import remove_load_guard
+
+        return remove_load_guard(super().update_attn_implementation(config))
+
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs: Any):
         # unsupported families, rotation sizes without a Hadamard construction and group sizes that do not
         # divide a layer fail here, before any weight is read
