@@ -103,6 +103,7 @@ def prepare_push_folder(
     *,
     repo_id: str,
     tokenizer: Any = None,
+    max_shard_size: int | str | None = None,
     **card_info: Any,
 ) -> list[str]:
     """Fill `folder` with what `push_roste_model` uploads; returns the relative file names.
@@ -115,7 +116,10 @@ def prepare_push_folder(
     if isinstance(model_or_dir, nn.Module):
         state = get_state(model_or_dir)
         with save_format(model_or_dir, "packed"):
-            model_or_dir.save_pretrained(folder)
+            if max_shard_size is None:
+                model_or_dir.save_pretrained(folder)
+            else:
+                model_or_dir.save_pretrained(folder, max_shard_size=max_shard_size)
         if getattr(model_or_dir, "generation_config", None) is not None and not os.path.isfile(
                 os.path.join(folder, "generation_config.json")):
             model_or_dir.generation_config.save_pretrained(folder)
@@ -127,6 +131,12 @@ def prepare_push_folder(
     else:
         src = os.fspath(model_or_dir)
         _roste_config_of_dir(src)
+        if max_shard_size is not None:
+            raise ValueError(
+                f"max_shard_size={max_shard_size!r} cannot apply to a saved folder ({src}), which is uploaded as it "
+                "was saved: load the model and push it (model.push_to_hub(..., max_shard_size=...)) or re-save the "
+                "folder with save_pretrained(..., max_shard_size=...)."
+            )
         shutil.copytree(src, folder, dirs_exist_ok=True, ignore=shutil.ignore_patterns(".git", ".cache", "README.md"))
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
@@ -153,8 +163,10 @@ def push_roste_model(
     private: bool | None = None,
     commit_message: str = DEFAULT_COMMIT_MESSAGE,
     *,
+    commit_description: str | None = None,
     revision: str | None = None,
     create_pr: bool = False,
+    max_shard_size: int | str | None = None,
     tokenizer: Any = None,
     base_model: str | None = None,
     datasets: Any = None,
@@ -170,6 +182,9 @@ def push_roste_model(
         token: a write token; default: the logged-in token (`HF_TOKEN` or `hf auth login`).
         private: create the repository private (existing repositories keep their visibility).
         commit_message: the commit message.
+        commit_description: the commit's description (the pull request's description with ``create_pr=True``).
+        revision: the branch to push to; create_pr: open a pull request instead of committing.
+        max_shard_size: shard size of the saved model (a model only; a saved folder is uploaded as saved).
         tokenizer: saved next to the model when given.
         base_model, datasets, training_args, eval_results, **card_info: card contents (see
             `hf_roste.export.model_card.render_model_card`).
@@ -187,7 +202,8 @@ def push_roste_model(
 
     api = HfApi(token=resolved)
     with tempfile.TemporaryDirectory(prefix="roste-push-") as folder:
-        files = prepare_push_folder(model_or_dir, folder, repo_id=repo_id, tokenizer=tokenizer, base_model=base_model,
+        files = prepare_push_folder(model_or_dir, folder, repo_id=repo_id, tokenizer=tokenizer,
+                                    max_shard_size=max_shard_size, base_model=base_model,
                                     datasets=datasets, training_args=training_args, eval_results=eval_results,
                                     **card_info)
         try:
@@ -195,7 +211,8 @@ def push_roste_model(
             target = getattr(url, "repo_id", None) or repo_id
             logger.info("Uploading %d files to %s", len(files), target)
             info = api.upload_folder(repo_id=target, folder_path=folder, commit_message=commit_message,
-                                     revision=revision, create_pr=create_pr, repo_type="model")
+                                     commit_description=commit_description, revision=revision, create_pr=create_pr,
+                                     repo_type="model")
         except HubPushError:
             raise
         except Exception as exc:
@@ -215,19 +232,48 @@ def push_roste_model(
 
 
 # ------------------------------------------------------------------------ model.push_to_hub
-def _roste_push_to_hub(self, repo_id: str, commit_message: str | None = None, commit_description: str | None = None,
-                       private: bool | None = None, token: str | bool | None = None, revision: str | None = None,
-                       create_pr: bool = False, tags: list[str] | None = None, **kwargs: Any):
+# transformers' older push_to_hub keywords: accepted when they ask for what the RoSTE push does anyway
+# (safetensors, a temporary folder, no variant), refused otherwise
+_LEGACY_PUSH_KWARGS = {
+    "safe_serialization": (True, "RoSTE checkpoints are always saved as safetensors"),
+    "use_temp_dir": (True, "the RoSTE push always saves into a temporary folder"),
+    "variant": (None, "RoSTE checkpoints are saved without a weights-name variant"),
+}
+
+
+def _roste_push_to_hub(self, repo_id: str, *, commit_message: str | None = None,
+                       commit_description: str | None = None, private: bool | None = None,
+                       token: str | bool | None = None, revision: str | None = None, create_pr: bool = False,
+                       max_shard_size: int | str | None = "50GB", tags: list[str] | None = None, **kwargs: Any):
     """`push_to_hub` of RoSTE models: the packed checkpoint plus the RoSTE model card, in one commit.
 
-    Extra keyword arguments go to the card (`base_model`, `datasets`, `tokenizer`, `eval_results`, ...);
-    transformers' saving options (`max_shard_size`, `safe_serialization`, ...) are accepted and ignored.
+    Every argument of transformers' ``PushToHubMixin.push_to_hub`` is honoured: ``commit_message``,
+    ``commit_description``, ``private``, ``token``, ``revision``, ``create_pr``, ``max_shard_size``
+    and ``tags`` (added to the card's tags).  Extra keyword arguments go to the card (``base_model``,
+    ``datasets``, ``tokenizer``, ``training_args``, ``eval_results``, ``license``, ``language``,
+    ``title``); anything else is refused with a ``TypeError``.  transformers' older keywords
+    ``safe_serialization`` / ``use_temp_dir`` / ``variant`` are accepted only with the value the RoSTE
+    push implements (``True`` / ``True`` / ``None``) and refused otherwise.
     """
-    for ignored in ("max_shard_size", "safe_serialization", "use_temp_dir", "variant", "save_jinja_files"):
-        kwargs.pop(ignored, None)
+    for name, (value, reason) in _LEGACY_PUSH_KWARGS.items():
+        if name in kwargs:
+            given = kwargs.pop(name)
+            if given is not None and given != value:
+                raise ValueError(f"push_to_hub({name}={given!r}) is not supported: {reason}.")
+    unknown = sorted(set(kwargs) - _CARD_KWARGS)
+    if unknown:
+        raise TypeError(
+            f"push_to_hub() got unexpected keyword argument(s) {unknown}: a RoSTE push accepts transformers' "
+            "push_to_hub arguments and the model card's fields " + ", ".join(sorted(_CARD_KWARGS)) + "."
+        )
     return push_roste_model(self, repo_id, token=token, private=private,
-                            commit_message=commit_message or DEFAULT_COMMIT_MESSAGE, revision=revision,
-                            create_pr=create_pr, tags=tags, **kwargs)
+                            commit_message=commit_message or DEFAULT_COMMIT_MESSAGE,
+                            commit_description=commit_description, revision=revision, create_pr=create_pr,
+                            max_shard_size=max_shard_size, tags=tags, **kwargs)
+
+
+_CARD_KWARGS = frozenset({"base_model", "datasets", "tokenizer", "training_args", "eval_results", "license",
+                          "language", "title"})
 
 
 def install_push_to_hub(model: nn.Module) -> None:

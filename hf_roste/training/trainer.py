@@ -425,10 +425,18 @@ class RoSTESFTTrainer(SFTTrainer):
         if not self.is_world_process_zero():
             return None
         repo_id = self.args.hub_model_id or os.path.basename(os.path.normpath(self.args.output_dir))
-        kwargs.pop("model_name", None)
-        if kwargs.get("datasets") is None and kwargs.get("dataset_name"):
-            kwargs["datasets"] = kwargs.pop("dataset_name")
-        kwargs.pop("dataset_name", None)
+        # Trainer / SFTTrainer create_model_card keywords, mapped onto the RoSTE card's fields
+        for theirs, ours in (("model_name", "title"), ("finetuned_from", "base_model"), ("dataset_name", "datasets"),
+                             ("dataset", "datasets"), ("dataset_tags", "datasets")):
+            if theirs in kwargs:
+                value = kwargs.pop(theirs)
+                if value is not None and kwargs.get(ours) is None:
+                    kwargs[ours] = value
+        if kwargs.get("tasks") not in (None, "text-generation", ["text-generation"]):
+            raise ValueError(f"push_to_hub(tasks={kwargs['tasks']!r}): a RoSTE model card is for text-generation.")
+        kwargs.pop("tasks", None)
+        if kwargs.pop("dataset_args", None) is not None:
+            raise ValueError("push_to_hub(dataset_args=...) is not supported by the RoSTE model card.")
         return push_roste_model(
             self.model, repo_id, token=token if token is not None else self.args.hub_token,
             private=private if private is not None else self.args.hub_private_repo,

@@ -222,3 +222,54 @@ def test_card_without_per_layer_rotations(tiny_checkpoints, tmp_path, rotations)
     prepare_push_folder(model, tmp_path / "push", repo_id="me/x")
     card = (tmp_path / "push" / "README.md").read_text()
     assert "| layer |" not in card and not (tmp_path / "push" / PLOT_FILE).exists()
+
+
+# --------------------------------------------------------------------------- push_to_hub arguments (issue 24)
+class _FullRecorder(_Recorder):
+    """Also records every keyword of upload_folder."""
+
+    def install(self, monkeypatch):
+        super().install(monkeypatch)
+        rec, inner = self, HfApi.upload_folder
+
+        def upload_folder(self, **kw):
+            rec.kwargs = kw
+            return inner(self, **kw)
+
+        monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+        return self
+
+
+def test_push_to_hub_honours_every_transformers_argument(searched, tmp_path, monkeypatch):
+    import inspect
+
+    from transformers.utils.hub import PushToHubMixin
+
+    rec = _FullRecorder(tmp_path).install(monkeypatch)
+    searched.push_to_hub("me/tiny", commit_message="msg", commit_description="why this upload", private=True,
+                         token=FAKE_TOKEN, revision="dev", create_pr=True, max_shard_size="100KB",
+                         tags=["my-tag"], base_model="org/tiny")
+    kw = rec.kwargs
+    assert kw["commit_message"] == "msg" and kw["commit_description"] == "why this upload"
+    assert kw["revision"] == "dev" and kw["create_pr"] is True
+    assert rec.repos[-1]["private"] is True and rec.uploads[-1]["token"] == FAKE_TOKEN
+    files = _files(rec.uploads[-1]["dir"])
+    assert "model.safetensors.index.json" in files and sum(f.endswith(".safetensors") for f in files) > 1
+    assert "my-tag" in ModelCard((rec.uploads[-1]["dir"] / "README.md").read_text()).data.tags
+    # every parameter of transformers' push_to_hub was passed above (none is silently dropped)
+    names = set(inspect.signature(PushToHubMixin.push_to_hub).parameters) - {"self", "repo_id"}
+    known = {"commit_message", "commit_description", "private", "token", "revision", "create_pr", "max_shard_size",
+             "tags", "safe_serialization", "use_temp_dir", "variant"}
+    assert names <= known, f"transformers' push_to_hub has new arguments to honour or refuse: {names - known}"
+
+
+def test_push_to_hub_refuses_what_it_cannot_do(searched, tmp_path, monkeypatch):
+    _Recorder(tmp_path).install(monkeypatch)
+    monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
+    with pytest.raises(ValueError, match="safetensors"):
+        searched.push_to_hub("me/tiny", safe_serialization=False)
+    with pytest.raises(ValueError, match="variant"):
+        searched.push_to_hub("me/tiny", variant="fp16")
+    with pytest.raises(TypeError, match="no_such_option"):
+        searched.push_to_hub("me/tiny", no_such_option=1)
+    searched.push_to_hub("me/tiny", safe_serialization=True, use_temp_dir=True)  # what the push does anyway
