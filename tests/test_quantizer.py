@@ -149,9 +149,18 @@ def test_head_dim_without_hadamard_is_a_clear_error(tmp_path):
     # head_dim 14 = 56 / 4 has no Hadamard construction
     LlamaForCausalLM(LlamaConfig(hidden_size=56, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
                                  vocab_size=64)).save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match=r"R2 needs a Hadamard matrix of order head_dim=14.*Remove 'R2'"):
+    with pytest.raises(ValueError) as info:
         AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=RoSTEConfig())
-    # without the rotations that need it, the model loads
+    msg = str(info.value)
+    # every rotation that cannot be built is named at once (issue 24), with the configuration that works
+    assert "R2 needs a Hadamard matrix of order head_dim=14" in msg and "R3 needs a Hadamard matrix of order head_dim=14" in msg
+    assert "Remove 'R2' and 'R3'" in msg and "RoSTEConfig(rotations=('R1', 'R4'))" in msg
+    assert "--rotations R1 R4" in msg and "R1 needs" not in msg and "R4 needs" not in msg
+    # the suggested configuration loads
+    model = AutoModelForCausalLM.from_pretrained(
+        tmp_path, quantization_config=RoSTEConfig(rotations=("R1", "R4"), rotation_search="all")
+    )
+    assert get_state(model).applied["R1"] is True
     model = AutoModelForCausalLM.from_pretrained(
         tmp_path, quantization_config=RoSTEConfig(rotations=("R4",), rotation_search="all")
     )

@@ -93,15 +93,20 @@ def check_rotation_sizes(model: nn.Module, adapter: ArchAdapter, config: RoSTECo
         "R3": ("head_dim", head_dim),
         "R4": ("intermediate_size", down.in_features),
     }
+    failed: dict[str, str] = {}
     for name in config.rotations:
         what, n = sizes[name]
         try:
             hadamard_factorization(n)
         except ValueError as exc:
-            raise ValueError(
-                f"{name} needs a Hadamard matrix of order {what}={n}, which has no construction here: {exc} "
-                f"Remove {name!r} from RoSTEConfig.rotations to use this model without it."
-            ) from exc
+            failed[name] = f"{name} needs a Hadamard matrix of order {what}={n}, which has no construction here: {exc}"
+    if failed:  # every rotation that cannot be built, and the setting that works, in one message
+        works = tuple(r for r in config.rotations if r not in failed)
+        raise ValueError(
+            "\n".join(failed.values()) + f"\nRemove {' and '.join(repr(r) for r in failed)} from "
+            f"RoSTEConfig.rotations to use this model without them: RoSTEConfig(rotations={works!r}) "
+            "(or --rotations " + (" ".join(works) if works else "none") + " on the command line)."
+        )
 
 
 def check_weight_group_size(model: nn.Module, adapter: ArchAdapter, config: RoSTEConfig) -> None:
