@@ -166,9 +166,38 @@ def parse_args(argv: Sequence[str]):
         if not os.path.isfile(config):
             raise CommandError(f"--config {config!r} does not exist; recipes are in recipes/<model>/<variant>.yaml.")
         recipe = _check_yaml(config)
+    _check_unknown_arguments(argv, recipe)
     script_args, training_args, model_args, roste_args = make_parser().parse_args_and_config(argv)
     _default_lora_dropout(model_args, roste_args, _explicit_fields(argv, recipe))
     return script_args, training_args, model_args, roste_args
+
+
+def _check_unknown_arguments(argv: Sequence[str], recipe: dict) -> None:
+    """Unknown YAML keys and command-line flags are reported before any dataclass is built.
+
+    `TrlParser` builds the dataclasses first, so a machine-dependent check in their `__post_init__`
+    (e.g. transformers' "Your setup doesn't support bf16/gpu") would hide a misspelt flag.
+    """
+    parser = make_parser()
+    args = list(argv)
+    if "--config" in args:
+        i = args.index("--config")
+        del args[i : i + 2]
+    yaml_unknown = parser.set_defaults_with_config(**{k: v for k, v in recipe.items() if k != "env"})
+    if any(a in ("-h", "--help") for a in args):
+        return  # TrlParser prints the help
+    _, cli_unknown = parser.parse_known_args(args)
+    problems = []
+    if cli_unknown:
+        problems.append(f"unknown command-line argument(s) {cli_unknown}")
+    if yaml_unknown:
+        keys = [k[2:] for k in yaml_unknown if k.startswith("--")] or yaml_unknown
+        problems.append(f"unknown key(s) in the --config YAML {keys}")
+    if problems:
+        raise CommandError(
+            "; ".join(problems) + ". Every field of `hf-roste sft --help` is accepted (TRL's ScriptArguments, "
+            "SFTConfig and ModelConfig, plus the RoSTE quantization fields); check the spelling."
+        )
 
 
 def _check_yaml(path: str) -> dict:

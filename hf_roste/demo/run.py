@@ -130,7 +130,7 @@ def _common_args(s: DemoSettings, out: Path, seed: int) -> dict:
     return dict(output_dir=str(out), max_steps=s.steps, per_device_train_batch_size=s.batch_size,
                 learning_rate=s.learning_rate, lr_scheduler_type="cosine", warmup_steps=0, weight_decay=0.0,
                 logging_steps=max(1, s.steps // 5), report_to="none", save_strategy="no", use_cpu=True,
-                bf16=False, fp16=False, gradient_checkpointing=False, seed=seed, data_seed=seed, max_length=64,
+                bf16=False, fp16=False, activation_checkpointing=False, seed=seed, data_seed=seed, max_length=64,
                 dataloader_num_workers=0, disable_tqdm=False, completion_only_loss=True)
 
 

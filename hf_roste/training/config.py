@@ -4,7 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from transformers import TrainingArguments
 from trl import SFTConfig
+
+# transformers renamed `gradient_checkpointing` to `activation_checkpointing` (the old name warns on every
+# construction); TRL's SFTConfig still sets the old name's default to True
+_HAS_ACTIVATION_CHECKPOINTING = "activation_checkpointing" in TrainingArguments.__dataclass_fields__
 
 TRAINER_SEARCH_STRATEGIES = ("adaptive", "layerwise", "none")
 SEARCH_CRITERIA = ("paper", "output")
@@ -50,7 +55,20 @@ class RoSTESFTConfig(SFTConfig):
         metadata={"help": "Log per-layer relative quantization errors (weights and inputs) at every logging step."},
     )
 
+    if _HAS_ACTIVATION_CHECKPOINTING:
+        gradient_checkpointing: bool | None = field(
+            default=None,
+            metadata={"help": "Deprecated alias of `activation_checkpointing` (transformers); use that name."},
+        )
+        activation_checkpointing: bool | None = field(
+            default=None,
+            metadata={"help": "Recompute activations in the backward pass to save memory (~20% slower). Default: "
+                      "True, TRL's default (set with the old name `gradient_checkpointing` when given)."},
+        )
+
     def __post_init__(self) -> None:
+        if _HAS_ACTIVATION_CHECKPOINTING and self.activation_checkpointing is None and self.gradient_checkpointing is None:
+            self.activation_checkpointing = True  # TRL's default, under transformers' current name (no warning)
         super().__post_init__()
         if self.rotation_search not in (None, *TRAINER_SEARCH_STRATEGIES):
             raise ValueError(
