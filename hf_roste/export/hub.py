@@ -273,7 +273,7 @@ def _roste_push_to_hub(self, repo_id: str, *, commit_message: str | None = None,
 
 
 _CARD_KWARGS = frozenset({"base_model", "datasets", "tokenizer", "training_args", "eval_results", "license",
-                          "language", "title"})
+                          "language", "title", "base_model_relation", "eval_dataset"})
 
 
 def install_push_to_hub(model: nn.Module) -> None:

@@ -5,11 +5,20 @@ with YAML metadata (parsed back by `huggingface_hub.ModelCard`), a quantization 
 rotation configuration in compact form, training hyperparameters and evaluation results when known,
 a usage snippet, and a reference to the plot written by `plot_rotation_errors`.
 
-`library_name` is `transformers`: the checkpoint loads through transformers' `from_pretrained` (hf_roste
-is a transformers quantizer plugin, not a separate runtime), so the Hub's transformers filters and
-architecture widgets apply. Loading without `import hf_roste` fails loudly (the packed layers' empty
-`weight` marker has the wrong shape), and the card's usage snippet shows the import; the `hf_roste`
-and `roste` tags identify the library.
+Hub metadata (validated with `huggingface_hub.ModelCardData` in the tests):
+
+- `base_model_relation`: `finetune` when the weights were trained (training arguments or training
+  datasets known: RoSTE QA-SFT changes the weights before they are quantized), `quantized` for a
+  model only rotated and quantized (e.g. after `hf-roste search`); overridable.
+- `library_name: hf-roste`: the checkpoint loads through transformers' `from_pretrained`, but only
+  after `import hf_roste` (without it the load stops with the fix in the message, see
+  `hf_roste.export.load_guard`). With `library_name: transformers` the Hub would show a "Use this
+  model" snippet without that import, which fails; the card's own usage section replaces it. The
+  `transformers` tag keeps the model in the Hub's transformers filter.
+- tags: `roste`, `hf_roste`, the scheme (`w4a4kv4`), the checkpoint format (`roste-packed` /
+  `roste-master`), `quantized`, `qat`, `transformers`, `arxiv:2502.09003` (the paper), plus `trl`
+  and `sft` for trained models.
+- `model-index` (the Hub's evaluation results) when `eval_results` and an evaluation dataset are known.
 """
 
 from __future__ import annotations
@@ -205,29 +214,44 @@ def _eval_rows(eval_results: Mapping[str, Any] | None) -> list[tuple[str, str]]:
     return rows
 
 
+ARXIV_ID = "2502.09003"
+LIBRARY_NAME = "hf-roste"
+
+
 def card_metadata(config: RoSTEConfig, *, base_model: str | None = None, datasets: Sequence[str] | str | None = None,
                   tags: Sequence[str] | None = None, license: str | None = None,
-                  language: Sequence[str] | str | None = None) -> dict[str, Any]:
-    """The card's YAML metadata (keys as the Hub reads them)."""
-    meta: dict[str, Any] = {}
-    if base_model:
-        meta["base_model"] = base_model
-        meta["base_model_relation"] = "quantized"
-    meta["library_name"] = "transformers"
-    meta["pipeline_tag"] = "text-generation"
-    if license:
-        meta["license"] = license
-    if language:
-        meta["language"] = [language] if isinstance(language, str) else list(language)
-    if datasets:
-        meta["datasets"] = [datasets] if isinstance(datasets, str) else list(datasets)
-    all_tags = ["roste", "hf_roste", config.scheme_name, "quantized", "qat", "rotation"]
+                  language: Sequence[str] | str | None = None, trained: bool = False,
+                  base_model_relation: str | None = None, eval_results: Mapping[str, Any] | None = None,
+                  eval_dataset: str | None = None, model_name: str | None = None) -> dict[str, Any]:
+    """The card's YAML metadata (keys as the Hub reads them; see the module docstring)."""
+    from huggingface_hub import EvalResult, ModelCardData
+
+    relation = base_model_relation or ("finetune" if trained else "quantized")
+    if relation not in ("finetune", "quantized", "adapter", "merge"):
+        raise ValueError(f"base_model_relation={relation!r}: the Hub knows finetune, quantized, adapter and merge.")
+    datasets_list = None if not datasets else ([datasets] if isinstance(datasets, str) else list(datasets))
+    all_tags = ["roste", "hf_roste", config.scheme_name, f"roste-{config.checkpoint_format or 'packed'}", "quantized",
+                "qat", "rotation", "transformers", f"arxiv:{ARXIV_ID}"]
     all_tags += [f"{config.weight_bits}-bit"] if config.weight_bits < 16 else []
+    all_tags += ["trl", "sft"] if relation == "finetune" else []
     for t in tags or ():
         if t not in all_tags:
             all_tags.append(t)
-    meta["tags"] = all_tags
-    return meta
+    results = None
+    dataset = eval_dataset or (datasets_list[0] if datasets_list else None)
+    if eval_results and dataset:
+        results = [EvalResult(task_type="text-generation", dataset_type=dataset, dataset_name=dataset,
+                              metric_type=str(k), metric_name=str(k), metric_value=float(v))
+                   for k, v in eval_results.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
+    data = ModelCardData(
+        base_model=base_model or None, base_model_relation=relation if base_model else None,
+        library_name=LIBRARY_NAME, pipeline_tag="text-generation", license=license or None,
+        language=([language] if isinstance(language, str) else list(language)) if language else None,
+        datasets=datasets_list, tags=all_tags, eval_results=results or None,
+        model_name=(model_name or "RoSTE model") if results else None,
+    )
+    return data.to_dict()
 
 
 def render_model_card(
@@ -244,6 +268,8 @@ def render_model_card(
     language: Sequence[str] | str | None = None,
     title: str | None = None,
     num_layers: int | None = None,
+    base_model_relation: str | None = None,
+    eval_dataset: str | None = None,
 ) -> str:
     """The README.md text of a RoSTE model repository (see the module docstring)."""
     import jinja2
@@ -251,7 +277,9 @@ def render_model_card(
     from .. import __version__
 
     meta = card_metadata(config, base_model=base_model, datasets=datasets, tags=tags, license=license,
-                         language=language)
+                         language=language, trained=training_args is not None or bool(datasets),
+                         base_model_relation=base_model_relation, eval_results=eval_results,
+                         eval_dataset=eval_dataset, model_name=title or repo_id.split("/")[-1])
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(template_dir())), autoescape=False,
                              keep_trailing_newline=True, undefined=jinja2.StrictUndefined)
     types, rows = error_rows(config)

@@ -76,9 +76,15 @@ def test_card_metadata_and_sections(searched):
                              eval_results={"rouge1": 0.4123, "ppl": 7.5})
     card = ModelCard(text)
     data = card.data.to_dict()
-    assert data["base_model"] == "org/tiny" and data["base_model_relation"] == "quantized"
-    assert data["library_name"] == "transformers" and data["pipeline_tag"] == "text-generation"
-    assert {"roste", "w4a4kv4", "quantized"} <= set(data["tags"]) and data["datasets"] == ["org/data"]
+    # trained (QA-SFT) weights: the Hub's relation is "finetune", not a plain quantization of the base
+    assert data["base_model"] == "org/tiny" and data["base_model_relation"] == "finetune"
+    assert data["library_name"] == "hf-roste" and data["pipeline_tag"] == "text-generation"
+    assert {"roste", "w4a4kv4", "quantized", "trl", "sft", "arxiv:2502.09003", "roste-packed",
+            "transformers"} <= set(data["tags"])
+    assert data["datasets"] == ["org/data"]
+    results = {r.metric_type: r for r in card.data.eval_results}  # model-index, parsed back by huggingface_hub
+    assert results["rouge1"].metric_value == 0.4123 and results["ppl"].metric_value == 7.5
+    assert results["rouge1"].dataset_type == "org/data" and results["rouge1"].task_type == "text-generation"
     body = card.text
     assert "| linear weights | 4 | no | per output channel | 0.95 |" in body
     assert "| K/V cache | 4 | no | per token per head (dynamic) | 0.95 |" in body
@@ -273,3 +279,16 @@ def test_push_to_hub_refuses_what_it_cannot_do(searched, tmp_path, monkeypatch):
     with pytest.raises(TypeError, match="no_such_option"):
         searched.push_to_hub("me/tiny", no_such_option=1)
     searched.push_to_hub("me/tiny", safe_serialization=True, use_temp_dir=True)  # what the push does anyway
+
+
+def test_card_relation_and_install_line_of_an_untrained_model(searched):
+    from huggingface_hub import ModelCardData
+
+    cfg = searched.config.quantization_config
+    card = ModelCard(render_model_card(cfg, repo_id="me/tiny-roste", base_model="org/tiny"))
+    data = card.data
+    assert isinstance(data, ModelCardData) and data.base_model_relation == "quantized"
+    assert "trl" not in data.tags and "sft" not in data.tags and data.eval_results is None
+    assert "pip install hf-roste\n" not in card.text and "pip install ." in card.text  # no unpublished package
+    with pytest.raises(ValueError, match="base_model_relation"):
+        render_model_card(cfg, repo_id="me/x", base_model="org/tiny", base_model_relation="distilled")
