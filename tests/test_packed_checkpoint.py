@@ -143,7 +143,7 @@ def test_loading_without_hf_roste_fails_loudly(trained):
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert res.returncode != 0 and "LOADED SILENTLY" not in res.stdout
-    assert "mismatch" in res.stderr.lower()
+    assert "import-hf_roste" in res.stderr  # the failure names the fix (hf_roste.export.load_guard)
 
 
 def test_dequantize_gives_plain_model_equal_to_qat_without_quantization(tiny_checkpoints, tmp_path):

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from transformers.utils import logging
-from trl import ModelConfig, ScriptArguments, TrlParser
+from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, TrlParser
 
 from ..config import FIELD_HELP, ROTATION_NAMES, SUPPORTED_BITS, RoSTEConfig
 from ..training.config import RoSTESFTConfig
@@ -50,8 +50,9 @@ DESCRIPTION = (
 
 
 @dataclass
-class RoSTEScriptArguments(ScriptArguments):
-    """TRL's `ScriptArguments` plus sub-sampling, a separate tokenizer and the recipe's launch config."""
+class RoSTEScriptArguments(ScriptArguments, DatasetMixtureConfig):
+    """TRL's `ScriptArguments` and `DatasetMixtureConfig` (``datasets:`` mixtures, as in `trl sft`) plus
+    sub-sampling, a separate tokenizer and the launch config (see `hf_roste.training.trl_args`)."""
 
     max_train_samples: int | None = field(
         default=None,
@@ -63,9 +64,16 @@ class RoSTEScriptArguments(ScriptArguments):
     )
     accelerate_config: str | None = field(
         default=None,
-        metadata={"help": "The accelerate config the recipe was written for (its num_processes fixes the effective "
-                  "batch). Only checked: a different world size logs a warning with the effective batch you get."},
+        metadata={"help": "As in `trl sft`: run through `accelerate launch` with this config (a YAML path, a name "
+                  "shipped in recipes/accelerate (ddp, fsdp2, zero3) or one of TRL's). Inside a launched process it "
+                  "is checked: a different world size logs a warning with the effective batch you get."},
     )
+
+    def __post_init__(self) -> None:
+        for base in (ScriptArguments, DatasetMixtureConfig):
+            post = getattr(base, "__post_init__", None)
+            if post is not None:
+                post(self)
 
 
 def _roste_field(name: str, default, **extra):
@@ -166,17 +174,24 @@ def parse_args(argv: Sequence[str]):
         if not os.path.isfile(config):
             raise CommandError(f"--config {config!r} does not exist; recipes are in recipes/<model>/<variant>.yaml.")
         recipe = _check_yaml(config)
-    _check_unknown_arguments(argv, recipe)
-    script_args, training_args, model_args, roste_args = make_parser().parse_args_and_config(argv)
+    launch_args = _check_unknown_arguments(argv, recipe)
+    if launch_args:  # `accelerate launch` options, handed to the launcher (as trl sft does)
+        *parsed, _ = make_parser().parse_args_and_config(argv, return_remaining_strings=True)
+        script_args, training_args, model_args, roste_args = parsed
+    else:
+        script_args, training_args, model_args, roste_args = make_parser().parse_args_and_config(argv)
+    script_args.accelerate_launch_args = launch_args
     _default_lora_dropout(model_args, roste_args, _explicit_fields(argv, recipe))
     return script_args, training_args, model_args, roste_args
 
 
-def _check_unknown_arguments(argv: Sequence[str], recipe: dict) -> None:
+def _check_unknown_arguments(argv: Sequence[str], recipe: dict) -> list[str]:
     """Unknown YAML keys and command-line flags are reported before any dataclass is built.
 
     `TrlParser` builds the dataclasses first, so a machine-dependent check in their `__post_init__`
-    (e.g. transformers' "Your setup doesn't support bf16/gpu") would hide a misspelt flag.
+    (e.g. transformers' "Your setup doesn't support bf16/gpu") would hide a misspelt flag. Keys that
+    are `accelerate launch` options (``num_processes``, ``mixed_precision``, ...) are returned: as in
+    `trl sft`, they go to the launcher.
     """
     parser = make_parser()
     args = list(argv)
@@ -187,6 +202,9 @@ def _check_unknown_arguments(argv: Sequence[str], recipe: dict) -> None:
     if any(a in ("-h", "--help") for a in args):
         return  # TrlParser prints the help
     _, cli_unknown = parser.parse_known_args(args)
+    launch_args, yaml_unknown = _split_launch_args(yaml_unknown)
+    cli_launch, cli_unknown = _split_launch_args(cli_unknown)
+    launch_args += cli_launch
     problems = []
     if cli_unknown:
         problems.append(f"unknown command-line argument(s) {cli_unknown}")
@@ -196,8 +214,26 @@ def _check_unknown_arguments(argv: Sequence[str], recipe: dict) -> None:
     if problems:
         raise CommandError(
             "; ".join(problems) + ". Every field of `hf-roste sft --help` is accepted (TRL's ScriptArguments, "
-            "SFTConfig and ModelConfig, plus the RoSTE quantization fields); check the spelling."
+            "SFTConfig, ModelConfig and DatasetMixtureConfig, `accelerate launch` options, plus the RoSTE "
+            "quantization fields); check the spelling."
         )
+    return launch_args
+
+
+def _split_launch_args(strings: list[str]) -> tuple[list[str], list[str]]:
+    """(`accelerate launch` options with their values, the rest) of unparsed argument strings."""
+    from accelerate.commands.launch import launch_command_parser
+
+    known = {o for a in launch_command_parser()._actions for o in a.option_strings} - {"-h", "--help", "-m"}
+    launch, rest, i = [], [], 0
+    while i < len(strings):
+        item = strings[i]
+        name = item.split("=", 1)[0]
+        takes_value = "=" not in item and i + 1 < len(strings) and not strings[i + 1].startswith("--")
+        group = strings[i : i + 2] if takes_value else [item]
+        (launch if name in known or name.replace("_", "-") in known else rest).extend(group)
+        i += len(group)
+    return launch, rest
 
 
 def _check_yaml(path: str) -> dict:
@@ -255,7 +291,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         if "bf16/gpu" in message:
             message += " On a machine without a GPU add --use_cpu true (bf16 autocast on CPU) or --bf16 false."
         return fail("sft", message)
+    launch_args = getattr(script_args, "accelerate_launch_args", [])
+    from ..training.trl_args import already_launched
+
+    if (script_args.accelerate_config or launch_args) and not already_launched():
+        return run_guarded("sft", _hand_over_to_accelerate, script_args, argv, launch_args)
     return run_guarded("sft", _run, script_args, training_args, model_args, roste_args)
+
+
+def _hand_over_to_accelerate(script_args, argv: list[str], launch_args: list[str]) -> int:
+    """`accelerate launch [--config_file CFG] [launch options] -m hf_roste.cli sft ARGV` (what `trl sft` does)."""
+    from ..training.trl_args import TrlArgumentError, launch_with_accelerate, resolve_accelerate_config
+
+    try:
+        config = resolve_accelerate_config(script_args.accelerate_config) if script_args.accelerate_config else None
+    except TrlArgumentError as exc:
+        raise CommandError(str(exc)) from None
+    child_argv = [a for a in argv if a not in launch_args]  # launch options stay with the launcher
+    logger.info("accelerate_config=%s: handing over to `accelerate launch`.", config or "(accelerate's default)")
+    launch_with_accelerate(config, child_argv, launch_args)
+    return 0
 
 
 def _run(script_args, training_args, model_args, roste_args) -> int:
@@ -347,8 +402,15 @@ def run_sft(script_args, training_args, model_args, roste_args):
 
     if not model_args.model_name_or_path:
         raise CommandError("model_name_or_path is required (YAML key or --model_name_or_path PATH_OR_HUB_ID).")
-    if not script_args.dataset_name:
-        raise CommandError("dataset_name is required (YAML key or --dataset_name HUB_ID_OR_LOCAL_FILE.jsonl).")
+    if not script_args.dataset_name and not script_args.datasets:
+        raise CommandError("dataset_name is required (YAML key or --dataset_name HUB_ID_OR_LOCAL_FILE.jsonl), or a "
+                           "`datasets:` mixture in the YAML (as in trl sft).")
+    from ..training.trl_args import TrlArgumentError, from_pretrained_kwargs, ignore_bias_buffers, load_mixture
+
+    try:
+        model_kwargs = from_pretrained_kwargs(model_args, training_args, roste_args.quantize)
+    except TrlArgumentError as exc:
+        raise CommandError(str(exc)) from None
     n = script_args.max_train_samples
     if n is not None and n < 1:
         raise CommandError(f"--max_train_samples {n} is invalid: expected an int >= 1 (or leave it unset).")
@@ -361,9 +423,18 @@ def run_sft(script_args, training_args, model_args, roste_args):
     _check_world_size(script_args, training_args)
 
     streaming = script_args.dataset_streaming
-    train_dataset = load_dataset_arg("--dataset_name", script_args.dataset_name, script_args.dataset_config,
-                                     split=script_args.dataset_train_split, split_flag="--dataset_train_split",
-                                     streaming=streaming)
+    eval_strategy = str(getattr(training_args, "eval_strategy", "no"))
+    if script_args.datasets:
+        try:
+            train_dataset, mixture_eval = load_mixture(script_args, eval_strategy not in ("no", "IntervalStrategy.NO"))
+        except TrlArgumentError as exc:
+            raise CommandError(str(exc)) from None
+        streaming = script_args.streaming
+    else:
+        mixture_eval = None
+        train_dataset = load_dataset_arg("--dataset_name", script_args.dataset_name, script_args.dataset_config,
+                                         split=script_args.dataset_train_split, split_flag="--dataset_train_split",
+                                         streaming=streaming)
     columns = getattr(train_dataset, "column_names", None)
     if columns is not None:
         try:
@@ -372,9 +443,8 @@ def run_sft(script_args, training_args, model_args, roste_args):
             raise CommandError(f"--dataset_name {script_args.dataset_name}: {exc} Rename the columns.") from None
     if n is not None and not streaming and n < len(train_dataset):
         train_dataset = train_dataset.shuffle(seed=training_args.seed).select(range(n))
-    eval_dataset = None
-    eval_strategy = str(getattr(training_args, "eval_strategy", "no"))
-    if eval_strategy not in ("no", "IntervalStrategy.NO"):
+    eval_dataset = mixture_eval
+    if eval_dataset is None and eval_strategy not in ("no", "IntervalStrategy.NO"):
         try:
             eval_dataset = load_dataset_arg("--dataset_name", script_args.dataset_name, script_args.dataset_config,
                                             split=script_args.dataset_test_split, split_flag="--dataset_test_split",
@@ -393,7 +463,6 @@ def run_sft(script_args, training_args, model_args, roste_args):
                                revision=model_args.model_revision if not script_args.tokenizer_name_or_path else None,
                                flag="--tokenizer_name_or_path")
     peft_config = get_peft_config(model_args)
-    revision = model_args.model_revision if model_args.model_revision != "main" else None
 
     if roste_args.quantize:
         if roste_args.rotation_config is not None and training_args.rotation_search != "none":
@@ -409,16 +478,17 @@ def run_sft(script_args, training_args, model_args, roste_args):
         qc = roste_args.to_roste_config(training_args.rotation_search)
         logger.info("RoSTE QA-SFT: %s, rotations %s", qc.scheme_name, list(qc.rotations) or "none")
         model = load_model_arg("--model_name_or_path", model_args.model_name_or_path, quantization_config=qc,
-                               dtype=model_args.dtype, attn_implementation=model_args.attn_implementation,
-                               revision=revision)
-        trainer = RoSTESFTTrainer(model=model, args=training_args, train_dataset=train_dataset,
-                                  eval_dataset=eval_dataset, processing_class=tokenizer, peft_config=peft_config)
+                               **model_kwargs)
+        trainer_class = RoSTESFTTrainer
     else:
         logger.info("Full-precision SFT baseline (quantize=false): TRL SFTTrainer.")
-        model = load_model_arg("--model_name_or_path", model_args.model_name_or_path, dtype=model_args.dtype,
-                               attn_implementation=model_args.attn_implementation, revision=revision)
-        trainer = SFTTrainer(model=model, args=training_args, train_dataset=train_dataset,
-                             eval_dataset=eval_dataset, processing_class=tokenizer, peft_config=peft_config)
+        model = load_model_arg("--model_name_or_path", model_args.model_name_or_path, **model_kwargs)
+        trainer_class = SFTTrainer
+    if script_args.ignore_bias_buffers:
+        ignore_bias_buffers(model)
+    training_args.model_init_kwargs = None  # applied above (SFTTrainer would refuse them next to a model object)
+    trainer = trainer_class(model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+                            processing_class=tokenizer, peft_config=peft_config)
 
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(training_args.output_dir)
