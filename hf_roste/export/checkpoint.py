@@ -62,13 +62,15 @@ def packed_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     `weight_zero_point`, `bias` and the empty `weight` marker, built with the numerics module's
     quantizer: the codes are exactly what the QAT forward's weight fake-quantizer computes.
     """
+    from ..progress import progress
+
     state = {}
     packed_prefixes = {}
-    for name, module in model.named_modules():
-        if isinstance(module, QATLinear) and module.weight_spec.enabled:
-            packed = PackedLinear.from_float(module.weight.detach(), None if module.bias is None else module.bias.detach(),
-                                             module.weight_spec, module.act_spec)
-            packed_prefixes[name] = packed
+    targets = [(n, m) for n, m in model.named_modules() if isinstance(m, QATLinear) and m.weight_spec.enabled]
+    for name, module in progress(targets, "pack RoSTE weights", unit="tensor"):
+        bias = None if module.bias is None else module.bias.detach()
+        packed_prefixes[name] = PackedLinear.from_float(module.weight.detach(), bias, module.weight_spec,
+                                                        module.act_spec)
     for key, value in model.state_dict().items():
         prefix, _, leaf = key.rpartition(".")
         if prefix in packed_prefixes and leaf in ("weight", "bias"):

@@ -437,7 +437,9 @@ def export_compressed_tensors(model_or_dir, out_dir: str | os.PathLike, *, stric
         if v.dtype == torch.uint8 and v.numel() == 0:
             continue  # the packed layers' empty `weight` marker
         tensors[k] = v
-    for name, t in linears.items():
+    from ..progress import progress
+
+    for name, t in progress(linears.items(), "export compressed-tensors", total=len(linears), unit="tensor"):
         for leaf, v in _compress_linear(name, t, config, weights_scheme).items():
             tensors[f"{name}.{leaf}"] = v
     for name in r4_modules:

@@ -185,9 +185,9 @@ def _searchable(model: nn.Module, state) -> list[dict[str, bool]]:
 
 # --------------------------------------------------------------------------- passes
 def _progress(batches, desc: str):
-    from tqdm.auto import tqdm
+    from ..progress import progress
 
-    return tqdm(batches, desc=desc, disable=None if _rank() == 0 else True, leave=False)
+    return progress(batches, desc, unit="batch")
 
 
 @torch.no_grad()

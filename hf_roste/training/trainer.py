@@ -96,6 +96,7 @@ class _RoSTECallback(TrainerCallback):
         pending, self.trainer._pending_logs = self.trainer._pending_logs, {}
         if pending:
             self.trainer.log(pending)
+        self.trainer._flush_search_table()
 
     def on_step_begin(self, args, state, control, **kwargs):
         monitor = self.trainer._monitor
@@ -176,6 +177,7 @@ class RoSTESFTTrainer(SFTTrainer):
                 )
             register_roste_lora(peft_config)
         self._pending_logs: dict[str, float] = {}
+        self._pending_table = None  # RotationSearchResult whose table is not logged yet
         self._monitor: QuantErrorMonitor | None = None
         self._calibration: list[dict[str, torch.Tensor]] | None = None
         self._nonfinite_loss = False
@@ -252,16 +254,20 @@ class RoSTESFTTrainer(SFTTrainer):
         strategy = strategy or self.args.rotation_search or "adaptive"
         if strategy == "none":
             raise ValueError("run_rotation_search() called with strategy 'none'.")
+        from ..progress import progress_bars
+
         was_training = self.model.training
         self.model.eval()
         try:
-            result = search_rotation_config(
-                self.model, self.calibration_batches(), strategy=strategy,
-                criterion=self.args.rotation_search_criterion, optimizer=optimizer,
-            )
+            with progress_bars(not self.args.disable_tqdm):
+                result = search_rotation_config(
+                    self.model, self.calibration_batches(), strategy=strategy,
+                    criterion=self.args.rotation_search_criterion, optimizer=optimizer,
+                )
         finally:
             self.model.train(was_training)
         self.last_search_result = result
+        self._pending_table = result  # logged as a table when the report_to integrations are set up
         self._last_search_step = self.state.global_step
         logs = {}
         for i, row in enumerate(result.table()):
@@ -464,7 +470,17 @@ class RoSTESFTTrainer(SFTTrainer):
         return loss
 
     # ------------------------------------------------------------------ logging
+    def _flush_search_table(self) -> None:
+        """Log the last search's per-layer table to the report_to integrations (`hf_roste.training.report`)."""
+        result, self._pending_table = getattr(self, "_pending_table", None), None
+        if result is not None and self.is_world_process_zero():
+            from .report import log_search_table
+
+            log_search_table(self.callback_handler.callbacks, result, self.state.global_step)
+
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        if "loss" in logs and getattr(self, "_pending_table", None) is not None:  # a re-search between steps
+            self._flush_search_table()
         if "loss" in logs and self._pending_logs:  # results of a re-search between steps
             pending, self._pending_logs = self._pending_logs, {}
             logs = {**logs, **pending}
