@@ -10,7 +10,6 @@ commit. The token comes from `--token`, `HF_TOKEN` or `hf auth login`; it is nev
 from __future__ import annotations
 
 import argparse
-import json
 import os
 
 from ._common import fail
@@ -32,7 +31,8 @@ def register(subparsers) -> None:
     p.add_argument("--dataset", dest="datasets", action="append", default=None,
                    help="Training dataset Hub id (card metadata); repeat for several.")
     p.add_argument("--eval-results", default=None, metavar="FILE",
-                   help="JSON file {metric: value} shown in the card's evaluation table.")
+                   help="The report of `hf-roste eval --output FILE` (or a JSON {metric: value}): the card's evaluation "
+                        "table and the Hub's model-index (evaluation results).")
     p.add_argument("--license", default=None, help="License identifier for the card metadata.")
     p.set_defaults(func=run)
 
@@ -42,20 +42,19 @@ def run(args: argparse.Namespace) -> int:
 
     if not os.path.isdir(args.model):
         return fail("push", f"DIR {args.model!r} is not a folder: pass the folder written by save_pretrained.")
-    eval_results = None
+    from ..export.model_card import read_eval_results
+
+    eval_results, eval_dataset = None, None
     if args.eval_results:
-        try:
-            with open(args.eval_results, encoding="utf-8") as f:
-                eval_results = json.load(f)
-        except (OSError, json.JSONDecodeError) as exc:
-            return fail("push", f"--eval-results {args.eval_results}: {exc}")
-        if not isinstance(eval_results, dict):
-            return fail("push", "--eval-results must hold a JSON object {metric: value}.")
+        try:  # {metric: value}, or the report `hf-roste eval --output` writes (its dataset goes to model-index)
+            eval_results, eval_dataset = read_eval_results(args.eval_results)
+        except ValueError as exc:
+            return fail("push", f"--eval-results {exc}")
     try:
         info = push_roste_model(args.model, args.repo_id, token=args.token, private=True if args.private else None,
                                 commit_message=args.commit_message, revision=args.revision,
                                 base_model=args.base_model, datasets=args.datasets, eval_results=eval_results,
-                                license=args.license)
+                                eval_dataset=eval_dataset, license=args.license)
     except (HubPushError, ValueError) as exc:
         return fail("push", str(exc))
     url = getattr(info, "commit_url", None) or getattr(info, "repo_url", None) or args.repo_id

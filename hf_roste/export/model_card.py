@@ -218,6 +218,31 @@ ARXIV_ID = "2502.09003"
 LIBRARY_NAME = "hf-roste"
 
 
+def read_eval_results(path: str) -> tuple[dict[str, Any], str | None]:
+    """(metrics, evaluation dataset) of a JSON file for the card.
+
+    Accepts the report ``hf-roste eval --output FILE`` writes (``{"task", "dataset", "results": {...}}``:
+    metrics are named ``<task>/<metric>``, the dataset is the one evaluated) or a plain ``{metric: value}``.
+
+    Raises:
+        ValueError: not JSON, or not an object.
+    """
+    import json
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object ({{metric: value}} or an `hf-roste eval --output` report).")
+    if isinstance(data.get("results"), dict) and "task" in data:
+        metrics = {f"{data['task']}/{k}": v for k, v in data["results"].items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        return metrics, data.get("dataset")
+    return data, None
+
+
 def card_metadata(config: RoSTEConfig, *, base_model: str | None = None, datasets: Sequence[str] | str | None = None,
                   tags: Sequence[str] | None = None, license: str | None = None,
                   language: Sequence[str] | str | None = None, trained: bool = False,

@@ -292,3 +292,21 @@ def test_card_relation_and_install_line_of_an_untrained_model(searched):
     assert "pip install hf-roste\n" not in card.text and "pip install ." in card.text  # no unpublished package
     with pytest.raises(ValueError, match="base_model_relation"):
         render_model_card(cfg, repo_id="me/x", base_model="org/tiny", base_model_relation="distilled")
+
+
+def test_cli_push_puts_hf_roste_eval_results_in_model_index(searched, tmp_path, monkeypatch, capsys):
+    import json
+
+    rec = _Recorder(tmp_path / "hub").install(monkeypatch)
+    saved = tmp_path / "saved"
+    searched.save_pretrained(saved)
+    report = tmp_path / "scores.json"  # the shape `hf-roste eval --output` writes
+    report.write_text(json.dumps({"task": "rouge", "model": str(saved), "dataset": "trl-lib/tldr", "split": "test",
+                                  "model_kind": "RoSTE w4a4kv4", "results": {"rouge1": 0.31, "rougeL": 0.22, "n": 8}}))
+    monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
+    assert cli_main(["push", str(saved), "me/m", "--base-model", "org/tiny", "--eval-results", str(report)]) == 0
+    card = ModelCard.load(rec.uploads[0]["dir"] / "README.md")
+    results = {r.metric_type: r for r in card.data.eval_results}
+    assert set(results) == {"rouge/rouge1", "rouge/rougeL", "rouge/n"}
+    assert results["rouge/rouge1"].metric_value == 0.31 and results["rouge/rouge1"].dataset_type == "trl-lib/tldr"
+    assert card.data.model_name == "m"
