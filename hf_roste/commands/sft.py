@@ -405,7 +405,12 @@ def run_sft(script_args, training_args, model_args, roste_args):
     if not script_args.dataset_name and not script_args.datasets:
         raise CommandError("dataset_name is required (YAML key or --dataset_name HUB_ID_OR_LOCAL_FILE.jsonl), or a "
                            "`datasets:` mixture in the YAML (as in trl sft).")
-    from ..training.trl_args import TrlArgumentError, from_pretrained_kwargs, ignore_bias_buffers, load_mixture
+    from ..training.trl_args import (
+        TrlArgumentError,
+        from_pretrained_kwargs,
+        ignore_bias_buffers,
+        load_mixture,
+    )
 
     try:
         model_kwargs = from_pretrained_kwargs(model_args, training_args, roste_args.quantize)

@@ -380,7 +380,6 @@ def export_compressed_tensors(model_or_dir, out_dir: str | os.PathLike, *, stric
     from transformers.core_model_loading import revert_weight_conversion
 
     from ..rotation.apply import get_state
-
     from .paths import check_output_is_not_source
 
     check_output_is_not_source(model_or_dir, out_dir, "export_compressed_tensors")
