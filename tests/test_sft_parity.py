@@ -203,3 +203,20 @@ def test_dataset_mixture_trains(tmp_path):
         "max_steps: 1\n")
     assert main(["sft", "--config", str(cfg)]) == 0
     assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_accelerate_config_none_runs_in_this_process(tmp_path, monkeypatch, capsys):
+    import accelerate.commands.launch as launch
+
+    from hf_roste.training import trl_args
+
+    monkeypatch.delenv(trl_args.LAUNCHED_ENV, raising=False)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    calls = []
+    monkeypatch.setattr(launch, "launch_command", lambda args: calls.append(args))
+    recipe = next(p for p in RECIPES if p.parent.name == "qwen2.5-0.5b" and p.stem == "roste")
+    code = main(["sft", "--config", str(recipe), "--accelerate_config", "none", "--use_cpu", "true", "--bf16", "false",
+                 "--model_name_or_path", str(tmp_path / "missing"), "--output_dir", str(tmp_path / "o")])
+    assert calls == [] and code == 2  # no hand-over: the run itself starts (and stops at the missing model)
+    assert "missing" in capsys.readouterr().err

@@ -294,6 +294,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     launch_args = getattr(script_args, "accelerate_launch_args", [])
     from ..training.trl_args import already_launched
 
+    if str(script_args.accelerate_config or "").strip().lower() in ("none", "no", "false"):
+        script_args.accelerate_config = None  # run here, without a launcher
     if (script_args.accelerate_config or launch_args) and not already_launched():
         return run_guarded("sft", _hand_over_to_accelerate, script_args, argv, launch_args)
     return run_guarded("sft", _run, script_args, training_args, model_args, roste_args)
