@@ -76,3 +76,24 @@ def test_quantized_sliding_cache_accepts_the_roll_back_keywords(models):
     assert all(getattr(layer, "record_past", True) for layer in cache.layers)
     if kind == "mistral":
         assert any(layer.is_sliding for layer in cache.layers)
+
+
+def test_layers_accept_every_cache_layer_argument_form(models):
+    """``get_mask_sizes`` receives the query length (transformers 5.25) or the new tokens' cache positions."""
+    import inspect
+
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+    _, qat, _ = models
+    cache = RoSTEQuantizedCache(qat)
+    for layer in cache.layers:
+        ref = DynamicSlidingWindowLayer(sliding_window=layer.sliding_window) if layer.is_sliding else DynamicLayer()
+        for _ in range(2):  # same bookkeeping as transformers' own layer (lengths set by hand, no tensors)
+            assert layer.get_mask_sizes(3) == ref.get_mask_sizes(3)
+            assert layer.get_mask_sizes(torch.arange(5, 8)) == ref.get_mask_sizes(3)
+            if layer.is_sliding:
+                layer.cumulative_length = ref.cumulative_length = layer.sliding_window + 4
+        assert layer.get_max_cache_shape() == layer.get_max_length()
+        # every keyword transformers passes to activate_past_recording is accepted
+        params = inspect.signature(type(layer).activate_past_recording).parameters if layer.is_sliding else {}
+        assert not layer.is_sliding or any(p.kind is p.VAR_KEYWORD for p in params.values())

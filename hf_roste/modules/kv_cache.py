@@ -92,6 +92,12 @@ def _check_kv_spec(spec: QuantSpec, where: str) -> None:
         )
 
 
+def _query_length(query: int | Tensor) -> int:
+    """The number of new tokens, from transformers' ``get_mask_sizes`` argument: an int (``query_length``,
+    transformers 5.25) or the new tokens' ``cache_position`` tensor (releases that pass positions)."""
+    return int(query.shape[0]) if isinstance(query, Tensor) else int(query)
+
+
 # --------------------------------------------------------------------------- packed storage
 @dataclass
 class PackedKV:
@@ -287,14 +293,18 @@ class RoSTEQuantizedLayer(CacheLayerMixin):
         self._append_new(key_states, value_states)
         return self._decode()
 
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.get_seq_length() + query_length, 0
+    def get_mask_sizes(self, query_length: int | Tensor) -> tuple[int, int]:
+        return self.get_seq_length() + _query_length(query_length), 0
 
     def get_seq_length(self) -> int:
         return self.stored_length
 
     def get_max_length(self) -> int:
         return -1
+
+    def get_max_cache_shape(self) -> int:
+        """The same as ``get_max_length`` under the name some transformers releases use."""
+        return self.get_max_length()
 
     def reset(self) -> None:
         self._store = None
@@ -371,7 +381,8 @@ class RoSTEQuantizedSlidingWindowLayer(RoSTEQuantizedLayer):
         visible = self.sliding_window - 1 + key_states.shape[-2]
         return self._decode(max(self.stored_length - visible, 0))
 
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+    def get_mask_sizes(self, query_length: int | Tensor) -> tuple[int, int]:
+        query_length = _query_length(query_length)
         is_full = self.cumulative_length >= self.sliding_window
         kv_offset = max(self.cumulative_length - self.sliding_window + 1, 0)
         kv_length = (self.sliding_window - 1 if is_full else self.cumulative_length) + query_length
