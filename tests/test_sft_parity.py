@@ -173,11 +173,12 @@ def test_accelerate_config_hands_over_to_accelerate_launch(tmp_path, monkeypatch
     monkeypatch.setattr(launch, "launch_command", lambda args: calls.append(args))
     cfg = tmp_path / "r.yaml"
     cfg.write_text("model_name_or_path: m\ndataset_name: d\naccelerate_config: zero3\nuse_cpu: true\nbf16: false\n")
-    assert main(["sft", "--config", str(cfg), "--num_processes", "2", "--learning_rate", "1e-5"]) == 0
+    assert main(["sft", "--config", str(cfg), "--max_steps", "2", "--num_processes", "2", "--learning_rate",
+                 "1e-5"]) == 0
     (args,) = calls
     assert args.config_file.endswith("recipes/accelerate/zero3.yaml") and args.num_processes == 2
     assert args.module and args.training_script == "hf_roste.cli"
-    assert args.training_script_args == ["sft", "--config", str(cfg), "--learning_rate", "1e-5"]
+    assert args.training_script_args == ["sft", "--config", str(cfg), "--max_steps", "2", "--learning_rate", "1e-5"]
     assert os.environ.pop(trl_args.LAUNCHED_ENV) == "1"  # the launched processes train instead of relaunching
 
 

@@ -301,6 +301,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run_guarded("sft", _run, script_args, training_args, model_args, roste_args)
 
 
+def _without_subsequence(items: list[str], subsequence: list[str]) -> list[str]:
+    """``items`` without the ordered ``subsequence`` (the launch options found among the command-line args)."""
+    rest, it = [], iter(subsequence)
+    current = next(it, None)
+    for item in items:
+        if current is not None and item == current:
+            current = next(it, None)
+        else:
+            rest.append(item)
+    return rest
+
+
 def _hand_over_to_accelerate(script_args, argv: list[str], launch_args: list[str]) -> int:
     """`accelerate launch [--config_file CFG] [launch options] -m hf_roste.cli sft ARGV` (what `trl sft` does)."""
     from ..training.trl_args import TrlArgumentError, launch_with_accelerate, resolve_accelerate_config
@@ -309,7 +321,7 @@ def _hand_over_to_accelerate(script_args, argv: list[str], launch_args: list[str
         config = resolve_accelerate_config(script_args.accelerate_config) if script_args.accelerate_config else None
     except TrlArgumentError as exc:
         raise CommandError(str(exc)) from None
-    child_argv = [a for a in argv if a not in launch_args]  # launch options stay with the launcher
+    child_argv = _without_subsequence(argv, launch_args)  # launch options stay with the launcher
     logger.info("accelerate_config=%s: handing over to `accelerate launch`.", config or "(accelerate's default)")
     launch_with_accelerate(config, child_argv, launch_args)
     return 0

@@ -427,6 +427,9 @@ class RoSTESFTTrainer(SFTTrainer):
         """
         from ..export.hub import push_roste_model
 
+        if not blocking:
+            logger.warning("push_to_hub(blocking=False): the RoSTE push uploads the packed model and its card in one "
+                           "commit and returns when it is done (no background upload).")
         self.save_model()
         if not self.is_world_process_zero():
             return None
