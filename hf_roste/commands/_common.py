@@ -222,7 +222,7 @@ def load_roste_lora_model(path: str, *, flag: str = "MODEL_DIR", dtype: str | No
     during training), then the adapters go inside the weight quantizers with `load_roste_adapter`.
     """
     from ..config import RoSTEConfig
-    from ..rotation.apply import get_state
+    from ..state import get_state
     from ..training.lora import load_roste_adapter
     from ..training.state import read_state_file
 

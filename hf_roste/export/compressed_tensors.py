@@ -143,7 +143,7 @@ def check_exportable(config: RoSTEConfig, model: nn.Module | None = None, *, str
         "dynamic K/V scales are computed", config.kv_bits, config.kv_symmetric, config.kv_clip_ratio, strict, "")
     rc = config.rotation_config
     if model is not None:
-        from ..rotation.apply import get_state
+        from ..state import get_state
 
         state = get_state(model)
         rc = state.applied
@@ -200,7 +200,7 @@ def _hadamard_weight(n: int, dtype: torch.dtype) -> tuple[str, torch.Tensor, tor
     matrix is built here the same way and stored; the export negates the up-projection rows where
     `q = -1` so that `diag(q)` cancels (the down projection's input is `act(gate) * up`).
     """
-    from ..rotation.hadamard import hadamard_matrix
+    from ..numerics.hadamard import hadamard_matrix
 
     h = torch.round(hadamard_matrix(n).double() * math.sqrt(n))
     if n & (n - 1) == 0:
@@ -378,7 +378,7 @@ def export_compressed_tensors(model_or_dir, out_dir: str | os.PathLike, *, stric
     from huggingface_hub import save_torch_state_dict
     from transformers.core_model_loading import revert_weight_conversion
 
-    from ..rotation.apply import get_state
+    from ..state import get_state
 
     src_dir = None if isinstance(model_or_dir, nn.Module) else os.fspath(model_or_dir)
     if src_dir is not None:

@@ -110,7 +110,7 @@ def prepare_push_folder(
     A model is saved packed (`save_pretrained` under `save_format(model, "packed")`); a directory is
     copied (its README.md, if any, is replaced by the RoSTE card).
     """
-    from ..rotation.apply import get_state, save_format
+    from ..state import get_state, save_format
 
     if isinstance(model_or_dir, nn.Module):
         state = get_state(model_or_dir)

@@ -60,7 +60,8 @@ from torch import Tensor, nn
 from transformers.cache_utils import Cache, CacheLayerMixin, get_layer_types_and_kwargs
 
 from ..numerics import QuantSpec, dequantize, from_unsigned, pack_codes, quantize, to_unsigned, unpack_codes
-from ..rotation.hadamard import hadamard_transform
+from ..numerics.hadamard import hadamard_transform
+from ..state import get_state
 from .attention import AttentionQuantState
 from .kv_store import KVStore, encode_kv
 
@@ -422,8 +423,6 @@ class RoSTEQuantizedCache(Cache):
     """
 
     def __init__(self, model: nn.Module, scale_dtype: torch.dtype = torch.float32):
-        from ..rotation.apply import get_state  # rotation.apply imports this module
-
         states = get_state(model).attention_states
         config = model.config.get_text_config(decoder=True)
         layers = self._build_layers(states, config, scale_dtype)

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from torch import nn
 from transformers.cache_utils import Cache, DynamicCache
 
+from ..state import get_state
 from .kv_cache import _CACHE_KWARGS, RoSTEQuantizedCache
 
 __all__ = ["install_generation_cache", "install_kv_cache_hooks", "output_cache", "wants_quantized_cache"]
@@ -52,8 +53,6 @@ def install_kv_cache_hooks(attn_modules: Sequence[nn.Module]) -> None:
 
 def wants_quantized_cache(model: nn.Module) -> bool:
     """True when every RoSTE attention layer of ``model`` quantizes K/V per token (kv_bits < 16, enabled)."""
-    from ..rotation.apply import get_state
-
     try:
         states = get_state(model).attention_states
     except ValueError:

@@ -27,7 +27,7 @@ import operator
 import torch
 from torch import Tensor
 
-from hf_roste.rotation import hadamard_factors as _hf
+from . import hadamard_factors as _hf
 
 __all__ = [
     "base_hadamard_matrix",

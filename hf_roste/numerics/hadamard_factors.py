@@ -1,4 +1,4 @@
-"""Base ("factor") Hadamard matrices used by :mod:`hf_roste.rotation.hadamard`.
+"""Base ("factor") Hadamard matrices used by :mod:`hf_roste.numerics.hadamard`.
 
 A Hadamard size ``n`` is written ``n = m * 2**k``; the order-``m`` base matrix comes from
 one of two sources:

@@ -37,7 +37,8 @@ from transformers.utils import logging
 
 from ..config import PER_LAYER_ROTATIONS
 from ..modules.qat_linear import QATLinear
-from .apply import get_state, set_rotation_config, trained_lora_modules, unwrap_peft
+from ..state import get_state, trained_lora_modules, unwrap_peft
+from .fusion import set_rotation_config
 from .search_result import RotationSearchResult, layer_table
 from .search_stats import CRITERIA, TYPE_INDEX, ErrorCollector
 

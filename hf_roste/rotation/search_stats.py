@@ -34,8 +34,8 @@ from torch import Tensor, nn
 from ..config import PER_LAYER_ROTATIONS
 from ..modules.qat_linear import QATLinear
 from ..numerics import QuantSpec, fake_quantize, quantization_error
+from ..numerics.hadamard import hadamard_transform
 from .fusion import r2_signs
-from .hadamard import hadamard_transform
 
 TYPE_INDEX = {name: i for i, name in enumerate(PER_LAYER_ROTATIONS)}
 CRITERIA = ("paper", "output")

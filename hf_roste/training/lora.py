@@ -123,7 +123,8 @@ def load_roste_adapter(model, adapter_path: str, adapter_name: str = "default", 
     (a mismatch is an error) and its rotation configuration (the search's choice) is applied to
     the base before the adapters are attached.
     """
-    from ..rotation.apply import get_state, set_rotation_config
+    from ..rotation.fusion import set_rotation_config
+    from ..state import get_state
 
     saved = _saved_state(adapter_path)
     state = get_state(model)

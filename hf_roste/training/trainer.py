@@ -27,8 +27,9 @@ from trl import SFTTrainer
 
 from ..config import RoSTEConfig
 from ..io import atomic_write_text
-from ..rotation.apply import RoSTEState, get_state, save_format, set_rotation_config
+from ..rotation.fusion import set_rotation_config
 from ..rotation.search import search_rotation_config
+from ..state import RoSTEState, get_state, save_format
 from .checkpoints import (
     has_adapter_weights,
     is_peft,

@@ -24,7 +24,7 @@ from hf_roste.modules.kv_cache import (
     expected_bytes_per_token,
 )
 from hf_roste.numerics import QuantSpec, fake_quantize, packed_length
-from hf_roste.rotation.hadamard import hadamard_transform
+from hf_roste.numerics.hadamard import hadamard_transform
 
 W4A4KV4 = dict(weight_bits=4, activation_bits=4, kv_bits=4)
 PROMPT, NEW = 12, 10

@@ -1,4 +1,4 @@
-"""Tests for hf_roste.rotation.hadamard (Walsh-Hadamard rotations)."""
+"""Tests for hf_roste.numerics.hadamard (Walsh-Hadamard rotations)."""
 
 from __future__ import annotations
 
@@ -9,16 +9,16 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hf_roste.rotation import (
+from hf_roste.numerics import hadamard_factors as hf
+from hf_roste.numerics.hadamard import (
     base_hadamard_matrix,
     hadamard_factorization,
     hadamard_matrix,
     hadamard_transform,
     is_hadamard_size,
-    paley_hadamard_matrix,
     random_signs,
 )
-from hf_roste.rotation import hadamard_factors as hf
+from hf_roste.numerics.hadamard_factors import paley_hadamard_matrix
 
 MODEL_SIZES = [896, 3584, 1024, 2048, 4096, 4864, 18944, 14336, 3072, 8192, 16384, 64, 128, 256]
 SMALL_SIZES = [1, 2, 4, 12, 24, 40, 48, 96, 160, 192]
