@@ -19,14 +19,13 @@ import os
 from transformers.utils import logging
 
 from ..config import ROTATION_NAMES, SUPPORTED_BITS
+from ..folders import is_adapter_folder, roste_folder_kind
 from ._common import (
     DTYPES,
     CommandError,
     check_output_dir,
     check_output_file,
     check_path_or_hub_id,
-    is_adapter_folder,
-    is_roste_checkpoint,
     load_dataset_arg,
     load_model_arg,
     load_tokenizer,
@@ -86,12 +85,6 @@ def run(args: argparse.Namespace) -> int:
     return run_guarded("search", _run, args)
 
 
-def _checkpoint_format(path: str) -> str | None:
-    """`checkpoint_format` of a local RoSTE checkpoint ("master" / "packed"; None if not recorded)."""
-    with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
-        return (json.load(f).get("quantization_config") or {}).get("checkpoint_format")
-
-
 def _run(args: argparse.Namespace) -> int:
     import hf_roste
     from hf_roste import RoSTEConfig
@@ -113,8 +106,9 @@ def _run(args: argparse.Namespace) -> int:
             "(hf-roste sft searches it at train start anyway), or merge the adapters (model.merge_and_unload()), save "
             "master weights (with hf_roste.save_format(model, 'master'): model.save_pretrained(DIR)) and search DIR."
         )
-    roste = is_roste_checkpoint(args.model)
-    if roste and _checkpoint_format(args.model) == "packed":
+    kind = roste_folder_kind(args.model)
+    roste = kind in ("master", "packed")
+    if kind == "packed":
         raise CommandError(
             f"MODEL_DIR {args.model!r} is a packed RoSTE checkpoint: its rotations are fused into integer codes and "
             "cannot be searched again. Search the full-precision model, or a master checkpoint (a checkpoint-* "

@@ -76,6 +76,7 @@ from torch import nn
 from transformers.utils import logging
 
 from ..config import RoSTEConfig
+from ..folders import is_roste_checkpoint
 from ..numerics import QuantSpec, dequantize, unpack_codes
 
 logger = logging.get_logger(__name__)
@@ -180,9 +181,9 @@ def check_exportable(config: RoSTEConfig, model: nn.Module | None = None, *, str
 def _load(model_or_dir):
     if isinstance(model_or_dir, nn.Module):
         return model_or_dir
-    from ..commands._common import load_model
+    from transformers import AutoModelForCausalLM
 
-    return load_model(os.fspath(model_or_dir), dtype=None).eval()
+    return AutoModelForCausalLM.from_pretrained(os.fspath(model_or_dir)).eval()
 
 
 def _up_projection(adapter) -> str | None:
@@ -382,8 +383,6 @@ def export_compressed_tensors(model_or_dir, out_dir: str | os.PathLike, *, stric
 
     src_dir = None if isinstance(model_or_dir, nn.Module) else os.fspath(model_or_dir)
     if src_dir is not None:
-        from ..commands._common import is_roste_checkpoint
-
         if not is_roste_checkpoint(src_dir):
             raise ExportError(f"{src_dir} is not a RoSTE checkpoint (config.json has no quant_method 'roste').")
     model = _load(model_or_dir)

@@ -20,12 +20,13 @@ import os
 from typing import Any
 
 import torch
-from transformers import AutoConfig, TrainerCallback
+from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from transformers.utils import logging
 from trl import SFTTrainer
 
 from ..config import RoSTEConfig
+from ..folders import is_roste_checkpoint
 from ..io import atomic_write_text
 from ..rotation.fusion import set_rotation_config
 from ..rotation.search import search_rotation_config
@@ -60,16 +61,6 @@ def _check_dataset_columns(dataset, name: str, has_formatting_func: bool) -> Non
             f"{name} has columns {sorted(cols)}, none of the formats RoSTESFTTrainer (TRL SFT) trains on: "
             f"{_DATASET_FORMATS}. Rename your columns or pass formatting_func=..."
         )
-
-
-def _is_roste_checkpoint(path: str) -> bool:
-    try:
-        cfg = AutoConfig.from_pretrained(path)
-    except (OSError, ValueError):
-        return False
-    qc = getattr(cfg, "quantization_config", None)
-    method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
-    return method == "roste"
 
 
 def _check_trainable(state: RoSTEState) -> None:
@@ -154,7 +145,7 @@ class RoSTESFTTrainer(SFTTrainer):
                 f"RoSTESFTTrainer(quantization_config=...) must be a RoSTEConfig, got {type(quantization_config).__name__}."
             )
         if isinstance(model, str):
-            if quantization_config is None and not _is_roste_checkpoint(model):
+            if quantization_config is None and not is_roste_checkpoint(model, hub=True):
                 raise ValueError(
                     f"{model!r} is not a RoSTE checkpoint: pass quantization_config=RoSTEConfig(...) to turn it into a "
                     "RoSTE QAT model, or pass a model loaded with it."
