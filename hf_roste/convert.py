@@ -15,7 +15,7 @@ from torch import nn
 from transformers.utils import logging
 
 from .arch import ArchAdapter, get_adapter
-from .config import PER_LAYER_ROTATIONS, RoSTEConfig, validate_rotation_config
+from .config import PER_LAYER_ROTATIONS, SEARCH_ALGORITHMS, RoSTEConfig, validate_rotation_config
 from .modules.attention import AttentionQuantState, install_attention
 from .modules.kv_cache_wiring import install_generation_cache, install_kv_cache_hooks
 from .modules.packed_linear import PackedLinear
@@ -258,9 +258,9 @@ def prepare_model(model: nn.Module, config: RoSTEConfig, *, weights_are_rotated:
     else:
         set_rotation_config(model, target, record=False)
     state.searched = config.rotation_config is not None and config.rotation_config.get("strategy") != "default"
-    if config.rotation_search == "adaptive" and config.rotation_config is None:
+    if config.rotation_search in SEARCH_ALGORITHMS and config.rotation_config is None:
         logger.info(
-            "RoSTE: rotation_search='adaptive' and no rotation_config yet: R2/R3/R4 are off until "
+            f"RoSTE: rotation_search={config.rotation_search!r} and no rotation_config yet: R2/R3/R4 are off until "
             "search_rotation_config (or RoSTESFTTrainer) runs the search."
         )
     return state

@@ -18,8 +18,9 @@ import os
 
 from transformers.utils import logging
 
-from ..config import ROTATION_NAMES, SUPPORTED_BITS
+from ..config import ROTATION_NAMES, SEARCH_ALGORITHMS, SEARCH_CRITERIA
 from ..folders import is_adapter_folder, roste_folder_kind
+from ..numerics import SUPPORTED_BITS
 from ._common import (
     DTYPES,
     CommandError,
@@ -34,8 +35,6 @@ from ._common import (
 
 logger = logging.get_logger("hf_roste.search")
 
-STRATEGIES = ("adaptive", "layerwise")
-CRITERIA = ("paper", "output")
 
 
 def _positive(value: str) -> int:
@@ -63,9 +62,9 @@ def register(subparsers) -> None:
     p.add_argument("--batch-size", type=_positive, default=8, help="Calibration batch size (default: 8).")
     p.add_argument("--max-length", type=_positive, default=512, help="Truncate examples to this many tokens (default: 512).")
     p.add_argument("--seed", type=int, default=0, help="Seed of the calibration draw (default: 0).")
-    p.add_argument("--strategy", choices=STRATEGIES, default="adaptive",
+    p.add_argument("--strategy", choices=SEARCH_ALGORITHMS, default="adaptive",
                    help="'adaptive' (the paper) or 'layerwise' (also checks the mixed configuration as a whole).")
-    p.add_argument("--criterion", choices=CRITERIA, default="paper",
+    p.add_argument("--criterion", choices=SEARCH_CRITERIA, default="paper",
                    help="'paper' (weight + input quantization error) or 'output' (error of each linear's output).")
     p.add_argument("--tokenizer", default=None, help="Tokenizer path or Hub id (default: MODEL_DIR).")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="Load dtype (default: float32).")

@@ -25,12 +25,12 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from transformers.utils import logging
 from trl import SFTTrainer
 
-from ..config import RoSTEConfig
+from ..config import PER_LAYER_ROTATIONS, SEARCH_ALGORITHMS, RoSTEConfig
 from ..folders import is_roste_checkpoint
 from ..io import atomic_write_text
 from ..rotation.fusion import set_rotation_config
 from ..rotation.search import search_rotation_config
-from ..state import RoSTEState, get_state, save_format
+from ..state import RoSTEState, get_state, save_format, unwrap_peft
 from .checkpoints import (
     has_adapter_weights,
     is_peft,
@@ -190,17 +190,23 @@ class RoSTESFTTrainer(SFTTrainer):
         if args.log_quantization_error:
             self._monitor = QuantErrorMonitor(self.model)
         self.add_callback(_RoSTECallback(self))
+        if args.rotation_search == "all":  # every allowed per-layer rotation on, no search
+            cfg = self.roste_state.config
+            num_layers = self.roste_state.adapter.num_layers(unwrap_peft(self.model))
+            flags = {name: name in cfg.rotations for name in PER_LAYER_ROTATIONS}
+            set_rotation_config(self.model, {"R1": self.roste_state.applied["R1"],
+                                             "layers": [dict(flags) for _ in range(num_layers)]})
 
     # ------------------------------------------------------------------ search
     def _wants_search(self) -> str | None:
         strategy = self.args.rotation_search
-        if strategy == "none":
+        if strategy in ("none", "all"):
             return None
         if strategy is not None:
             return strategy
         cfg = self.roste_state.config
-        if cfg.rotation_search == "adaptive" and not self.roste_state.searched:
-            return "adaptive"
+        if cfg.rotation_search in SEARCH_ALGORITHMS and not self.roste_state.searched:
+            return cfg.rotation_search
         return None
 
     def calibration_batches(self) -> list[dict[str, torch.Tensor]]:
@@ -242,8 +248,8 @@ class RoSTESFTTrainer(SFTTrainer):
     def run_rotation_search(self, strategy: str | None = None, optimizer=None):
         """Run the search now (before training, or between steps with the optimizer given)."""
         strategy = strategy or self.args.rotation_search or "adaptive"
-        if strategy == "none":
-            raise ValueError("run_rotation_search() called with strategy 'none'.")
+        if strategy not in SEARCH_ALGORITHMS:
+            raise ValueError(f"run_rotation_search() needs a search strategy in {SEARCH_ALGORITHMS}, got {strategy!r}.")
         was_training = self.model.training
         self.model.eval()
         try:
