@@ -1,48 +1,38 @@
 """Base ("factor") Hadamard matrices used by :mod:`hf_roste.numerics.hadamard`.
 
 A Hadamard size ``n`` is written ``n = m * 2**k``; the order-``m`` base matrix comes from
-one of two sources:
+compressed-tensors (a hard dependency): the int8 matrices shipped in
+``compressed_tensors/transform/utils/hadamards.safetensors`` (orders 1, 2 and every multiple of 4
+up to 256). Using exactly these matrices makes our rotations bit-identical to the ones
+compressed-tensors / vLLM rebuild at load time, and a checkpoint always reloads with the matrices
+it was trained with. When that file cannot be read, building a non-power-of-two rotation fails
+with an error naming the file (there is no other construction to fall back to silently).
 
-``"compressed-tensors"`` (preferred)
-    The int8 matrices shipped in ``compressed_tensors/transform/utils/hadamards.safetensors``
-    (orders 1, 2 and every multiple of 4 up to 256). Using exactly these matrices makes our
-    rotations bit-identical to the ones compressed-tensors / vLLM rebuild at load time.
-``"paley"`` (fallback when compressed-tensors' file cannot be found)
-    Paley I (prime ``q = 3 mod 4``, order ``q + 1``) and Paley II (prime ``q = 1 mod 4``, order
-    ``2 (q + 1)``) constructions, limited to orders <= :data:`MAX_BASE_ORDER`. These matrices are
-    valid Hadamard matrices but are NOT the compressed-tensors ones, so rotations built with
-    them cannot be re-created by compressed-tensors.
-
-Powers of two always use Sylvester's construction (base order 1), in both sources.
+Powers of two use Sylvester's construction (base order 1), as compressed-tensors does.
 
 Orientation: :func:`base_matrix` returns ``B_m`` such that the unnormalised size-``n`` matrix
-is ``H_n = kron(B_m, S_{2**k})`` (``S`` = Sylvester); for the compressed-tensors source this
-means ``B_m`` is the TRANSPOSE of the stored matrix (their ``_matmul_hadU`` applies the stored
+is ``H_n = kron(B_m, S_{2**k})`` (``S`` = Sylvester); this means ``B_m`` is the TRANSPOSE of the stored matrix (their ``_matmul_hadU`` applies the stored
 matrix from the left to column vectors, i.e. ``x @ stored.T`` for row vectors).
 """
 
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
 __all__ = [
     "MAX_BASE_ORDER",
-    "hadamard_base_source",
-    "paley_hadamard_matrix",
     "supported_base_orders",
     "sylvester_matrix",
 ]
 
-#: Largest base order used by either source (compressed-tensors ships orders up to 256).
+#: Largest base order (compressed-tensors ships orders up to 256).
 MAX_BASE_ORDER = 256
 
-BaseSource = Literal["compressed-tensors", "paley"]
 
 _CACHED: list[Any] = []
 
@@ -55,21 +45,13 @@ def _cached(fn: Callable[..., Any]) -> Any:
 
 
 def clear_caches() -> None:
-    """Forget every cached matrix / source decision (used by tests that switch sources)."""
+    """Forget every cached matrix and the factor file's orders (used by tests that hide the file)."""
     for fn in _CACHED:
         fn.cache_clear()
 
 
 def _is_pow2(n: int) -> bool:
     return n > 0 and (n & (n - 1)) == 0
-
-
-def _is_prime(q: int) -> bool:
-    if q < 2:
-        return False
-    if q % 2 == 0:
-        return q == 2
-    return all(q % d for d in range(3, math.isqrt(q) + 1, 2))
 
 
 # ----------------------------------------------------------------------------- Sylvester
@@ -94,93 +76,40 @@ def sylvester_matrix(n: int) -> torch.Tensor:
     return (1 - 2 * parity).to(torch.float64)
 
 
-# ----------------------------------------------------------------------------- Paley
-
-
-def _jacobsthal(q: int) -> torch.Tensor:
-    """Jacobsthal matrix ``Q[i, j] = chi(j - i)`` over GF(q) (q prime), int64 ``[q, q]``."""
-    chi = torch.full((q,), -1, dtype=torch.int64)
-    chi[0] = 0
-    for a in range(1, q):
-        chi[(a * a) % q] = 1
-    i = torch.arange(q)
-    return chi[(i[None, :] - i[:, None]) % q]
-
-
-def _paley_kind(m: int) -> tuple[int, int] | None:
-    """``(1, q)`` if Paley I gives order m, ``(2, q)`` for Paley II, else None (q prime)."""
-    q = m - 1
-    if q % 4 == 3 and _is_prime(q):
-        return 1, q
-    if m % 2 == 0:
-        q = m // 2 - 1
-        if q % 4 == 1 and _is_prime(q):
-            return 2, q
-    return None
-
-
-@_cached
-def paley_hadamard_matrix(m: int) -> torch.Tensor:
-    """Unnormalised Hadamard matrix of order ``m`` from a Paley construction, float64 ``[m, m]``.
-
-    * Paley I, ``m = q + 1`` with ``q`` prime, ``q = 3 (mod 4)``:
-      ``H = I + [[0, 1^T], [-1, Q]]`` (``Q`` the antisymmetric Jacobsthal matrix).
-    * Paley II, ``m = 2 (q + 1)`` with ``q`` prime, ``q = 1 (mod 4)``: with the symmetric
-      conference matrix ``C = [[0, 1^T], [1, Q]]``,
-      ``H = kron(C, [[1, 1], [1, -1]]) + kron(I, [[1, -1], [-1, -1]])``.
-
-    Paley I is tried first. Prime powers are not supported. Raises ``ValueError`` when neither
-    construction gives order ``m``. Cached: do not modify the result in place.
-    """
-    kind = _paley_kind(m)
-    if kind is None:
-        raise ValueError(
-            f"no Paley construction for order m={m}: accepted are m = q + 1 with q prime, q = 3 mod 4, "
-            "and m = 2 (q + 1) with q prime, q = 1 mod 4"
-        )
-    which, q = kind
-    jac = _jacobsthal(q).to(torch.float64)
-    ones = torch.ones(q, dtype=torch.float64)
-    core = torch.zeros(q + 1, q + 1, dtype=torch.float64)
-    core[1:, 1:] = jac
-    if which == 1:
-        core[0, 1:] = ones
-        core[1:, 0] = -ones
-        return core + torch.eye(q + 1, dtype=torch.float64)
-    core[0, 1:] = ones
-    core[1:, 0] = ones
-    a = torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64)
-    b = torch.tensor([[1.0, -1.0], [-1.0, -1.0]], dtype=torch.float64)
-    return torch.kron(core, a) + torch.kron(torch.eye(q + 1, dtype=torch.float64), b)
-
-
 # ----------------------------------------------------------------------------- compressed-tensors
 
 
-def _ct_factor_file() -> Path | None:
-    """Path of compressed-tensors' ``hadamards.safetensors`` or None if unavailable."""
+def _ct_factor_file() -> Path:
+    """Path of compressed-tensors' ``hadamards.safetensors``; a clear error when it is unavailable."""
     try:
         from compressed_tensors.transform.utils import hadamard as ct_hadamard
-    except Exception:  # noqa: BLE001 - any import failure means "not available"
-        return None
-    path = Path(
-        getattr(ct_hadamard, "REPO_PATH", Path(ct_hadamard.__file__).parent / "hadamards.safetensors")
-    )
-    return path if path.is_file() else None
+    except ImportError as exc:
+        raise RuntimeError(
+            f"compressed-tensors' Hadamard factors cannot be imported ({exc}); they define every non-power-of-two "
+            "RoSTE rotation. Reinstall hf-roste's dependency: pip install -U compressed-tensors."
+        ) from exc
+    path = Path(getattr(ct_hadamard, "REPO_PATH", Path(ct_hadamard.__file__).parent / "hadamards.safetensors"))
+    if not path.is_file():
+        raise RuntimeError(
+            f"compressed-tensors' Hadamard factor file {path} is missing; it defines every non-power-of-two RoSTE "
+            "rotation. Reinstall it: pip install --force-reinstall compressed-tensors."
+        )
+    return path
 
 
 @_cached
-def _ct_orders() -> frozenset[int] | None:
+def _ct_orders() -> frozenset[int]:
     path = _ct_factor_file()
-    if path is None:
-        return None
-    try:
-        from safetensors import safe_open
+    from safetensors import safe_open
 
+    try:
         with safe_open(str(path), framework="pt") as fh:
             return frozenset(int(key) for key in fh.keys())
-    except Exception:  # noqa: BLE001 - unreadable file: fall back to Paley
-        return None
+    except Exception as exc:  # noqa: BLE001 - any read failure: name the file and the fix
+        raise RuntimeError(
+            f"compressed-tensors' Hadamard factor file {path} cannot be read ({type(exc).__name__}: {exc}). "
+            "Reinstall it: pip install --force-reinstall compressed-tensors."
+        ) from exc
 
 
 @_cached
@@ -189,7 +118,6 @@ def _ct_matrix(m: int) -> torch.Tensor:
     from safetensors import safe_open
 
     path = _ct_factor_file()
-    assert path is not None
     with safe_open(str(path), framework="pt") as fh:
         mat = fh.get_tensor(str(m)).to(torch.float64)
     if mat.shape != (m, m) or not torch.equal(mat @ mat.T, m * torch.eye(m, dtype=torch.float64)):
@@ -201,27 +129,10 @@ def _ct_matrix(m: int) -> torch.Tensor:
 
 
 @_cached
-def hadamard_base_source() -> BaseSource:
-    """Which source provides non-power-of-two base matrices in this environment.
-
-    ``"compressed-tensors"`` when its ``hadamards.safetensors`` can be read, else ``"paley"``.
-    """
-    return "compressed-tensors" if _ct_orders() is not None else "paley"
-
-
-@_cached
 def supported_base_orders() -> tuple[int, ...]:
-    """Sorted base orders ``m`` usable in ``n = m * 2**k`` for the active source.
-
-    compressed-tensors: 1, 2 and every multiple of 4 up to 256 (powers of two among them are
-    Sylvester). Paley: 1, 2 and every non-power-of-two Paley I / II order <= 256.
-    """
-    if hadamard_base_source() == "compressed-tensors":
-        orders = _ct_orders()
-        assert orders is not None
-        return tuple(sorted(orders))
-    paley = (m for m in range(3, MAX_BASE_ORDER + 1) if not _is_pow2(m) and _paley_kind(m) is not None)
-    return (1, 2, *paley)
+    """Sorted base orders ``m`` usable in ``n = m * 2**k``: compressed-tensors' stored orders (1, 2 and
+    every multiple of 4 up to 256; the powers of two among them are Sylvester)."""
+    return tuple(sorted(_ct_orders()))
 
 
 def describe_base_orders() -> str:
@@ -235,17 +146,14 @@ def describe_base_orders() -> str:
 def choose_base(n: int) -> int | None:
     """Base order ``m`` for size ``n`` (see ``hadamard_factorization``), None if unsupported.
 
-    Powers of two -> 1. Otherwise, compressed-tensors source: the LARGEST stored divisor ``d``
-    with ``n / d`` a power of two (the same divisor compressed-tensors' ``_matmul_hadU`` picks,
-    so the matrices agree exactly); Paley source: the SMALLEST such base order.
+    Powers of two -> 1. Otherwise the LARGEST stored divisor ``d`` with ``n / d`` a power of two
+    (the same divisor compressed-tensors' ``_matmul_hadU`` picks, so the matrices agree exactly).
     """
     if n < 1:
         return None
     if _is_pow2(n):
         return 1
-    orders = [m for m in supported_base_orders() if not _is_pow2(m)]
-    if hadamard_base_source() == "compressed-tensors":
-        orders.sort(reverse=True)
+    orders = sorted((m for m in supported_base_orders() if not _is_pow2(m)), reverse=True)
     for m in orders:
         if n % m == 0 and _is_pow2(n // m):
             return m
@@ -260,6 +168,4 @@ def base_matrix(m: int) -> torch.Tensor:
     """
     if _is_pow2(m):
         return sylvester_matrix(m)
-    if hadamard_base_source() == "compressed-tensors":
-        return _ct_matrix(m).T.contiguous()
-    return paley_hadamard_matrix(m)
+    return _ct_matrix(m).T.contiguous()
