@@ -5,6 +5,7 @@ Importing the package registers `quant_method="roste"` with transformers (safe t
 
 from __future__ import annotations
 
+from ._version import __version__
 from .config import FORMAT_VERSION, RoSTEConfig
 from .export.compressed_tensors import export_compressed_tensors
 from .export.hub import push_roste_model
@@ -15,8 +16,6 @@ from .rotation.fusion import set_rotation_config
 from .rotation.optim_state import rotate_optimizer_state
 from .rotation.search import RotationSearchResult, search_rotation_config
 from .state import get_state, save_format, set_quantization_enabled
-
-__version__ = "0.1.0.dev0"
 
 
 def _register() -> None:

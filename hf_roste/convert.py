@@ -213,7 +213,7 @@ def finish_packed_model(model: nn.Module, config: RoSTEConfig) -> RoSTEState:
         attn_modules.append(adapter.get(layer, adapter.attn))
         states.append(AttentionQuantState(r3=flags["R3"], kv_spec=config.kv_spec))
     install_attention(model, attn_modules, states)
-    install_kv_cache_hooks(attn_modules)  # RoSTEQuantizedCache: K/V rotated + quantized by the cache
+    install_kv_cache_hooks(attn_modules, adapter.attn_cache_kwarg)  # RoSTEQuantizedCache: K/V rotated + quantized by the cache
     install_generation_cache(model)  # generate() defaults to RoSTEQuantizedCache when kv_bits < 16
     state = RoSTEState(adapter=adapter, config=config, applied={"R1": target["R1"], "layers": copy.deepcopy(target["layers"])},
                        searched=target.get("strategy") != "default", attention_states=states, packed=True)
@@ -248,7 +248,7 @@ def prepare_model(model: nn.Module, config: RoSTEConfig, *, weights_are_rotated:
         attn_modules.append(adapter.get(layer, adapter.attn))
         states.append(AttentionQuantState(r3=False, kv_spec=config.kv_spec))
     install_attention(model, attn_modules, states)
-    install_kv_cache_hooks(attn_modules)  # RoSTEQuantizedCache: K/V rotated + quantized by the cache
+    install_kv_cache_hooks(attn_modules, adapter.attn_cache_kwarg)  # RoSTEQuantizedCache: K/V rotated + quantized by the cache
     install_generation_cache(model)  # generate() defaults to RoSTEQuantizedCache when kv_bits < 16
     all_off = {"R1": target["R1"], "layers": [dict.fromkeys(PER_LAYER_ROTATIONS, False) for _ in range(num_layers)]}
     state = RoSTEState(adapter=adapter, config=config, applied=all_off, attention_states=states)

@@ -77,7 +77,7 @@ from transformers.utils import logging
 
 from ..config import RoSTEConfig
 from ..folders import is_roste_checkpoint
-from ..numerics import QuantSpec, dequantize, unpack_codes
+from ..numerics import dequantize, from_unsigned, unpack_codes
 
 logger = logging.get_logger(__name__)
 
@@ -162,7 +162,7 @@ def check_exportable(config: RoSTEConfig, model: nn.Module | None = None, *, str
                     "layers; train with RoSTEConfig(rotations=('R1', 'R2', 'R3')) (no R4)."
                 )
             size = down.in_features
-            if size & (size - 1) and _up_projection(adapter) is None:
+            if size & (size - 1) and adapter.up_proj is None:
                 problems.append(
                     f"online R4 of size {size} (not a power of two) on a model without a separate up projection: "
                     "compressed-tensors names such a transform 'random-hadamard' and regenerates it with its own "
@@ -184,12 +184,6 @@ def _load(model_or_dir):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(os.fspath(model_or_dir)).eval()
-
-
-def _up_projection(adapter) -> str | None:
-    """The MLP input projection whose output multiplies the activated gate (None if the MLP has none)."""
-    ups = [p for p in adapter.mlp_in if p.rsplit(".", 1)[-1].startswith("up")]
-    return ups[0] if len(adapter.mlp_in) == 2 and len(ups) == 1 else None
 
 
 def _hadamard_weight(n: int, dtype: torch.dtype) -> tuple[str, torch.Tensor, torch.Tensor | None]:
@@ -285,7 +279,7 @@ def build_quantization_config(config: RoSTEConfig, ignore: list[str], targets: l
     )
 
 
-def build_transform_config(r4_modules: list[str], size: int, kind: str):
+def build_transform_config(r4_modules: list[str], kind: str):
     """compressed-tensors `TransformConfig` of the online R4 (None when no layer has it)."""
     if not r4_modules:
         return None
@@ -302,8 +296,9 @@ def build_transform_config(r4_modules: list[str], size: int, kind: str):
     return TransformConfig(config_groups={TRANSFORM_NAME: scheme})
 
 
-def _linear_tensors(model: nn.Module, state) -> dict[str, dict[str, torch.Tensor]]:
-    """Per quantized linear: unsigned codes, scale, zero (fp32) and bias, from a packed or QAT model."""
+def _linear_tensors(model: nn.Module, state) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+    """(per quantized linear: unsigned codes, scale, zero (fp32) and bias; every other tensor of the state dict),
+    from a packed or QAT model."""
     from ..export.checkpoint import packed_state_dict
 
     sd = model.state_dict() if state.packed else packed_state_dict(model)
@@ -329,13 +324,11 @@ def _compress_linear(name: str, t: dict[str, torch.Tensor], config: RoSTEConfig,
     from compressed_tensors.compressors import PackedQuantizationCompressor
 
     bits = config.weight_bits
-    half = 1 << (bits - 1)
-    spec = QuantSpec(bits, config.weight_symmetric, config.weight_clip_ratio,
-                     "channel" if config.weight_group_size is None else "group", config.weight_group_size)
+    half = 1 << (bits - 1)  # compressed-tensors stores signed zero points: unsigned zero - half
+    spec = config.weight_spec
     codes_u, scale, zero = t["codes"], t["scale"], t["zero"]
     if config.weight_symmetric:
-        signed = codes_u.to(torch.int16) - half
-        ours = dequantize(signed.to(torch.int8), scale, zero, spec, dtype=torch.float32)
+        ours = dequantize(from_unsigned(codes_u, spec), scale, zero, spec, dtype=torch.float32)
         sd = {"weight": ours, "weight_scale": scale}
     else:
         bad = (zero < 0) | (zero > 2 * half - 1)
@@ -419,10 +412,10 @@ def export_compressed_tensors(model_or_dir, out_dir: str | os.PathLike, *, stric
     if r4_modules:
         size = adapter.get(adapter.decoder_layers(model)[0], adapter.down_proj).in_features
         kind, h, signs = _hadamard_weight(size, dtype)
-        transform_config = build_transform_config(r4_modules, size, kind)
+        transform_config = build_transform_config(r4_modules, kind)
         if signs is not None:  # cancel the loader's row signs in the up projections feeding those layers
             rows = (signs < 0).nonzero().flatten()
-            up = _up_projection(adapter)
+            up = adapter.up_proj
             for i in r4_layers:
                 name = f"{adapter.layers}.{i}.{up}"
                 _negate_rows(name, linears.get(name), rest, rows, config)
