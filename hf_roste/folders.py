@@ -27,6 +27,15 @@ ADAPTER_CONFIG = "adapter_config.json"
 FolderKind = Literal["master", "packed", "adapter"]
 
 
+def read_json_file(path: str, fix: str) -> Any:
+    """The JSON content of `path`; a `ValueError` naming the file, the problem and `fix` when it is unreadable."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path} is not readable JSON ({exc}); {fix}") from exc
+
+
 def read_roste_quantization_config(path: str, *, hub: bool = False) -> dict[str, Any] | None:
     """The ``quantization_config`` of the RoSTE checkpoint at `path`, or None when it is not one.
 
@@ -41,11 +50,7 @@ def read_roste_quantization_config(path: str, *, hub: bool = False) -> dict[str,
         cfg_path = os.path.join(path, "config.json")
         if not os.path.isfile(cfg_path):
             return None
-        try:
-            with open(cfg_path, encoding="utf-8") as f:
-                cfg = json.load(f)
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ValueError(f"{cfg_path} is not readable JSON ({exc}); save the model again.") from exc
+        cfg = read_json_file(cfg_path, "save the model again.")
         qc = cfg.get("quantization_config") if isinstance(cfg, dict) else None
     elif hub:
         from transformers import AutoConfig

@@ -12,7 +12,6 @@ equivalent), no LoRA variants (DoRA, ...), no mixed-adapter batches.
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
@@ -23,7 +22,7 @@ from peft.tuners.lora.layer import Linear as LoraLinear
 from peft.tuners.lora.layer import LoraLayer
 from transformers.utils import logging
 
-from ..folders import ADAPTER_CONFIG, is_roste_checkpoint
+from ..folders import ADAPTER_CONFIG, is_roste_checkpoint, read_json_file
 from ..modules.qat_linear import QATLinear
 from ..numerics import fake_quantize
 from .state import STATE_FILE, check_saved_quantization_config, read_state_file
@@ -150,11 +149,7 @@ def load_roste_adapter(model, adapter_path: str, adapter_name: str = "default", 
 def adapter_base_model(path: str) -> tuple[str, str | None]:
     """(base_model_name_or_path, revision) recorded in the adapter folder's `adapter_config.json`."""
     cfg_path = os.path.join(path, ADAPTER_CONFIG)
-    try:
-        with open(cfg_path, encoding="utf-8") as f:
-            cfg = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{cfg_path} is not readable JSON ({exc}); save the adapters again.") from exc
+    cfg = read_json_file(cfg_path, "save the adapters again.")
     base = cfg.get("base_model_name_or_path") if isinstance(cfg, dict) else None
     if not base or not isinstance(base, str):
         raise ValueError(

@@ -14,6 +14,7 @@ from tiny_models import CACHE_KW, VOCAB, output_cache, sample_ids
 from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig
 
 from hf_roste import RoSTEConfig, get_state, set_quantization_enabled, set_rotation_config
+from hf_roste import numerics as nx
 from hf_roste.modules.attention import AttentionQuantState
 from hf_roste.modules.kv_cache import (
     PackedKV,
@@ -23,24 +24,14 @@ from hf_roste.modules.kv_cache import (
     cache_bytes_per_token,
     expected_bytes_per_token,
 )
-from hf_roste.numerics import (
-    QuantSpec,
-    dequantize,
-    fake_quantize,
-    from_unsigned,
-    pack_codes,
-    packed_length,
-    quantize,
-    to_unsigned,
-    unpack_codes,
-)
+from hf_roste.numerics import QuantSpec, fake_quantize, packed_length
 from hf_roste.numerics.hadamard import hadamard_transform
 
 
 def _encode(x: torch.Tensor, spec: QuantSpec, scale_dtype: torch.dtype = torch.float32) -> PackedKV:
     """Reference codec (the test oracle of the fast KV codec): the public quantize -> to_unsigned -> pack."""
-    codes, scale, zero = quantize(x, spec)
-    packed = pack_codes(to_unsigned(codes, spec), spec.bits)
+    codes, scale, zero = nx.quantize(x, spec)
+    packed = nx.pack_codes(nx.to_unsigned(codes, spec), spec.bits)
     zq = None
     if not spec.symmetric:
         fits = zero.numel() == 0 or float(zero.abs().max()) <= 127
@@ -50,12 +41,12 @@ def _encode(x: torch.Tensor, spec: QuantSpec, scale_dtype: torch.dtype = torch.f
 
 def _decode(p: PackedKV) -> torch.Tensor:
     """Reference decode: unpack -> from_unsigned -> dequantize in fp32 (fake_quantize's value with fp32 scales)."""
-    codes = unpack_codes(p.codes, p.spec.bits, p.head_dim)
+    codes = nx.unpack_codes(p.codes, p.spec.bits, p.head_dim)
     if p.spec.symmetric:
-        codes = from_unsigned(codes, p.spec)
+        codes = nx.from_unsigned(codes, p.spec)
     scale = p.scale.float()
     zero = torch.zeros_like(scale) if p.zero is None else p.zero.float()
-    return dequantize(codes, scale, zero, p.spec, dtype=torch.float32)
+    return nx.dequantize(codes, scale, zero, p.spec, dtype=torch.float32)
 
 W4A4KV4 = dict(weight_bits=4, activation_bits=4, kv_bits=4)
 PROMPT, NEW = 12, 10
