@@ -55,7 +55,7 @@ def _is_weight_file(name: str) -> bool:
     return name.startswith(_STALE_WEIGHT_PREFIXES) and name.endswith(_STALE_WEIGHT_SUFFIXES)
 
 
-def save_pretrained_atomic(model, save_directory: str | os.PathLike, save=None, **kwargs) -> None:
+def save_pretrained_atomic(model, save_directory: str | os.PathLike, save=None, after_save=None, **kwargs) -> None:
     """`model.save_pretrained(save_directory, **kwargs)` that a crash cannot leave half-written.
 
     The model is saved into a temporary sibling folder; files of an existing `save_directory` that
@@ -66,7 +66,8 @@ def save_pretrained_atomic(model, save_directory: str | os.PathLike, save=None, 
     process killed at any moment leaves `save_directory` either entirely old or entirely new (plus
     possibly a hidden `.<name>.roste-tmp-*` sibling, removed by the next save into that folder).
 
-    `save` is the underlying save function (default: the class's `save_pretrained`). Saves that
+    `save` is the underlying save function (default: the class's `save_pretrained`); `after_save(folder)`
+    (optional) completes the saved folder before it is swapped into place. Saves that
     cannot be redirected (non-main processes, `push_to_hub=True`, `distributed_checkpoint=True`)
     are passed through unchanged.
     """
@@ -77,8 +78,8 @@ def save_pretrained_atomic(model, save_directory: str | os.PathLike, save=None, 
     if (not kwargs.get("is_main_process", True) or kwargs.get("push_to_hub") or kwargs.get("distributed_checkpoint")
             or os.path.isfile(save_directory)):
         out = save(save_directory, **kwargs)
-        if kwargs.get("is_main_process", True) and os.path.isdir(save_directory):
-            _write_load_guard(os.fspath(save_directory))
+        if after_save is not None and kwargs.get("is_main_process", True) and os.path.isdir(save_directory):
+            after_save(os.fspath(save_directory))
         return out
     target = os.path.abspath(os.fspath(save_directory))
     parent, base = os.path.split(target)
@@ -91,7 +92,8 @@ def save_pretrained_atomic(model, save_directory: str | os.PathLike, save=None, 
     tmp = tempfile.mkdtemp(prefix=f".{base}.roste-tmp-", dir=parent)
     try:
         save(tmp, **kwargs)
-        _write_load_guard(tmp)
+        if after_save is not None:
+            after_save(tmp)
         _fsync_tree(tmp)
         if os.path.isdir(target):
             for name in os.listdir(target):
@@ -120,18 +122,13 @@ def save_pretrained_atomic(model, save_directory: str | os.PathLike, save=None, 
             logger.warning("Could not swap %s into place atomically (%s); saving in place instead.", target, exc)
             shutil.rmtree(tmp, ignore_errors=True)
             save(target, **kwargs)
-            _write_load_guard(target)
+            if after_save is not None:
+                after_save(target)
             return None
         _fsync_dir(parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-
-
-def _write_load_guard(folder: str) -> None:
-    from .export.load_guard import write_load_guard  # a RoSTE checkpoint must not load without hf_roste
-
-    write_load_guard(folder)
 
 
 def _link_or_copy(src: str, dst: str) -> str:
@@ -174,10 +171,15 @@ def _fsync_tree(root: str) -> None:
         _fsync_dir(folder)
 
 
-def install_atomic_save(model) -> None:
-    """Make `model.save_pretrained` atomic (an instance method; the class is untouched)."""
+def install_atomic_save(model, after_save=None) -> None:
+    """Make `model.save_pretrained` atomic (an instance method; the class is untouched).
+
+    `after_save(folder)` runs on every saved folder before it is swapped into place (the RoSTE quantizer
+    passes the load guard of `hf_roste.export.load_guard`).
+    """
     import types
 
+    model._roste_after_save = after_save
     if getattr(model.save_pretrained, "__func__", None) is _atomic_save_method:
         return
     model.save_pretrained = types.MethodType(_atomic_save_method, model)
@@ -188,4 +190,4 @@ def _atomic_save_method(self, save_directory, *args, **kwargs):
     if args:  # positional is_main_process, state_dict, ... as in PreTrainedModel.save_pretrained
         names = ("is_main_process", "state_dict", "push_to_hub", "max_shard_size", "variant", "token")
         kwargs.update(dict(zip(names, args, strict=False)))
-    return save_pretrained_atomic(self, save_directory, **kwargs)
+    return save_pretrained_atomic(self, save_directory, after_save=getattr(self, "_roste_after_save", None), **kwargs)

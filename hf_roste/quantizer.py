@@ -17,15 +17,15 @@ from transformers.utils import logging
 
 from .arch import get_adapter
 from .config import RoSTEConfig
-from .export.checkpoint import check_packed_values, checkpoint_metadata, packed_state_dict, verify_checkpoint
-from .io import install_atomic_save
-from .rotation.apply import (
+from .convert import (
     check_model_fits_config,
     finish_packed_model,
-    get_state,
     prepare_model,
     prepare_skeleton_for_checkpoint,
 )
+from .export.checkpoint import check_packed_values, checkpoint_metadata, packed_state_dict, verify_checkpoint
+from .io import install_atomic_save
+from .state import get_state
 
 logger = logging.get_logger(__name__)
 
@@ -84,7 +84,9 @@ class RoSTEHfQuantizer(HfQuantizer):
         from .export.hub import install_push_to_hub
 
         install_push_to_hub(model)  # push_to_hub uploads the packed model with the RoSTE card (one commit)
-        install_atomic_save(model)  # save_pretrained: temporary sibling folder, then an atomic swap
+        from .export.load_guard import write_load_guard
+
+        install_atomic_save(model, after_save=write_load_guard)  # save_pretrained: temporary sibling folder, then an atomic swap
         return model
 
     def get_state_dict_and_metadata(self, model):

@@ -21,12 +21,12 @@ import json
 import os
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, make_dataclass
 
 from transformers.utils import logging
 from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, TrlParser
 
-from ..config import FIELD_HELP, ROTATION_NAMES, SUPPORTED_BITS, RoSTEConfig
+from ..config import CONFIG_FIELDS, RoSTEConfig
 from ..training.config import RoSTESFTConfig
 from ._common import (
     CommandError,
@@ -76,45 +76,8 @@ class RoSTEScriptArguments(ScriptArguments, DatasetMixtureConfig):
                 post(self)
 
 
-def _roste_field(name: str, default, **extra):
-    return field(default=default, metadata={"help": FIELD_HELP[name], **extra})
-
-
-@dataclass
-class RoSTEArguments:
-    """The `RoSTEConfig` fields (same names in YAML, CLI and Python) plus `quantize`.
-
-    `rotation_search` is the shared field of `RoSTESFTConfig`: `none` also builds the model with
-    `RoSTEConfig(rotation_search="none")` (STE without rotation search); anything else builds it with
-    `"adaptive"` and lets the trainer search.
-    """
-
-    quantize: bool = field(
-        default=True,
-        metadata={"help": "True: RoSTE QA-SFT with RoSTESFTTrainer. False: the full-precision SFT baseline with "
-                  "TRL's SFTTrainer (every other quantization field is then ignored)."},
-    )
-    weight_bits: int = _roste_field("weight_bits", 4, choices=list(SUPPORTED_BITS))
-    activation_bits: int = _roste_field("activation_bits", 4, choices=list(SUPPORTED_BITS))
-    kv_bits: int = _roste_field("kv_bits", 4, choices=list(SUPPORTED_BITS))
-    weight_symmetric: bool = _roste_field("weight_symmetric", False)
-    activation_symmetric: bool = _roste_field("activation_symmetric", False)
-    kv_symmetric: bool = _roste_field("kv_symmetric", False)
-    weight_clip_ratio: float = _roste_field("weight_clip_ratio", 0.95)
-    activation_clip_ratio: float = _roste_field("activation_clip_ratio", 0.95)
-    kv_clip_ratio: float = _roste_field("kv_clip_ratio", 0.95)
-    weight_group_size: int | None = _roste_field("weight_group_size", None)
-    rotations: list[str] = field(
-        default_factory=lambda: list(ROTATION_NAMES),
-        metadata={"help": FIELD_HELP["rotations"] + " YAML: [] for none; command line: --rotations none."},
-    )
-    rotation_config: str | None = field(
-        default=None,
-        metadata={"help": "Path of a rotation configuration JSON (e.g. written by `hf-roste search --rotation-config "
-                  "FILE`); fixes the per-layer rotations, so the trainer does not search again."},
-    )
-    rotation_seed: int = _roste_field("rotation_seed", 0)
-    modules_to_not_convert: list[str] | None = _roste_field("modules_to_not_convert", None)
+class _RoSTEArgumentsMethods:
+    """Validation and conversion of `RoSTEArguments` (its fields are generated from `CONFIG_FIELDS`)."""
 
     def __post_init__(self) -> None:
         rotations = list(self.rotations or [])
@@ -142,16 +105,54 @@ class RoSTEArguments:
                 ) from None
             if isinstance(rotation_config, dict) and "rotation_config" in rotation_config:
                 rotation_config = rotation_config["rotation_config"]  # a full `search` report
-        mode = "none" if trainer_rotation_search == "none" else "adaptive"
-        return RoSTEConfig(
-            weight_bits=self.weight_bits, activation_bits=self.activation_bits, kv_bits=self.kv_bits,
-            weight_symmetric=self.weight_symmetric, activation_symmetric=self.activation_symmetric,
-            kv_symmetric=self.kv_symmetric, weight_clip_ratio=self.weight_clip_ratio,
-            activation_clip_ratio=self.activation_clip_ratio, kv_clip_ratio=self.kv_clip_ratio,
-            weight_group_size=self.weight_group_size, rotations=tuple(self.rotations), rotation_search=mode,
-            rotation_config=rotation_config, rotation_seed=self.rotation_seed,
-            modules_to_not_convert=self.modules_to_not_convert,
-        )
+        mode = trainer_rotation_search or "adaptive"  # the same vocabulary (config.SEARCH_STRATEGIES)
+        values = {f.name: getattr(self, f.name) for f in CONFIG_FIELDS if f.name not in _NOT_COPIED}
+        return RoSTEConfig(**values, rotations=tuple(self.rotations), rotation_search=mode,
+                           rotation_config=rotation_config)
+
+
+#: RoSTEConfig fields whose CLI form differs: `rotation_search` is RoSTESFTConfig's (shared) field,
+#: `rotation_config` is a JSON file path, `rotations` a list that also accepts "none".
+_NOT_COPIED = ("rotation_search", "rotation_config", "rotations")
+
+
+def _roste_arguments_fields() -> list[tuple]:
+    out: list[tuple] = [(
+        "quantize", bool, field(
+            default=True,
+            metadata={"help": "True: RoSTE QA-SFT with RoSTESFTTrainer. False: the full-precision SFT baseline with "
+                      "TRL's SFTTrainer (every other quantization field is then ignored)."},
+        ),
+    )]
+    for f in CONFIG_FIELDS:
+        if f.name == "rotation_search":
+            continue
+        if f.name == "rotations":
+            out.append(("rotations", list[str], field(
+                default_factory=lambda default=f.default: list(default),
+                metadata={"help": f.help + " YAML: [] for none; command line: --rotations none."},
+            )))
+        elif f.name == "rotation_config":
+            out.append(("rotation_config", str | None, field(
+                default=None,
+                metadata={"help": "Path of a rotation configuration JSON (e.g. written by `hf-roste search "
+                          "--rotation-config FILE`); fixes the per-layer rotations, so the trainer does not search again."},
+            )))
+        else:
+            extra = {"choices": list(f.choices)} if f.choices else {}
+            out.append((f.name, f.type, field(default=f.default, metadata={"help": f.help, **extra})))
+    return out
+
+
+RoSTEArguments = make_dataclass("RoSTEArguments", _roste_arguments_fields(), bases=(_RoSTEArgumentsMethods,))
+RoSTEArguments.__module__ = __name__
+RoSTEArguments.__doc__ = """The `RoSTEConfig` fields (same names in YAML, CLI and Python) plus `quantize`.
+
+Generated from `hf_roste.config.CONFIG_FIELDS` (defaults and help are declared there only).
+`rotation_search` is the shared field of `RoSTESFTConfig` (the same values as
+`RoSTEConfig.rotation_search`): the model is built with that value (`adaptive` when unset), and the
+trainer searches when it names a search.
+"""
 
 
 DATACLASSES = (RoSTEScriptArguments, RoSTESFTConfig, ModelConfig, RoSTEArguments)
@@ -200,10 +201,12 @@ def _check_unknown_arguments(argv: Sequence[str], recipe: dict) -> list[str]:
         del args[i : i + 2]
     yaml_unknown = parser.set_defaults_with_config(**{k: v for k, v in recipe.items() if k != "env"})
     if any(a in ("-h", "--help") for a in args):
-        return  # TrlParser prints the help
+        return []  # TrlParser prints the help
     _, cli_unknown = parser.parse_known_args(args)
-    launch_args, yaml_unknown = _split_launch_args(yaml_unknown)
-    cli_launch, cli_unknown = _split_launch_args(cli_unknown)
+    from ..training.trl_args import split_launch_args
+
+    launch_args, yaml_unknown = split_launch_args(yaml_unknown)
+    cli_launch, cli_unknown = split_launch_args(cli_unknown)
     launch_args += cli_launch
     problems = []
     if cli_unknown:
@@ -218,22 +221,6 @@ def _check_unknown_arguments(argv: Sequence[str], recipe: dict) -> list[str]:
             "quantization fields); check the spelling."
         )
     return launch_args
-
-
-def _split_launch_args(strings: list[str]) -> tuple[list[str], list[str]]:
-    """(`accelerate launch` options with their values, the rest) of unparsed argument strings."""
-    from accelerate.commands.launch import launch_command_parser
-
-    known = {o for a in launch_command_parser()._actions for o in a.option_strings} - {"-h", "--help", "-m"}
-    launch, rest, i = [], [], 0
-    while i < len(strings):
-        item = strings[i]
-        name = item.split("=", 1)[0]
-        takes_value = "=" not in item and i + 1 < len(strings) and not strings[i + 1].startswith("--")
-        group = strings[i : i + 2] if takes_value else [item]
-        (launch if name in known or name.replace("_", "-") in known else rest).extend(group)
-        i += len(group)
-    return launch, rest
 
 
 def _check_yaml(path: str) -> dict:
@@ -301,27 +288,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run_guarded("sft", _run, script_args, training_args, model_args, roste_args)
 
 
-def _without_subsequence(items: list[str], subsequence: list[str]) -> list[str]:
-    """``items`` without the ordered ``subsequence`` (the launch options found among the command-line args)."""
-    rest, it = [], iter(subsequence)
-    current = next(it, None)
-    for item in items:
-        if current is not None and item == current:
-            current = next(it, None)
-        else:
-            rest.append(item)
-    return rest
-
-
 def _hand_over_to_accelerate(script_args, argv: list[str], launch_args: list[str]) -> int:
     """`accelerate launch [--config_file CFG] [launch options] -m hf_roste.cli sft ARGV` (what `trl sft` does)."""
-    from ..training.trl_args import TrlArgumentError, launch_with_accelerate, resolve_accelerate_config
+    from ..training.trl_args import (
+        TrlArgumentError,
+        launch_with_accelerate,
+        resolve_accelerate_config,
+        without_subsequence,
+    )
 
     try:
         config = resolve_accelerate_config(script_args.accelerate_config) if script_args.accelerate_config else None
     except TrlArgumentError as exc:
         raise CommandError(str(exc)) from None
-    child_argv = _without_subsequence(argv, launch_args)  # launch options stay with the launcher
+    child_argv = without_subsequence(argv, launch_args)  # launch options stay with the launcher
     logger.info("accelerate_config=%s: handing over to `accelerate launch`.", config or "(accelerate's default)")
     launch_with_accelerate(config, child_argv, launch_args)
     return 0

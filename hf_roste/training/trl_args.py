@@ -25,6 +25,8 @@ __all__ = [
     "from_pretrained_kwargs",
     "load_mixture",
     "resolve_accelerate_config",
+    "split_launch_args",
+    "without_subsequence",
 ]
 
 #: ModelConfig field -> where it goes ("refused with RoSTE: ..." means refused when quantize=true).
@@ -228,3 +230,31 @@ def launch_with_accelerate(config_file: str | None, argv: list[str], launch_args
     args = launch_command_parser().parse_args(accelerate_launch_args(config_file, argv, launch_args))
     os.environ[LAUNCHED_ENV] = "1"  # inherited by the launched processes: they train
     (launch_command_fn or launch_command)(args)
+
+
+def split_launch_args(strings: list[str]) -> tuple[list[str], list[str]]:
+    """(`accelerate launch` options with their values, the rest) of unparsed argument strings."""
+    from accelerate.commands.launch import launch_command_parser
+
+    known = {o for a in launch_command_parser()._actions for o in a.option_strings} - {"-h", "--help", "-m"}
+    launch, rest, i = [], [], 0
+    while i < len(strings):
+        item = strings[i]
+        name = item.split("=", 1)[0]
+        takes_value = "=" not in item and i + 1 < len(strings) and not strings[i + 1].startswith("--")
+        group = strings[i : i + 2] if takes_value else [item]
+        (launch if name in known or name.replace("_", "-") in known else rest).extend(group)
+        i += len(group)
+    return launch, rest
+
+
+def without_subsequence(items: list[str], subsequence: list[str]) -> list[str]:
+    """``items`` without the ordered ``subsequence`` (the launch options found among the command-line args)."""
+    rest, it = [], iter(subsequence)
+    current = next(it, None)
+    for item in items:
+        if current is not None and item == current:
+            current = next(it, None)
+        else:
+            rest.append(item)
+    return rest
