@@ -107,6 +107,18 @@ class RoSTEArguments:
     )
     rotation_seed: int = _roste_field("rotation_seed", 0)
     modules_to_not_convert: list[str] | None = _roste_field("modules_to_not_convert", None)
+    target: str | None = field(
+        default=None,
+        metadata={"help": "Serving target (hf_roste.targets): the RoSTEConfig that trains what that engine runs, e.g. "
+                  "vllm-w4a16, vllm-w8a8, vllm-w4a16-r4, llama.cpp-q4_0, paper. Quantization fields set explicitly "
+                  "(YAML or command line) override the target's and are checked against its engine."},
+    )
+    weight_scale_dtype: str = _roste_field("weight_scale_dtype", "float32", choices=["float32", "float16"])
+    kv_format: str = _roste_field("kv_format", "int", choices=["int", "fp8_e4m3"])
+    r4_block_size: int | None = _roste_field("r4_block_size", None)
+
+    #: Field names set explicitly in the recipe / command line (set by `parse_args`; used with `target`).
+    explicit_fields = frozenset()
 
     def __post_init__(self) -> None:
         rotations = list(self.rotations or [])
@@ -134,6 +146,8 @@ class RoSTEArguments:
                 ) from None
             if isinstance(rotation_config, dict) and "rotation_config" in rotation_config:
                 rotation_config = rotation_config["rotation_config"]  # a full `search` report
+        if self.target is not None:
+            return self._target_config(rotation_config)
         mode = "none" if trainer_rotation_search == "none" else "adaptive"
         return RoSTEConfig(
             weight_bits=self.weight_bits, activation_bits=self.activation_bits, kv_bits=self.kv_bits,
@@ -142,8 +156,20 @@ class RoSTEArguments:
             activation_clip_ratio=self.activation_clip_ratio, kv_clip_ratio=self.kv_clip_ratio,
             weight_group_size=self.weight_group_size, rotations=tuple(self.rotations), rotation_search=mode,
             rotation_config=rotation_config, rotation_seed=self.rotation_seed,
-            modules_to_not_convert=self.modules_to_not_convert,
+            modules_to_not_convert=self.modules_to_not_convert, weight_scale_dtype=self.weight_scale_dtype,
+            kv_format=self.kv_format, r4_block_size=self.r4_block_size,
         )
+
+
+    def _target_config(self, rotation_config: dict | None) -> RoSTEConfig:
+        """`RoSTEConfig.for_target(self.target, ...)` with the explicitly set quantization fields as overrides."""
+        names = set(FIELD_HELP) - {"rotation_config", "target"}
+        overrides = {k: getattr(self, k) for k in sorted(self.explicit_fields & names)}
+        if "rotations" in overrides:
+            overrides["rotations"] = tuple(overrides["rotations"])
+        if rotation_config is not None:
+            overrides["rotation_config"] = rotation_config
+        return RoSTEConfig.for_target(self.target, **overrides)
 
 
 DATACLASSES = (RoSTEScriptArguments, RoSTESFTConfig, ModelConfig, RoSTEArguments)
@@ -167,7 +193,15 @@ def parse_args(argv: Sequence[str]):
             raise CommandError(f"--config {config!r} does not exist; recipes are in recipes/<model>/<variant>.yaml.")
         recipe = _check_yaml(config)
     script_args, training_args, model_args, roste_args = make_parser().parse_args_and_config(argv)
-    _default_lora_dropout(model_args, roste_args, _explicit_fields(argv, recipe))
+    explicit = _explicit_fields(argv, recipe)
+    _default_lora_dropout(model_args, roste_args, explicit)
+    if roste_args.target is not None:
+        roste_args.explicit_fields = frozenset(explicit)
+        if roste_args.quantize:
+            try:
+                roste_args.to_roste_config()  # the target with the explicit overrides, checked against its engine
+            except ValueError as exc:
+                raise CommandError(str(exc)) from None
     return script_args, training_args, model_args, roste_args
 
 

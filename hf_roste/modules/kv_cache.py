@@ -81,6 +81,10 @@ _INT8_ZERO_MAX = 127  # int8 zero points while they fit (see PackedKV.encode, KV
 
 
 def _check_kv_spec(spec: QuantSpec, where: str) -> None:
+    from ..numerics import Fp8Spec
+
+    if isinstance(spec, Fp8Spec):
+        raise ValueError(f"{where}: fp8 K/V (kv_format='fp8_e4m3') has no integer codes to store; use a DynamicCache.")
     if not spec.enabled:
         raise ValueError(
             f"{where}: kv_spec has bits=16 (K/V not quantized): nothing to store as codes; use a DynamicCache."

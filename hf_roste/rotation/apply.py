@@ -8,6 +8,7 @@ full-precision function of the model unchanged.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -32,6 +33,7 @@ from .fusion import (
     set_r4,
     untie_embeddings,
 )
+from ..numerics.block_hadamard import check_r4_block_size, r4_transform
 from .hadamard import hadamard_factorization, hadamard_transform
 
 logger = logging.get_logger(__name__)
@@ -93,6 +95,8 @@ def check_rotation_sizes(model: nn.Module, adapter: ArchAdapter, config: RoSTECo
         "R3": ("head_dim", head_dim),
         "R4": ("intermediate_size", down.in_features),
     }
+    if "R4" in config.rotations:
+        check_r4_block_size(config.r4_block_size, down.in_features)
     for name in config.rotations:
         what, n = sizes[name]
         try:
@@ -194,7 +198,9 @@ def swap_linears(model: nn.Module, adapter: ArchAdapter, config: RoSTEConfig) ->
             continue
         if type(lin) is not nn.Linear:
             raise TypeError(f"{path} is a {type(lin).__name__}; RoSTE expects a plain nn.Linear there.")
-        adapter.set(model, path, QATLinear.from_linear(lin, config.weight_spec, config.activation_spec))
+        qat = QATLinear.from_linear(lin, config.weight_spec, config.activation_spec)
+        qat.input_hadamard_block = config.r4_block_size
+        adapter.set(model, path, qat)
         swapped.append(path)
     _share_input_quantization(model, adapter)
     return swapped
@@ -252,8 +258,10 @@ def finish_packed_model(model: nn.Module, config: RoSTEConfig) -> RoSTEState:
         down = adapter.get(layer, adapter.down_proj)
         if flags["R4"]:
             if isinstance(down, PackedLinear):
-                down.input_transform = hadamard_transform
+                down.input_transform = (hadamard_transform if config.r4_block_size is None
+                                        else functools.partial(r4_transform, block=config.r4_block_size))
             elif isinstance(down, QATLinear):
+                down.input_hadamard_block = config.r4_block_size
                 down.input_hadamard = True
             else:
                 raise ValueError(f"{adapter.down_proj} cannot apply R4 online ({type(down).__name__}).")
