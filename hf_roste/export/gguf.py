@@ -192,59 +192,72 @@ def _pre_tokenizer_name(model_type: str, vocab_size: int) -> str:
     return "default"
 
 
-def _write_tokenizer(writer, tokenizer, model_type: str, n_vocab: int) -> dict[str, Any]:
-    """Tokens, types, merges, special ids and chat template; returns what was written (for the summary)."""
+def _write_tokenizer(writer, tokenizer, src_dir: str | None, model_type: str, n_vocab: int) -> dict[str, Any]:
+    """Tokens, types, merges, special ids and chat template; returns what was written (for the summary).
+
+    The tokenizer files are read as saved (`tokenizer.json`, `tokenizer_config.json`): a folder's own
+    files when no `tokenizer` is passed (re-loading them through `AutoTokenizer` may pick a
+    model-specific class that rebuilds the vocabulary), else the files `tokenizer.save_pretrained` writes.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+            folder = tmp
+        else:
+            folder = src_dir
+        return _write_tokenizer_files(writer, folder, model_type, n_vocab)
+
+
+def _write_tokenizer_files(writer, folder: str, model_type: str, n_vocab: int) -> dict[str, Any]:
     import gguf
 
-    with tempfile.TemporaryDirectory() as tmp:
-        tokenizer.save_pretrained(tmp)
-        path = os.path.join(tmp, "tokenizer.json")
-        if not os.path.isfile(path):
-            raise GGUFExportError("The tokenizer has no tokenizer.json (a slow tokenizer); save a fast tokenizer with "
-                                  "the model, or pass tokenizer=AutoTokenizer.from_pretrained(..., use_fast=True).")
-        with open(path, encoding="utf-8") as f:
-            spec = json.load(f)
-        kind = spec["model"]["type"]
-        vocab = dict(spec["model"]["vocab"])
-        for added in spec.get("added_tokens", []):
-            vocab[added["content"]] = added["id"]
-        special = {a["content"] for a in spec.get("added_tokens", []) if a.get("special")}
-        id_to_tok = {i: t for t, i in vocab.items()}
-        decoder = (spec.get("decoder") or {}).get("type")
-        if kind == "BPE" and decoder == "ByteLevel":
-            mapping = None
-            pre = _pre_tokenizer_name(model_type, n_vocab)
-        elif kind == "WordLevel" and all(len(t) == 1 and ord(t) < 128 for t in vocab if t not in special):
-            mapping = _bytes_to_unicode()  # one ASCII character per token: byte-level symbols, no merges
-            pre = "default"
+    path = os.path.join(folder, "tokenizer.json")
+    if not os.path.isfile(path):
+        raise GGUFExportError("The tokenizer has no tokenizer.json (a slow tokenizer); save a fast tokenizer with "
+                              "the model, or pass tokenizer=AutoTokenizer.from_pretrained(..., use_fast=True).")
+    with open(path, encoding="utf-8") as f:
+        spec = json.load(f)
+    kind = spec["model"]["type"]
+    vocab = dict(spec["model"]["vocab"])
+    for added in spec.get("added_tokens", []):
+        vocab[added["content"]] = added["id"]
+    special = {a["content"] for a in spec.get("added_tokens", []) if a.get("special")}
+    id_to_tok = {i: t for t, i in vocab.items()}
+    decoder = (spec.get("decoder") or {}).get("type")
+    if kind == "BPE" and decoder == "ByteLevel":
+        mapping = None
+        pre = _pre_tokenizer_name(model_type, n_vocab)
+    elif kind == "WordLevel" and all(len(t) == 1 and ord(t) < 128 for t in vocab if t not in special):
+        mapping = _bytes_to_unicode()  # one ASCII character per token: byte-level symbols, no merges
+        pre = "default"
+    else:
+        raise GGUFExportError(
+            f"tokenizer model {kind!r} (decoder {decoder!r}) is not written by this exporter (byte-level BPE and "
+            "single-character ASCII vocabularies are); convert the tokenizer with llama.cpp's "
+            "convert_hf_to_gguf.py --vocab-only and combine, or use a byte-level BPE tokenizer."
+        )
+    tokens, types = [], []
+    for i in range(n_vocab):
+        tok = id_to_tok.get(i)
+        if tok is None:
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+        elif tok in special:
+            tokens.append(tok)
+            types.append(gguf.TokenType.CONTROL)
         else:
-            raise GGUFExportError(
-                f"tokenizer model {kind!r} (decoder {decoder!r}) is not written by this exporter (byte-level BPE and "
-                "single-character ASCII vocabularies are); convert the tokenizer with llama.cpp's "
-                "convert_hf_to_gguf.py --vocab-only and combine, or use a byte-level BPE tokenizer."
-            )
-        tokens, types = [], []
-        for i in range(n_vocab):
-            tok = id_to_tok.get(i)
-            if tok is None:
-                tokens.append(f"[PAD{i}]")
-                types.append(gguf.TokenType.UNUSED)
-            elif tok in special:
-                tokens.append(tok)
-                types.append(gguf.TokenType.CONTROL)
-            else:
-                tokens.append(mapping[ord(tok)] if mapping is not None else tok)
-                types.append(gguf.TokenType.NORMAL)
-        writer.add_tokenizer_model("gpt2")
-        writer.add_tokenizer_pre(pre)
-        writer.add_token_list(tokens)
-        writer.add_token_types(types)
-        special_vocab = gguf.SpecialVocab(tmp, load_merges=mapping is None, n_vocab=n_vocab)
-        if mapping is not None:
-            special_vocab.merges = []
-        special_vocab.add_to_gguf(writer)
-        if mapping is not None:
-            writer.add_token_merges([])
+            tokens.append(mapping[ord(tok)] if mapping is not None else tok)
+            types.append(gguf.TokenType.NORMAL)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    special_vocab = gguf.SpecialVocab(folder, load_merges=mapping is None, n_vocab=n_vocab)
+    if mapping is not None:
+        special_vocab.merges = []
+    special_vocab.add_to_gguf(writer)
+    if mapping is not None:
+        writer.add_token_merges([])
     return {"tokenizer": "gpt2", "pre": pre, "tokens": n_vocab, "chat_template": bool(special_vocab.chat_template)}
 
 
@@ -285,12 +298,9 @@ def export_gguf(model_or_dir, out_file: str | os.PathLike, *, tokenizer: Any = N
     problems = check_gguf_exportable(config, model)
     if problems:
         raise GGUFExportError("This RoSTE model cannot be exported to GGUF:\n- " + "\n- ".join(problems))
-    if tokenizer is None:
-        if src_dir is None:
-            raise GGUFExportError("Pass tokenizer=... (GGUF files carry their tokenizer) when exporting a loaded model.")
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(src_dir)
+    if tokenizer is None and (src_dir is None or not os.path.isfile(os.path.join(src_dir, "tokenizer.json"))):
+        raise GGUFExportError("GGUF files carry their tokenizer: pass tokenizer=... (or export a folder holding "
+                              "tokenizer.json, e.g. saved with tokenizer.save_pretrained(folder)).")
 
     text_cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     model_type = text_cfg.model_type
@@ -325,7 +335,7 @@ def export_gguf(model_or_dir, out_file: str | os.PathLike, *, tokenizer: Any = N
     writer.add_file_type(ftype)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     extra = _rope_metadata(writer, text_cfg, head_dim)
-    tok_summary = _write_tokenizer(writer, tokenizer, model_type, n_vocab)
+    tok_summary = _write_tokenizer(writer, tokenizer, src_dir, model_type, n_vocab)
 
     def gguf_name(hf_name: str) -> str:
         mapped = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
