@@ -536,6 +536,11 @@ def export_compressed_tensors(model_or_dir, out_dir: str | os.PathLike, *, stric
         "notes": notes,
     }
     with open(os.path.join(out_dir, SUMMARY_FILE), "w", encoding="utf-8") as f:
-        json.dump(summary, f, indent=2, sort_keys=True)
+        json.dump({**summary, "roste_config": config.to_dict()}, f, indent=2, sort_keys=True)
         f.write("\n")
+    from .export_card import render_export_card
+
+    card = render_export_card(out_dir, repo_id=os.path.basename(os.path.normpath(os.fspath(out_dir))))
+    with open(os.path.join(out_dir, "README.md"), "w", encoding="utf-8") as f:
+        f.write(card)
     return summary

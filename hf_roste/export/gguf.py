@@ -336,6 +336,13 @@ def export_gguf(model_or_dir, out_file: str | os.PathLike, *, tokenizer: Any = N
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     extra = _rope_metadata(writer, text_cfg, head_dim)
     tok_summary = _write_tokenizer(writer, tokenizer, src_dir, model_type, n_vocab)
+    notes = [f"weights {ftype.name.removeprefix('MOSTLY_')} from the trained codes and fp16 scales (not re-quantized)",
+             f"embeddings, lm_head and full-precision linears {unquantized_dtype.upper()}; norms and biases F32",
+             "R1/R2 fused into the weights; no online rotation"]
+    from .export_card import GGUF_CONFIG_KEY
+
+    writer.add_string(GGUF_CONFIG_KEY, json.dumps({"roste_config": config.to_dict(),
+                                                   "summary": {"target": config.target, "notes": notes}}))
 
     def gguf_name(hf_name: str) -> str:
         mapped = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
@@ -400,5 +407,6 @@ def export_gguf(model_or_dir, out_file: str | os.PathLike, *, tokenizer: Any = N
         "file_type": ftype.name,
         "tensors": counts,
         "target": config.target,
+        "notes": notes,
         **tok_summary,
     }
