@@ -284,6 +284,12 @@ class RoSTEConfig(QuantizationConfigMixin):
         check_r4_block_size(r4_block_size)
         if target is not None and not isinstance(target, str):
             raise TypeError(f"RoSTEConfig.target must be None or a target name, got {target!r}.")
+        if target is not None:
+            from .targets import TARGETS
+
+            if target not in TARGETS:
+                raise _err("target", target, f"None or a serving target name, one of {list(TARGETS)} "
+                           "(use RoSTEConfig.for_target(name))")
         self.weight_scale_dtype = weight_scale_dtype
         self.kv_format = kv_format
         self.r4_block_size = r4_block_size
