@@ -184,6 +184,20 @@ def _bytes_to_unicode() -> dict[int, str]:
     return chars
 
 
+def _adds_bos(spec: dict, vocab: dict[str, int], bos_id: int | None) -> bool:
+    """Whether the HF tokenizer puts BOS in front of a single sequence (its `post_processor` template)."""
+    if bos_id is None:
+        return False
+    post = spec.get("post_processor") or {}
+    posts = post.get("processors", [post]) if post.get("type") == "Sequence" else [post]
+    for p in posts:
+        if p.get("type") == "TemplateProcessing":
+            first = (p.get("single") or [{}])[0]
+            token = (first.get("SpecialToken") or {}).get("id")
+            return token is not None and vocab.get(token) == bos_id
+    return False
+
+
 def _pre_tokenizer_name(model_type: str, vocab_size: int) -> str:
     if model_type == "qwen2":
         return "qwen2"
@@ -256,6 +270,8 @@ def _write_tokenizer_files(writer, folder: str, model_type: str, n_vocab: int) -
     if mapping is not None:
         special_vocab.merges = []
     special_vocab.add_to_gguf(writer)
+    if "bos" not in special_vocab.add_special_token:  # llama.cpp's own default differs by vocabulary type
+        writer.add_add_bos_token(_adds_bos(spec, vocab, special_vocab.special_token_ids.get("bos")))
     if mapping is not None:
         writer.add_token_merges([])
     return {"tokenizer": "gpt2", "pre": pre, "tokens": n_vocab, "chat_template": bool(special_vocab.chat_template)}

@@ -200,6 +200,7 @@ def test_metadata_and_tokenizer(exported):
     assert len(tokens) == 128 and tokens[:3] == ["<pad>", "<eos>", "<bos>"]
     assert tokens[4] == "Ġ" and tokens[69] == "a"  # space as its GPT-2 byte symbol, letters as themselves
     assert int(scalar("tokenizer.ggml.eos_token_id")) == 1
+    assert bool(scalar("tokenizer.ggml.add_bos_token")) is False  # the char tokenizer adds no BOS
     assert bytes(f["tokenizer.chat_template"].parts[-1]).decode() == CHAT
 
 
