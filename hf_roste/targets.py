@@ -179,15 +179,14 @@ def target_problems(target: ServingTarget | str, config: Any) -> list[str]:
     return problems
 
 
-def config_for_target(name: str, **overrides: Any):
-    """`RoSTEConfig.for_target`: the target's config with `overrides`, checked against the engine."""
-    from .config import RoSTEConfig
-
+def config_for_target(config_cls: type, name: str, **overrides: Any):
+    """`RoSTEConfig.for_target`: the target's config (an instance of `config_cls`) with `overrides`, checked
+    against the engine. (`config_cls` is passed in so that this table, which `config.py` reads, imports no config.)"""
     target = get_target(name)
     if "target" in overrides:
         raise ValueError("RoSTEConfig.for_target sets `target` itself; do not pass target=... as an override.")
     fields = {**target.config, **overrides, "target": target.name}
-    config = RoSTEConfig(**fields)
+    config = config_cls(**fields)
     problems = target_problems(target, config)
     if problems:
         raise ValueError(f"RoSTEConfig.for_target({name!r}) with overrides {sorted(overrides)}: " + " ".join(problems))

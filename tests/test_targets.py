@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 from hf_roste import RoSTEConfig, get_state
 from hf_roste.numerics import Fp8Spec, QuantSpec, dequantize, fake_quantize, quantization_error, quantize
 from hf_roste.numerics.block_hadamard import check_r4_block_size, r4_transform
-from hf_roste.rotation.hadamard import hadamard_matrix
+from hf_roste.numerics.hadamard import hadamard_matrix
 from hf_roste.targets import TARGETS, get_target, target_problems
 
 

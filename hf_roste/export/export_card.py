@@ -81,7 +81,7 @@ def render_export_card(path: str | os.PathLike, *, repo_id: str, base_model: str
     """README.md text for an exported folder / GGUF file `path` (read with `export_config`)."""
     import jinja2
 
-    from .. import __version__
+    from .._version import __version__
     from ..targets import TARGETS
     from .model_card import template_dir
 

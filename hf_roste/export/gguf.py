@@ -76,7 +76,7 @@ def check_gguf_exportable(config: RoSTEConfig, model: nn.Module | None = None) -
                         f"per-token-per-head integer cache; {TARGET_HINT}.")
     flags = None
     if model is not None:
-        from ..rotation.apply import get_state
+        from ..state import get_state
 
         state = get_state(model)
         flags = state.applied["layers"]
@@ -297,14 +297,14 @@ def export_gguf(model_or_dir, out_file: str | os.PathLike, *, tokenizer: Any = N
     """
     import gguf
 
-    from ..rotation.apply import get_state
+    from ..state import get_state
     from .compressed_tensors import _linear_tensors, _load
 
     if unquantized_dtype not in ("f16", "f32"):
         raise GGUFExportError(f"unquantized_dtype={unquantized_dtype!r}: use 'f16' or 'f32'.")
     src_dir = None if isinstance(model_or_dir, nn.Module) else os.fspath(model_or_dir)
     if src_dir is not None:
-        from ..commands._common import is_roste_checkpoint
+        from ..folders import is_roste_checkpoint
 
         if not is_roste_checkpoint(src_dir):
             raise GGUFExportError(f"{src_dir} is not a RoSTE checkpoint (config.json has no quant_method 'roste').")

@@ -5,7 +5,7 @@ With ``r4_block_size = b`` (a power of two dividing the intermediate size ``n``)
 independent blocks of ``b`` consecutive channels. compressed-tensors writes it as a ``hadamard``
 transform with ``head_dim = b``, which vLLM applies with its power-of-two kernel and no dense
 ``n x n`` matrix (a dense fp32 R4 of Llama-3.1-8B, n = 14336, is 822 MB per layer).
-``block = None`` is the full-size rotation of :func:`hf_roste.rotation.hadamard.hadamard_transform`.
+``block = None`` is the full-size rotation of :func:`hf_roste.numerics.hadamard.hadamard_transform`.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def check_r4_block_size(block: int | None, size: int | None = None) -> None:
 
 def r4_transform(x: Tensor, block: int | None = None, transpose: bool = False) -> Tensor:
     """``x @ R4`` along the last dim (``transpose=True``: ``x @ R4^T``), block-diagonal when `block` is set."""
-    from ..rotation.hadamard import hadamard_transform
+    from .hadamard import hadamard_transform
 
     if block is None:
         return hadamard_transform(x, transpose=transpose)

@@ -3,8 +3,9 @@
 vLLM stores K and V as ``float8_e4m3fn`` values ``fp8(x / s)`` and reads them back as ``fp8 * s``,
 with ``s`` a STATIC scale (per tensor, or per KV head with compressed-tensors' ``attn_head``
 strategy; 1.0 when the checkpoint carries none). :class:`Fp8Spec` describes that quantizer and
-:func:`fp8_fake_quantize` computes it; :func:`hf_roste.numerics.fake_quantize` and
-:func:`hf_roste.numerics.quantization_error` dispatch here when given an :class:`Fp8Spec`, so the
+:func:`fp8_fake_quantize_fp32` computes it; :func:`hf_roste.numerics.fake_quantize` (with its
+straight-through backward) and :func:`hf_roste.numerics.quantization_error` dispatch here when given an
+:class:`Fp8Spec`, so the
 attention wrapper and the rotation search train and measure exactly what the engine stores.
 
 Rule (fp32): ``y = float(fp8_e4m3fn(clamp(x / s, -448, 448))) * s`` with torch's round-to-nearest-even
@@ -22,7 +23,7 @@ from torch import Tensor
 
 from .spec import QuantSpec
 
-__all__ = ["FP8_E4M3_MAX", "Fp8Spec", "fp8_fake_quantize"]
+__all__ = ["FP8_E4M3_MAX", "Fp8Spec", "fp8_fake_quantize_fp32"]
 
 FP8_E4M3_MAX = 448.0
 """Largest finite ``float8_e4m3fn`` magnitude."""
@@ -66,12 +67,3 @@ def fp8_fake_quantize_fp32(x: Tensor, spec: Fp8Spec) -> Tensor:
     y = x.float() / spec.scale
     y = y.clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn).float()
     return y.mul_(spec.scale)
-
-
-def fp8_fake_quantize(x: Tensor, spec: Fp8Spec) -> Tensor:
-    """FP8 e4m3 quantize-dequantize of ``x`` with a straight-through backward; same dtype and shape as ``x``."""
-    from .quantize import fake_quantize
-
-    if not isinstance(spec, Fp8Spec):
-        raise TypeError(f"spec must be an Fp8Spec, got {type(spec).__name__}")
-    return fake_quantize(x, spec)
