@@ -109,7 +109,7 @@ class _RoSTEArgumentsMethods:
 
     def _target_config(self, rotation_config: dict | None) -> RoSTEConfig:
         """`RoSTEConfig.for_target(self.target, ...)` with the explicitly set quantization fields as overrides."""
-        names = set(FIELD_HELP) - {"rotation_config", "target"}
+        names = {f.name for f in CONFIG_FIELDS} - {"rotation_config", "target"}
         overrides = {k: getattr(self, k) for k in sorted(self.explicit_fields & names)}
         if "rotations" in overrides:
             overrides["rotations"] = tuple(overrides["rotations"])

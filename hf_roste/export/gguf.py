@@ -21,7 +21,7 @@ llama.cpp's rotary layout, Qwen2 unpermuted):
   and keeps an f16 K/V cache by default), and weight scales that are not fp16 values. Each refusal
   names the ``llama.cpp-q4_0`` target, whose config avoids all of them;
 * the tokenizer (byte-level BPE as ``gpt2`` with merges, or a single-character vocabulary written
-  as byte-level symbols), its special token ids and chat template go into the metadata
+  as byte-level symbols with one inert merge), its special token ids and chat template go into the metadata
   (`gguf.SpecialVocab`). Llama-3 ``llama3`` RoPE scaling is written as llama.cpp's ``rope_freqs``
   tensor, linear scaling as metadata; other RoPE scalings are refused.
 """
@@ -273,7 +273,13 @@ def _write_tokenizer_files(writer, folder: str, model_type: str, n_vocab: int) -
     if "bos" not in special_vocab.add_special_token:  # llama.cpp's own default differs by vocabulary type
         writer.add_add_bos_token(_adds_bos(spec, vocab, special_vocab.special_token_ids.get("bos")))
     if mapping is not None:
-        writer.add_token_merges([])
+        # llama.cpp refuses a gpt2 vocabulary without merges, and gguf skips empty arrays: one inert merge of two
+        # control tokens (control tokens are matched before BPE runs, so it never applies)
+        controls = [t for t, kind in zip(tokens, types) if kind == gguf.TokenType.CONTROL]
+        if len(controls) < 2:
+            raise GGUFExportError("A single-character vocabulary needs two special tokens (e.g. <bos>, <eos>) to be "
+                                  "written for llama.cpp; add them to the tokenizer.")
+        writer.add_token_merges([f"{controls[0]} {controls[1]}"])
     return {"tokenizer": "gpt2", "pre": pre, "tokens": n_vocab, "chat_template": bool(special_vocab.chat_template)}
 
 
