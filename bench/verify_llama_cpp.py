@@ -104,7 +104,7 @@ def _compare(ref_gen, ref_logits, gen, logits, references) -> dict:
         rng = r[:n].amax(dim=-1) - r[:n].amin(dim=-1)
         max_abs = max(max_abs, float(d.max()))
         max_rel = max(max_rel, float((d / rng).max()))
-    first = [float((r[0] - x[0]).abs().max() / (r[0].max() - r[0].min())) for r, x in zip(ref_logits, logits)]
+    first = [float((r[0] - x[0]).abs().max() / (r[0].max() - r[0].min())) for r, x in zip(ref_logits, logits, strict=True)]
     return {"identical_generation_rate": same / len(gen), "max_logit_abs_diff": max_abs,
             "max_logit_diff_over_range": max_rel, "max_first_token_logit_diff_over_range": max(first),
             "exact_match": sum(int(g == t) for g, t in zip(gen, references, strict=True)) / len(gen)}
@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, bits in (("hf_roste_w4a8", 8), ("hf_roste_w4a16", 16)):
         _set_activation_bits(model, bits)
         gen, logits = _hf_run(model, prompts, lengths)
-        results[name] = {"exact_match": sum(int(g == t) for g, t in zip(gen, references)) / len(gen),
+        results[name] = {"exact_match": sum(int(g == t) for g, t in zip(gen, references, strict=True)) / len(gen),
                          "llama_cpp_vs_this": _compare(gen, logits, cpp_gen, cpp_logits, references)}
     w4a8 = results["hf_roste_w4a8"]["llama_cpp_vs_this"]
     report = {
@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": platform.processor() or platform.machine(),
         "threads": args.threads,
         "results": results,
-        "llama_cpp_exact_match": sum(int(g == t) for g, t in zip(cpp_gen, references)) / len(cpp_gen),
+        "llama_cpp_exact_match": sum(int(g == t) for g, t in zip(cpp_gen, references, strict=True)) / len(cpp_gen),
         "targets": {"identical_generation_rate_min": 0.95, "max_logit_diff_over_range_max": 0.02},
         "meets_targets": w4a8["identical_generation_rate"] >= 0.95 and w4a8["max_logit_diff_over_range"] <= 0.02,
     }

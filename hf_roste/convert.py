@@ -22,6 +22,7 @@ from .modules.kv_cache_wiring import install_generation_cache, install_kv_cache_
 from .modules.packed_linear import PackedLinear
 from .modules.qat_linear import QATLinear
 from .modules.shared_input import SharedInputQuant
+from .numerics.block_hadamard import check_r4_block_size, r4_transform
 from .numerics.hadamard import hadamard_factorization, hadamard_transform
 from .rotation.fusion import (
     apply_r1,
@@ -31,7 +32,6 @@ from .rotation.fusion import (
     set_rotation_config,
     untie_embeddings,
 )
-from .numerics.block_hadamard import check_r4_block_size, r4_transform
 from .state import RoSTEState
 
 logger = logging.get_logger(__name__)

@@ -192,10 +192,3 @@ def config_for_target(config_cls: type, name: str, **overrides: Any):
         raise ValueError(f"RoSTEConfig.for_target({name!r}) with overrides {sorted(overrides)}: " + " ".join(problems))
     return config
 
-
-def targets_table() -> str:
-    """Markdown table of the targets (engine, hardware, parallelism, export format)."""
-    rows = ["| target | engine | export | hardware | parallelism |", "|---|---|---|---|---|"]
-    for t in TARGETS.values():
-        rows.append(f"| `{t.name}` | {t.engine} | `{t.export_format}` | {t.hardware} | {t.parallelism} |")
-    return "\n".join(rows)

@@ -275,7 +275,7 @@ def _write_tokenizer_files(writer, folder: str, model_type: str, n_vocab: int) -
     if mapping is not None:
         # llama.cpp refuses a gpt2 vocabulary without merges, and gguf skips empty arrays: one inert merge of two
         # control tokens (control tokens are matched before BPE runs, so it never applies)
-        controls = [t for t, kind in zip(tokens, types) if kind == gguf.TokenType.CONTROL]
+        controls = [t for t, kind in zip(tokens, types, strict=True) if kind == gguf.TokenType.CONTROL]
         if len(controls) < 2:
             raise GGUFExportError("A single-character vocabulary needs two special tokens (e.g. <bos>, <eos>) to be "
                                   "written for llama.cpp; add them to the tokenizer.")
@@ -381,7 +381,8 @@ def export_gguf(model_or_dir, out_file: str | os.PathLike, *, tokenizer: Any = N
             return n_kv
         return None
 
-    counts = {"Q4_0" if config.weight_bits == 4 else "Q8_0": 0, unquantized_dtype.upper(): 0, "F32": 0}
+    qname = "Q4_0" if config.weight_bits == 4 else "Q8_0"
+    counts = {qname: 0, unquantized_dtype.upper(): 0, "F32": 0}
     for prefix, t in linears.items():
         codes, scale = t["codes"], t["scale"]
         heads = rows_of(prefix)
@@ -392,7 +393,7 @@ def export_gguf(model_or_dir, out_file: str | os.PathLike, *, tokenizer: Any = N
         else:
             data = q8_0_blocks(codes.to(torch.int16) - 128, scale)
         writer.add_tensor(gguf_name(prefix) + ".weight", data, raw_dtype=qtype)
-        counts[next(iter(counts))] += 1
+        counts[qname] += 1
         if t["bias"] is not None:
             bias = t["bias"].float()
             if heads is not None:

@@ -15,7 +15,6 @@ Public API::
 """
 
 from .fp8 import FP8_E4M3_MAX, Fp8Spec
-
 from .packing import from_unsigned, pack_codes, packed_length, to_unsigned, unpack_codes, unsigned_offset
 from .quantize import (
     codes_from_qparams,
