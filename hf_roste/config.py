@@ -27,7 +27,7 @@ from typing import Any
 from transformers.utils import logging
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .numerics import SUPPORTED_BITS, QuantSpec
+from .numerics import SUPPORTED_BITS, Fp8Spec, QuantSpec
 
 logger = logging.get_logger(__name__)
 
@@ -49,6 +49,10 @@ SEARCH_CRITERIA = ("paper", "output")
 CHECKPOINT_FORMATS = ("master", "packed")
 #: Exclusive upper bound of `rotation_seed` (torch generators take 64-bit seeds; R2 of layer i uses seed + 1 + i).
 MAX_SEED = 2**63
+
+
+WEIGHT_SCALE_DTYPES = ("float32", "float16")
+KV_FORMATS = ("int", "fp8_e4m3")
 
 
 @dataclass(frozen=True)
@@ -94,6 +98,18 @@ CONFIG_FIELDS: tuple[ConfigField, ...] = (
     ConfigField("rotation_seed", int, 0, "Seed of the random signs of the R1 and R2 Hadamard rotations."),
     ConfigField("modules_to_not_convert", list[str] | None, None,
                 "Module names (or name suffixes) kept in full precision; default: lm_head."),
+    # serving-target numerics (hf_roste.targets, RoSTEConfig.for_target)
+    ConfigField("weight_scale_dtype", str, "float32",
+                "Precision of the weight scales: 'float32', or 'float16' (rounded in training, as GGUF Q4_0/Q8_0 "
+                "store them).", WEIGHT_SCALE_DTYPES),
+    ConfigField("kv_format", str, "int",
+                "K/V cache number format: 'int' (kv_bits-bit integers, per token per head) or 'fp8_e4m3' (kv_bits=8, "
+                "static scale 1.0 per KV head, vLLM's fp8 KV cache).", KV_FORMATS),
+    ConfigField("r4_block_size", int | None, None,
+                "Online R4 as a block-diagonal Hadamard of this power-of-two block size (vLLM's fast kernel); "
+                "None = one Hadamard of the full intermediate size."),
+    ConfigField("target", str | None, None,
+                "The serving target this config was made for (RoSTEConfig.for_target); checked by the exports."),
 )
 
 FIELD_HELP: dict[str, str] = {f.name: f.help for f in CONFIG_FIELDS}
@@ -234,6 +250,10 @@ class RoSTEConfig(QuantizationConfigMixin):
         rotation_config: dict | None,
         rotation_seed: int,
         modules_to_not_convert: list[str] | None,
+        weight_scale_dtype: str,
+        kv_format: str,
+        r4_block_size: int | None,
+        target: str | None,
         format_version: int,
         checkpoint_format: str | None,
         **kwargs: Any,
@@ -285,6 +305,7 @@ class RoSTEConfig(QuantizationConfigMixin):
                 raise _err("modules_to_not_convert", modules_to_not_convert, "a list of non-empty module names")
             modules_to_not_convert = list(modules_to_not_convert)
         self.modules_to_not_convert = modules_to_not_convert
+        self._init_target_fields(weight_scale_dtype, kv_format, r4_block_size, target)
         if isinstance(format_version, bool) or not isinstance(format_version, int) or format_version < 1:
             raise _err("format_version", format_version, f"an int between 1 and {FORMAT_VERSION}")
         if format_version > FORMAT_VERSION:
@@ -298,6 +319,42 @@ class RoSTEConfig(QuantizationConfigMixin):
         self.checkpoint_format = checkpoint_format
 
     # ------------------------------------------------------------------ helpers
+    def _init_target_fields(self, weight_scale_dtype: Any, kv_format: Any, r4_block_size: Any, target: Any) -> None:
+        """Validate the serving-target numerics fields (see `hf_roste.targets`)."""
+        from .numerics.block_hadamard import check_r4_block_size
+        from .targets import TARGETS
+
+        if weight_scale_dtype not in WEIGHT_SCALE_DTYPES:
+            raise _err("weight_scale_dtype", weight_scale_dtype, f"one of {WEIGHT_SCALE_DTYPES}")
+        if kv_format not in KV_FORMATS:
+            raise _err("kv_format", kv_format, f"one of {KV_FORMATS}")
+        if kv_format == "fp8_e4m3" and self.kv_bits != 8:
+            raise ValueError(
+                f"RoSTEConfig.kv_format='fp8_e4m3' needs kv_bits=8, got kv_bits={self.kv_bits}; set kv_bits=8 "
+                "(or kv_format='int')."
+            )
+        check_r4_block_size(r4_block_size)
+        if target is not None and not isinstance(target, str):
+            raise TypeError(f"RoSTEConfig.target must be None or a target name, got {target!r}.")
+        if target is not None and target not in TARGETS:
+            raise _err("target", target, f"None or a serving target name, one of {list(TARGETS)} "
+                       "(use RoSTEConfig.for_target(name))")
+        self.weight_scale_dtype = weight_scale_dtype
+        self.kv_format = kv_format
+        self.r4_block_size = r4_block_size
+        self.target = target
+
+    @classmethod
+    def for_target(cls, name: str, **overrides: Any) -> RoSTEConfig:
+        """The config that trains exactly what the serving target `name` runs (see `hf_roste.targets`).
+
+        `overrides` change fields of the target's config; one the target's engine cannot run raises
+        a `ValueError` naming the engine and the setting. `hf_roste.targets.TARGETS` lists the names.
+        """
+        from .targets import config_for_target
+
+        return config_for_target(cls, name, **overrides)
+
     def _check_rotation_config_against_rotations(self, rc: dict) -> None:
         if rc["R1"] and "R1" not in self.rotations:
             raise ValueError("RoSTEConfig.rotation_config turns R1 on but 'R1' is not in RoSTEConfig.rotations.")
@@ -324,8 +381,10 @@ class RoSTEConfig(QuantizationConfigMixin):
     def weight_spec(self) -> QuantSpec:
         """Quantizer of linear weights `[out, in]`: per output channel or per group along `in`."""
         if self.weight_group_size is None:
-            return QuantSpec(self.weight_bits, self.weight_symmetric, self.weight_clip_ratio, "channel")
-        return QuantSpec(self.weight_bits, self.weight_symmetric, self.weight_clip_ratio, "group", self.weight_group_size)
+            return QuantSpec(self.weight_bits, self.weight_symmetric, self.weight_clip_ratio, "channel",
+                             scale_dtype=self.weight_scale_dtype)
+        return QuantSpec(self.weight_bits, self.weight_symmetric, self.weight_clip_ratio, "group", self.weight_group_size,
+                         scale_dtype=self.weight_scale_dtype)
 
     @property
     def activation_spec(self) -> QuantSpec:
@@ -334,13 +393,16 @@ class RoSTEConfig(QuantizationConfigMixin):
 
     @property
     def kv_spec(self) -> QuantSpec:
-        """Quantizer of K and V `[batch, kv_heads, seq, head_dim]`: per token per head."""
+        """Quantizer of K and V `[batch, kv_heads, seq, head_dim]`: per token per head (int) or fp8 e4m3."""
+        if self.kv_format == "fp8_e4m3":
+            return Fp8Spec()
         return QuantSpec(self.kv_bits, self.kv_symmetric, self.kv_clip_ratio, "token_head")
 
     @property
     def scheme_name(self) -> str:
         """Short name such as `w4a4kv4` (used in tags and cards)."""
-        return f"w{self.weight_bits}a{self.activation_bits}kv{self.kv_bits}"
+        kv = "fp8" if self.kv_format == "fp8_e4m3" else self.kv_bits
+        return f"w{self.weight_bits}a{self.activation_bits}kv{kv}"
 
     # ---------------------------------------------------------- serialisation
     def to_dict(self) -> dict[str, Any]:

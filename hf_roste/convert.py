@@ -9,6 +9,7 @@ rotations afterwards is :func:`hf_roste.rotation.fusion.set_rotation_config`.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 
 from torch import nn
@@ -21,6 +22,7 @@ from .modules.kv_cache_wiring import install_generation_cache, install_kv_cache_
 from .modules.packed_linear import PackedLinear
 from .modules.qat_linear import QATLinear
 from .modules.shared_input import SharedInputQuant
+from .numerics.block_hadamard import check_r4_block_size, r4_transform
 from .numerics.hadamard import hadamard_factorization, hadamard_transform
 from .rotation.fusion import (
     apply_r1,
@@ -46,6 +48,9 @@ def check_rotation_sizes(model: nn.Module, adapter: ArchAdapter, config: RoSTECo
         "R3": ("head_dim", head_dim),
         "R4": ("intermediate_size", down.in_features),
     }
+    if "R4" in config.rotations and config.r4_block_size is not None:  # block-diagonal R4: one block's order
+        check_r4_block_size(config.r4_block_size, down.in_features)
+        sizes["R4"] = ("r4_block_size", config.r4_block_size)
     failed: dict[str, str] = {}
     for name in config.rotations:
         what, n = sizes[name]
@@ -152,7 +157,9 @@ def swap_linears(model: nn.Module, adapter: ArchAdapter, config: RoSTEConfig) ->
             continue
         if type(lin) is not nn.Linear:
             raise TypeError(f"{path} is a {type(lin).__name__}; RoSTE expects a plain nn.Linear there.")
-        adapter.set(model, path, QATLinear.from_linear(lin, config.weight_spec, config.activation_spec))
+        qat = QATLinear.from_linear(lin, config.weight_spec, config.activation_spec)
+        qat.input_hadamard_block = config.r4_block_size
+        adapter.set(model, path, qat)
         swapped.append(path)
     _share_input_quantization(model, adapter)
     return swapped
@@ -210,8 +217,10 @@ def finish_packed_model(model: nn.Module, config: RoSTEConfig) -> RoSTEState:
         down = adapter.get(layer, adapter.down_proj)
         if flags["R4"]:
             if isinstance(down, PackedLinear):
-                down.input_transform = hadamard_transform
+                down.input_transform = (hadamard_transform if config.r4_block_size is None
+                                        else functools.partial(r4_transform, block=config.r4_block_size))
             elif isinstance(down, QATLinear):
+                down.input_hadamard_block = config.r4_block_size
                 down.input_hadamard = True
             else:
                 raise ValueError(f"{adapter.down_proj} cannot apply R4 online ({type(down).__name__}).")

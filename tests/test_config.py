@@ -38,6 +38,10 @@ BAD_VALUES = [
     ("modules_to_not_convert", [""], ValueError, r"modules_to_not_convert"),
     ("checkpoint_format", "gguf", ValueError, r"checkpoint_format='gguf'"),
     ("format_version", 0, ValueError, r"format_version=0"),
+    ("weight_scale_dtype", "bfloat16", ValueError, r"weight_scale_dtype='bfloat16'.*'float32', 'float16'"),
+    ("kv_format", "fp4", ValueError, r"kv_format='fp4'.*'int', 'fp8_e4m3'"),
+    ("r4_block_size", 100, ValueError, r"r4_block_size=100 is invalid.*power of two"),
+    ("target", 3, TypeError, r"target must be None or a target name"),
 ]
 
 

@@ -4,7 +4,7 @@ The layers, lowest first (a module's layer is the first entry whose prefix names
 
     numerics, arch, io, folders, data,  leaves: tensors, family adapters, files on disk, the version,
     _version, progress                  progress bars
-    config                              RoSTEConfig (uses numerics' QuantSpec)
+    config, targets                     RoSTEConfig (uses numerics' QuantSpec); the serving-target table
     state                               RoSTEState / get_state (what a prepared model knows)
     modules                             torch modules of a RoSTE model (numerics + state only)
     rotation                            fusing and switching rotations, the search
@@ -31,7 +31,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "hf_roste"
 
 LAYERS: list[tuple[str, ...]] = [
     ("numerics", "arch", "io", "folders", "data", "_version", "progress"),
-    ("config",),
+    ("config", "targets"),
     ("state",),
     ("modules",),
     ("rotation",),

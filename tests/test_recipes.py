@@ -15,9 +15,10 @@ from hf_roste import RoSTEConfig
 from hf_roste.commands.sft import parse_args, recipe_num_processes
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPES = sorted(p for p in (ROOT / "recipes").glob("*/*.yaml") if p.parent.name != "accelerate")
-MODELS = sorted({p.parent.name for p in RECIPES})
 VARIANTS = ("fp", "ste", "roste")
+# the paper's variants; the serving-target variants roste-<target>.yaml are tested in test_target_recipes.py
+RECIPES = sorted(p for p in (ROOT / "recipes").glob("*/*.yaml") if p.parent.name != "accelerate" and p.stem in VARIANTS)
+MODELS = sorted({p.parent.name for p in RECIPES})
 PAPER_LR = {"pythia-1b": 3e-5, "pythia-6.9b": 3e-6, "qwen2.5-0.5b": 5e-5, "qwen2.5-7b": 1e-5, "llama-3.1-8b": 5e-6}
 
 

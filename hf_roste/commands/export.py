@@ -1,6 +1,10 @@
 """`hf-roste export`: convert a saved RoSTE model for serving engines.
 
     hf-roste export out/my-model out/my-model-ct --format compressed-tensors
+    hf-roste export out/my-model out/my-model-q4_0.gguf --format gguf
+
+`gguf` writes one llama.cpp GGUF file (Q4_0/Q8_0 blocks taken from the trained codes; models
+trained with `--target llama.cpp-q4_0`), see `hf_roste.export.gguf`.
 
 `compressed-tensors` writes the `pack-quantized` format (int4 codes, scales, dynamic per-token
 activation and K/V schemes, the online R4 Hadamard as a `transform_config`) that vLLM and
@@ -19,17 +23,17 @@ import os
 
 from ._common import debug_enabled, fail
 
-FORMATS = ("compressed-tensors",)
+FORMATS = ("compressed-tensors", "gguf")
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
-        "export", help="Export a saved RoSTE model to another format (compressed-tensors for vLLM).",
+        "export", help="Export a saved RoSTE model for a serving engine (compressed-tensors for vLLM, gguf for llama.cpp).",
         description=__doc__.split("\n\n", 1)[1] if __doc__ else None,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("model", metavar="DIR", help="A folder saved by hf_roste (packed or master checkpoint).")
-    p.add_argument("output", metavar="OUT", help="Output folder.")
+    p.add_argument("output", metavar="OUT", help="Output folder (compressed-tensors) or .gguf file (gguf).")
     p.add_argument("--format", choices=FORMATS, default="compressed-tensors", help="Target format.")
     p.add_argument("--non-strict", "--allow-clip-mismatch", dest="non_strict", action="store_true",
                    help="Export options transformers cannot reproduce exactly: activation/K-V clip ratios other "
@@ -47,6 +51,8 @@ def run(args: argparse.Namespace) -> int:
     if not os.path.isdir(args.model):
         return fail("export", f"DIR {args.model!r} is a file, not a folder: pass the folder written by save_pretrained "
                               "(or trainer.save_model) of a RoSTE model.")
+    if args.format == "gguf":
+        return _run_gguf(args)
     if os.path.exists(args.output) and not os.path.isdir(args.output):
         return fail("export", f"OUT {args.output!r} is a file, not a folder: pass a folder path.")
     from ..export.paths import OutputIsSourceError, check_output_is_not_source
@@ -63,4 +69,22 @@ def run(args: argparse.Namespace) -> int:
         return fail("export", str(exc))
     print(json.dumps(summary, indent=2, sort_keys=True))
     print(f"compressed-tensors checkpoint written to {args.output}")
+    return 0
+
+
+def _run_gguf(args: argparse.Namespace) -> int:
+    from ..export.gguf import GGUFExportError, export_gguf
+
+    if os.path.isdir(args.output):
+        return fail("export", f"OUT {args.output!r} is a folder; --format gguf writes one file, e.g. {args.output}/model.gguf.")
+    if not args.output.endswith(".gguf"):
+        return fail("export", f"OUT {args.output!r} must end with .gguf (llama.cpp finds models by that suffix).")
+    try:
+        summary = export_gguf(args.model, args.output)
+    except (GGUFExportError, ValueError, OSError) as exc:
+        if debug_enabled():
+            raise
+        return fail("export", str(exc))
+    print(json.dumps(summary, indent=2, sort_keys=True))
+    print(f"GGUF file written to {args.output}; run it with: llama-cli -m {args.output}")
     return 0

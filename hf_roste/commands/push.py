@@ -21,7 +21,8 @@ def register(subparsers) -> None:
         description=__doc__.split("\n\n", 1)[1] if __doc__ else None,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("model", metavar="DIR", help="A folder saved by hf_roste (save_pretrained / trainer.save_model).")
+    p.add_argument("model", metavar="DIR", help="A folder saved by hf_roste (save_pretrained / trainer.save_model), "
+                   "or an `hf-roste export` output (compressed-tensors folder or .gguf file, pushed with its own card).")
     p.add_argument("repo_id", metavar="REPO_ID", help="Target repository, namespace/name.")
     p.add_argument("--private", action="store_true", help="Create the repository private.")
     p.add_argument("--token", default=None, help="Write token (default: HF_TOKEN or the `hf auth login` token).")
@@ -40,8 +41,23 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..export.hub import HubPushError, push_roste_model
 
+    exported = args.model.endswith(".gguf") and os.path.isfile(args.model) or os.path.isfile(
+        os.path.join(args.model, "roste_export.json"))
+    if exported:  # an `hf-roste export` output: uploaded with its own card (target, engine command line)
+        from ..export.export_card import push_export
+        from ..export.hub import HubPushError
+
+        try:
+            info = push_export(args.model, args.repo_id, token=args.token, private=True if args.private else None,
+                               commit_message=args.commit_message, revision=args.revision,
+                               base_model=args.base_model, license=args.license)
+        except (HubPushError, ValueError) as exc:
+            return fail("push", str(exc))
+        print(f"pushed {args.model} to {getattr(info, 'commit_url', None) or args.repo_id}")
+        return 0
     if not os.path.isdir(args.model):
-        return fail("push", f"DIR {args.model!r} is not a folder: pass the folder written by save_pretrained.")
+        return fail("push", f"DIR {args.model!r} is not a folder: pass the folder written by save_pretrained, an "
+                            "`hf-roste export` folder or a .gguf file.")
     from ..export.model_card import read_eval_results
 
     eval_results, eval_dataset = None, None

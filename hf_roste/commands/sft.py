@@ -79,6 +79,9 @@ class RoSTEScriptArguments(ScriptArguments, DatasetMixtureConfig):
 class _RoSTEArgumentsMethods:
     """Validation and conversion of `RoSTEArguments` (its fields are generated from `CONFIG_FIELDS`)."""
 
+    #: Field names set explicitly in the recipe / command line (set by `parse_args`; used with `target`).
+    explicit_fields = frozenset()
+
     def __post_init__(self) -> None:
         rotations = list(self.rotations or [])
         if [r.lower() for r in rotations] in (["none"], ["[]"], [""]):
@@ -105,10 +108,22 @@ class _RoSTEArgumentsMethods:
                 ) from None
             if isinstance(rotation_config, dict) and "rotation_config" in rotation_config:
                 rotation_config = rotation_config["rotation_config"]  # a full `search` report
+        if self.target is not None:
+            return self._target_config(rotation_config)
         mode = trainer_rotation_search or "adaptive"  # the same vocabulary (config.SEARCH_STRATEGIES)
         values = {f.name: getattr(self, f.name) for f in CONFIG_FIELDS if f.name not in _NOT_COPIED}
         return RoSTEConfig(**values, rotations=tuple(self.rotations), rotation_search=mode,
                            rotation_config=rotation_config)
+
+    def _target_config(self, rotation_config: dict | None) -> RoSTEConfig:
+        """`RoSTEConfig.for_target(self.target, ...)` with the explicitly set quantization fields as overrides."""
+        names = {f.name for f in CONFIG_FIELDS} - {"rotation_config", "target"}
+        overrides = {k: getattr(self, k) for k in sorted(self.explicit_fields & names)}
+        if "rotations" in overrides:
+            overrides["rotations"] = tuple(overrides["rotations"])
+        if rotation_config is not None:
+            overrides["rotation_config"] = rotation_config
+        return RoSTEConfig.for_target(self.target, **overrides)
 
 
 #: RoSTEConfig fields whose CLI form differs: `rotation_search` is RoSTESFTConfig's (shared) field,
@@ -182,7 +197,15 @@ def parse_args(argv: Sequence[str]):
     else:
         script_args, training_args, model_args, roste_args = make_parser().parse_args_and_config(argv)
     script_args.accelerate_launch_args = launch_args
-    _default_lora_dropout(model_args, roste_args, _explicit_fields(argv, recipe))
+    explicit = _explicit_fields(argv, recipe)
+    _default_lora_dropout(model_args, roste_args, explicit)
+    if roste_args.target is not None:
+        roste_args.explicit_fields = frozenset(explicit)
+        if roste_args.quantize:
+            try:
+                roste_args.to_roste_config()  # the target with the explicit overrides, checked against its engine
+            except ValueError as exc:
+                raise CommandError(str(exc)) from None
     return script_args, training_args, model_args, roste_args
 
 

@@ -134,14 +134,21 @@ def check_exportable(config: RoSTEConfig, model: nn.Module | None = None, *, str
             "stops with a size mismatch; measured). Train with RoSTEConfig(weight_symmetric=True), or export with "
             "strict=False (hf-roste export --non-strict) for engines that read packed zero points."
         )
+    # a vllm-* target's activation clip is vLLM's own rule (checked by target_problems below)
+    vllm_target = config.target is not None and config.target.startswith("vllm-")
     problems += _dynamic_problems(
         "activation", "asymmetric activations (activation_symmetric=False): compressed-tensors' dynamic per-token "
         "activations are served symmetric", "dynamic activation scales are computed by the serving engine",
-        config.activation_bits, config.activation_symmetric, config.activation_clip_ratio, strict,
+        config.activation_bits, config.activation_symmetric, config.activation_clip_ratio, strict and not vllm_target,
         " to accept the engine's rule")
-    problems += _dynamic_problems(
-        "kv", "asymmetric K/V cache (kv_symmetric=False): the kv_cache_scheme is served symmetric",
-        "dynamic K/V scales are computed", config.kv_bits, config.kv_symmetric, config.kv_clip_ratio, strict, "")
+    if config.kv_format != "fp8_e4m3":
+        problems += _dynamic_problems(
+            "kv", "asymmetric K/V cache (kv_symmetric=False): the kv_cache_scheme is served symmetric",
+            "dynamic K/V scales are computed", config.kv_bits, config.kv_symmetric, config.kv_clip_ratio, strict, "")
+    if config.target is not None:
+        from ..targets import target_problems
+
+        problems += target_problems(config.target, config)
     rc = config.rotation_config
     if model is not None:
         from ..state import get_state
@@ -161,7 +168,7 @@ def check_exportable(config: RoSTEConfig, model: nn.Module | None = None, *, str
                     f"online R4 on a {adapter.down_proj} with a bias: vLLM's online transforms take bias-free "
                     "layers; train with RoSTEConfig(rotations=('R1', 'R2', 'R3')) (no R4)."
                 )
-            size = down.in_features
+            size = config.r4_block_size or down.in_features
             if size & (size - 1) and adapter.up_proj is None:
                 problems.append(
                     f"online R4 of size {size} (not a power of two) on a model without a separate up projection: "
@@ -260,27 +267,46 @@ def _dynamic_args(bits: int):
     return QuantizationArgs(num_bits=bits, type="int", symmetric=True, strategy="token", dynamic=True)
 
 
+def weight_format(config: RoSTEConfig) -> str:
+    """`int-quantized` (int8 weights, the format vLLM's W8A8 int8 path reads) for 8-bit weights with 8-bit
+    activations, else `pack-quantized` (4-bit, or 8-bit weight-only: vLLM's WNA16 path)."""
+    return "int-quantized" if config.weight_bits == 8 and config.activation_bits == 8 else "pack-quantized"
+
+
+def _kv_args(config: RoSTEConfig):
+    """`kv_cache_scheme`: fp8 e4m3 static per KV head (`attn_head`) for kv_format fp8, else dynamic int per token."""
+    if config.kv_format == "fp8_e4m3":
+        from compressed_tensors.quantization import QuantizationArgs
+
+        return QuantizationArgs(num_bits=8, type="float", strategy="attn_head", symmetric=True, dynamic=False)
+    return _dynamic_args(config.kv_bits)
+
+
 def build_quantization_config(config: RoSTEConfig, ignore: list[str], targets: list[str] | None = None):
-    """compressed-tensors `QuantizationConfig` of a RoSTE config (`pack-quantized`, status compressed)."""
+    """compressed-tensors `QuantizationConfig` of a RoSTE config (status compressed)."""
     from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme
 
+    fmt = weight_format(config)
     scheme = QuantizationScheme(
         targets=targets or ["Linear"],
         weights=_weight_args(config),
         input_activations=_dynamic_args(config.activation_bits) if config.activation_bits < 16 else None,
-        format="pack-quantized",  # explicit: with int activations the inferred format would be int-quantized (int8)
+        format=fmt,  # explicit: with int activations the inferred format would be int-quantized (int8)
     )
     return QuantizationConfig(
         config_groups={"group_0": scheme},
-        kv_cache_scheme=_dynamic_args(config.kv_bits) if config.kv_bits < 16 else None,
-        format="pack-quantized",
+        kv_cache_scheme=_kv_args(config) if config.kv_bits < 16 else None,
+        format=fmt,
         quantization_status="compressed",
         ignore=ignore,
     )
 
 
-def build_transform_config(r4_modules: list[str], kind: str):
-    """compressed-tensors `TransformConfig` of the online R4 (None when no layer has it)."""
+def build_transform_config(r4_modules: list[str], kind: str, head_dim: int | None = None):
+    """compressed-tensors `TransformConfig` of the online R4 (None when no layer has it).
+
+    `head_dim` (RoSTEConfig.r4_block_size) makes it block-diagonal: one `head_dim x head_dim` Hadamard per block.
+    """
     if not r4_modules:
         return None
     from compressed_tensors.transform import TransformArgs, TransformConfig, TransformScheme
@@ -292,6 +318,7 @@ def build_transform_config(r4_modules: list[str], kind: str):
             TransformArgs(targets=list(r4_modules), location="weight_input", inverse=True),
         ],
         precision=torch.float32,
+        head_dim=head_dim,
     )
     return TransformConfig(config_groups={TRANSFORM_NAME: scheme})
 
@@ -321,8 +348,9 @@ def _linear_tensors(model: nn.Module, state) -> tuple[dict[str, dict[str, torch.
 @torch.no_grad()
 def _compress_linear(name: str, t: dict[str, torch.Tensor], config: RoSTEConfig, scheme) -> dict[str, torch.Tensor]:
     """compressed-tensors tensors of one linear, checked bit for bit against RoSTE's dequantized weight."""
-    from compressed_tensors.compressors import PackedQuantizationCompressor
+    from compressed_tensors.compressors import IntQuantizationCompressor, PackedQuantizationCompressor
 
+    compressor = IntQuantizationCompressor if weight_format(config) == "int-quantized" else PackedQuantizationCompressor
     bits = config.weight_bits
     half = 1 << (bits - 1)  # compressed-tensors stores signed zero points: unsigned zero - half
     spec = config.weight_spec
@@ -339,12 +367,13 @@ def _compress_linear(name: str, t: dict[str, torch.Tensor], config: RoSTEConfig,
             )
         ours = dequantize(codes_u, scale, zero, spec, dtype=torch.float32)
         sd = {"weight": ours, "weight_scale": scale, "weight_zero_point": (zero - half).to(torch.int8)}
-    comp = PackedQuantizationCompressor.compress(dict(sd), scheme)
-    back = PackedQuantizationCompressor.decompress(dict(comp), scheme)["weight"].float()
+    comp = compressor.compress(dict(sd), scheme)
+    back = compressor.decompress(dict(comp), scheme)["weight"].float()
     if not torch.equal(back, ours):
         err = (back - ours).abs().max().item()
         raise ExportError(f"internal: {name} does not decompress to the RoSTE weight (max abs diff {err:.3g}).")
-    comp = {k: v for k, v in comp.items() if k != "weight"}
+    if compressor is PackedQuantizationCompressor:
+        comp = {k: v for k, v in comp.items() if k != "weight"}
     if t["bias"] is not None:
         comp["bias"] = t["bias"]
     return comp
@@ -388,9 +417,15 @@ def export_compressed_tensors(model_or_dir, out_dir: str | os.PathLike, *, stric
     if problems:
         raise ExportError("This RoSTE model cannot be exported to compressed-tensors:\n- " + "\n- ".join(problems))
     notes = []
+    vllm_target = config.target is not None and config.target.startswith("vllm-")
+    if vllm_target and config.activation_bits == 8:
+        notes.append("activations: vLLM's dynamic int8 scale is amax/127, the trained rule (activation_clip_ratio=1.0); "
+                     "transformers' compressed-tensors reference quantizer uses amax/127.5 instead.")
     for what in ("activation", "kv"):
         bits = getattr(config, f"{what}_bits")
         clip = getattr(config, f"{what}_clip_ratio")
+        if what == "kv" and config.kv_format == "fp8_e4m3" or what == "activation" and vllm_target:
+            continue
         if bits < 16 and not _clip_matches(clip, bits):
             msg = (f"{what}_clip_ratio={clip} is not expressible: the served {what} quantizer uses "
                    f"amax/{(2 ** bits - 1) / 2} (RoSTE equivalent clip {exact_dynamic_clip_ratio(bits):.6f}).")
@@ -414,8 +449,12 @@ def export_compressed_tensors(model_or_dir, out_dir: str | os.PathLike, *, stric
     transform_config, kind, h = None, None, None
     if r4_modules:
         size = adapter.get(adapter.decoder_layers(model)[0], adapter.down_proj).in_features
-        kind, h, signs = _hadamard_weight(size, dtype)
-        transform_config = build_transform_config(r4_modules, kind)
+        block = config.r4_block_size
+        kind, h, signs = _hadamard_weight(block or size, dtype)
+        transform_config = build_transform_config(r4_modules, kind, head_dim=block)
+        if kind != "hadamard":
+            notes.append(f"R4 written as a dense {kind} matrix of {size}x{size} ({size * size * 4 / 2**20:.1f} MiB in "
+                         "fp32 per layer in vLLM); no power-of-two block was set (RoSTEConfig.r4_block_size).")
         if signs is not None:  # cancel the loader's row signs in the up projections feeding those layers
             rows = (signs < 0).nonzero().flatten()
             up = adapter.up_proj
@@ -435,6 +474,11 @@ def export_compressed_tensors(model_or_dir, out_dir: str | os.PathLike, *, stric
             tensors[f"{name}.{leaf}"] = v
     for name in r4_modules:
         tensors[f"{name}.{TRANSFORM_NAME}_input.weight"] = h  # shared storage: one copy per layer is written
+    if config.kv_bits < 16 and config.kv_format == "fp8_e4m3":
+        _, n_kv, _ = adapter.head_layout(model)
+        for layer_path in (f"{adapter.layers}.{i}.{adapter.attn}" for i in range(adapter.num_layers(model))):
+            for which in ("k", "v"):  # the trained static scale (Fp8Spec.scale) for every KV head
+                tensors[f"{layer_path}.{which}_scale"] = torch.full((n_kv, 1, 1), config.kv_spec.scale, dtype=dtype)
     file_tensors = revert_weight_conversion(model, tensors)
     file_tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in file_tensors.items()}
 
@@ -457,6 +501,13 @@ def export_compressed_tensors(model_or_dir, out_dir: str | os.PathLike, *, stric
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(out_dir)
     qconfig = build_quantization_config(config, ignore)
+    if config.target is not None and config.target.startswith("vllm-"):
+        from .vllm import vllm_problems
+
+        refused = vllm_problems(qconfig.model_dump(mode="json"))
+        if refused:
+            raise ExportError(f"RoSTE target {config.target!r} exported something vLLM would not run:\n- "
+                              + "\n- ".join(refused))
     ModelCompressor(quantization_config=qconfig, transform_config=transform_config).update_config(out_dir)
     save_torch_state_dict(file_tensors, out_dir, max_shard_size=max_shard_size, metadata={"format": "pt"})
 
@@ -471,15 +522,22 @@ def export_compressed_tensors(model_or_dir, out_dir: str | os.PathLike, *, stric
             logger.warning("No tokenizer copied to %s (none loadable from %s: %s); pass tokenizer=... to include one.",
                            out_dir, src_dir, exc)
     summary = {
-        "format": "compressed-tensors pack-quantized",
+        "format": f"compressed-tensors {weight_format(config)}",
         "scheme": config.scheme_name,
         "quantized_linears": len(linears),
         "ignore": ignore,
         "r4_layers": len(r4_modules),
         "r4_transform_type": kind,
+        "r4_block_size": config.r4_block_size if r4_modules else None,
+        "target": config.target,
         "notes": notes,
     }
     with open(os.path.join(out_dir, SUMMARY_FILE), "w", encoding="utf-8") as f:
-        json.dump(summary, f, indent=2, sort_keys=True)
+        json.dump({**summary, "roste_config": config.to_dict()}, f, indent=2, sort_keys=True)
         f.write("\n")
+    from .export_card import render_export_card
+
+    card = render_export_card(out_dir, repo_id=os.path.basename(os.path.normpath(os.fspath(out_dir))))
+    with open(os.path.join(out_dir, "README.md"), "w", encoding="utf-8") as f:
+        f.write(card)
     return summary

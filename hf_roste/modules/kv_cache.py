@@ -79,6 +79,10 @@ _CACHE_KWARGS = ("cache", "past_key_values")
 
 
 def _check_kv_spec(spec: QuantSpec, where: str) -> None:
+    from ..numerics import Fp8Spec
+
+    if isinstance(spec, Fp8Spec):
+        raise ValueError(f"{where}: fp8 K/V (kv_format='fp8_e4m3') has no integer codes to store; use a DynamicCache.")
     if not spec.enabled:
         raise ValueError(
             f"{where}: kv_spec has bits=16 (K/V not quantized): nothing to store as codes; use a DynamicCache."

@@ -58,13 +58,20 @@ def install_kv_cache_hooks(attn_modules: Sequence[nn.Module], cache_kwarg: str |
 
 
 def wants_quantized_cache(model: nn.Module) -> bool:
-    """True when every RoSTE attention layer of ``model`` quantizes K/V per token (kv_bits < 16, enabled)."""
+    """True when every RoSTE attention layer of ``model`` quantizes K/V per token (kv_bits < 16, enabled).
+
+    fp8 K/V (``kv_format="fp8_e4m3"``) has a static scale: the attention wrapper's fake quantization of
+    the whole cache at every step equals quantizing each token once, so a plain DynamicCache serves it.
+    """
+    from ..numerics import Fp8Spec
+
     try:
         states = get_state(model).attention_states
     except ValueError:
         return False
     return bool(states) and all(
-        st.quant_enabled and st.kv_spec.enabled and st.kv_spec.granularity != "tensor" for st in states
+        st.quant_enabled and st.kv_spec.enabled and st.kv_spec.granularity != "tensor"
+        and not isinstance(st.kv_spec, Fp8Spec) for st in states
     )
 
 

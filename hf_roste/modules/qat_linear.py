@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..numerics import QuantSpec, fake_quantize
-from ..numerics.hadamard import hadamard_transform
+from ..numerics.block_hadamard import r4_transform
 from .shared_input import SharedInputQuant
 
 
@@ -29,7 +29,12 @@ class QATLinear(nn.Linear):
         weight_spec: quantizer of `weight` `[out, in]` (granularity "channel" or "group").
         act_spec: quantizer of the input `[..., in]` (granularity "token").
         input_hadamard: apply the online Hadamard transform (R4) to the input before quantizing.
+
+    `input_hadamard_block` (None: full-size R4; a power of two: block-diagonal R4, see
+    `hf_roste.numerics.block_hadamard`) is set by the converter from `RoSTEConfig.r4_block_size`.
     """
+
+    input_hadamard_block: int | None = None
 
     def __init__(
         self,
@@ -78,13 +83,13 @@ class QATLinear(nn.Linear):
         """Online R4 (if on) then `Q_a` per token: what the matmul of the deployed model sees."""
         shared = self.shared_input
         if shared is not None:
-            key = (self.act_spec, self.input_hadamard, self.quant_enabled, torch.is_grad_enabled())
+            key = (self.act_spec, self.input_hadamard, self.input_hadamard_block, self.quant_enabled, torch.is_grad_enabled())
             hit = shared.lookup(x, key)
             if hit is not None:
                 return hit
         source = x
         if self.input_hadamard:
-            x = hadamard_transform(x)
+            x = r4_transform(x, self.input_hadamard_block)
         if self.quant_enabled and self.act_spec.enabled:
             x = fake_quantize(x, self.act_spec)
         if shared is not None:

@@ -10,8 +10,11 @@ Public API::
     to_unsigned, from_unsigned, unsigned_offset # signed <-> unsigned storage codes
     quantize_fp32, rowwise_qparams, codes_from_qparams   # the same rule on fp32 codes (storage codecs, kernels)
     hadamard (module)                           # Walsh-Hadamard rotations (factors from compressed-tensors)
+    Fp8Spec                                     # fp8 e4m3 with a static scale (vLLM's fp8 KV cache), via fake_quantize
+    block_hadamard (module)                     # the online R4 as a block-diagonal Hadamard
 """
 
+from .fp8 import FP8_E4M3_MAX, Fp8Spec
 from .packing import from_unsigned, pack_codes, packed_length, to_unsigned, unpack_codes, unsigned_offset
 from .quantize import (
     codes_from_qparams,
@@ -26,6 +29,8 @@ from .quantize import (
 from .spec import GRANULARITIES, SUPPORTED_BITS, QuantSpec
 
 __all__ = [
+    "FP8_E4M3_MAX",
+    "Fp8Spec",
     "GRANULARITIES",
     "SUPPORTED_BITS",
     "QuantSpec",

@@ -49,6 +49,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .fp8 import Fp8Spec, fp8_fake_quantize_fp32
 from .spec import QuantSpec
 
 __all__ = ["compute_qparams", "quantize", "dequantize", "fake_quantize", "quantization_error"]
@@ -80,6 +81,8 @@ def _check_input(x: object, spec: object) -> tuple[Tensor, QuantSpec]:
 
 
 def _require_enabled(spec: QuantSpec, fn: str) -> None:
+    if isinstance(spec, Fp8Spec):
+        raise ValueError(f"{fn}: {spec} is the fp8 e4m3 format, which has no integer codes; use fake_quantize.")
     if not spec.enabled:
         raise ValueError(f"{fn}: spec.bits=16 means quantization is disabled (no integer codes); got {spec}")
 
@@ -131,11 +134,22 @@ def rowwise_qparams(xg: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor, float]
     if not (lo.item() > 0.0 and hi.item() < float("inf")):  # constant / all-zero / NaN / Inf group
         return None
     floor = (amax * _REL_FLOOR).clamp_(min=_FLT_MIN)
-    scale = torch.maximum(raw, floor)
+    scale = _round_scale(torch.maximum(raw, floor), spec)
     if spec.symmetric:
         return scale, torch.zeros_like(scale), 0.0
     zero = torch.round(mn * (-c) / scale).add_(0.0)
     return scale, zero, float(zero.abs().max().item())
+
+
+_FP16_TINY = 2.0**-24  # smallest positive fp16 (subnormal)
+_FP16_MAX = 65504.0
+
+
+def _round_scale(scale: Tensor, spec: QuantSpec) -> Tensor:
+    """``spec.scale_dtype == "float16"``: scales rounded to fp16 (never to 0), as GGUF stores them."""
+    if spec.scale_dtype == "float32":
+        return scale
+    return scale.clamp(max=_FP16_MAX).to(torch.float16).float().clamp_(min=_FP16_TINY)
 
 
 def _qparams_grouped(xg: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
@@ -161,12 +175,12 @@ def _general_qparams(xg: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
     amax = torch.maximum(mn.abs(), mx.abs())  # NaN propagates
     floor = (amax * _REL_FLOOR).clamp_(min=_FLT_MIN)
     if spec.symmetric:
-        scale = torch.maximum(amax * (c / spec.qmax), floor)
+        scale = _round_scale(torch.maximum(amax * (c / spec.qmax), floor), spec)
         scale = torch.where(amax == 0, 1.0, scale)
         zero = torch.zeros_like(scale)
     else:
         k = c / spec.qmax
-        scale = torch.maximum(mx * k - mn * k, floor)
+        scale = _round_scale(torch.maximum(mx * k - mn * k, floor), spec)
         zero = torch.round(mn * (-c) / scale).add_(0.0)  # no -0.0 zero points
         constant = mx == mn
         scale = torch.where(constant, torch.where(mn == 0, 1.0, mn.abs()), scale)
@@ -206,6 +220,8 @@ def _fake_quant_fp32(x: Tensor, spec: QuantSpec) -> Tensor:
     """fp32 ``(codes - zero) * scale`` with the shape of ``x`` (no autograd, no dtype cast)."""
     if x.numel() == 0:
         return torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    if isinstance(spec, Fp8Spec):
+        return fp8_fake_quantize_fp32(x, spec)
     codes, scale, zero = quantize_fp32(x, spec)
     if not spec.symmetric:
         codes.sub_(zero)

@@ -11,6 +11,10 @@ Granularities (all row-wise ones reduce over the LAST dim; the caller arranges t
 ``"token"``       one per row of the last dim (activations ``[..., in]`` -> per token).
 ``"token_head"``  one per row of the last dim (K/V ``[batch, heads, seq, head_dim]``).
 ``"group"``       one per contiguous block of ``group_size`` elements of the last dim.
+
+``scale_dtype="float16"`` rounds every computed scale to the nearest fp16 value (at least the
+smallest fp16 subnormal) BEFORE the codes are computed, so a format that stores fp16 scales (GGUF
+``Q4_0`` / ``Q8_0``) holds exactly the trained quantizer.
 """
 
 from __future__ import annotations
@@ -23,6 +27,9 @@ SUPPORTED_BITS: tuple[int, ...] = (2, 3, 4, 8, 16)
 
 GRANULARITIES: tuple[str, ...] = ("tensor", "channel", "group", "token", "token_head")
 """Accepted granularity names."""
+
+SCALE_DTYPES: tuple[str, ...] = ("float32", "float16")
+"""Accepted scale precisions (the stored scale of a format; codes are computed with it)."""
 
 ROW_GRANULARITIES: frozenset[str] = frozenset({"channel", "token", "token_head"})
 """Granularities that use one scale per row of the last dim."""
@@ -40,6 +47,7 @@ class QuantSpec:
         granularity: one of ``"tensor"``, ``"channel"``, ``"group"``, ``"token"``, ``"token_head"``.
         group_size: number of last-dim elements sharing a scale; required iff
             ``granularity == "group"`` (divisibility of the last dim is checked at call time).
+        scale_dtype: ``"float32"`` (default) or ``"float16"``: scales rounded to fp16 (see module doc).
 
     Raises:
         TypeError: a field has the wrong Python type.
@@ -51,8 +59,11 @@ class QuantSpec:
     clip_ratio: float = 1.0
     granularity: str = "token"
     group_size: int | None = None
+    scale_dtype: str = "float32"
 
     def __post_init__(self) -> None:
+        if self.scale_dtype not in SCALE_DTYPES:
+            raise ValueError(f"QuantSpec.scale_dtype must be one of {SCALE_DTYPES}, got {self.scale_dtype!r}")
         if isinstance(self.bits, bool) or not isinstance(self.bits, int):
             raise TypeError(f"QuantSpec.bits must be an int, got {type(self.bits).__name__} {self.bits!r}")
         if self.bits not in SUPPORTED_BITS:

@@ -224,7 +224,13 @@ def set_r4(model: nn.Module, adapter: ArchAdapter, layer_idx: int, on: bool) -> 
     current = bool(getattr(down, "input_hadamard", False))
     if current == on:
         return
-    rotate_input_side(down, None, transpose=not on)
+    block = getattr(down, "input_hadamard_block", None)
+    if block is None:
+        rotate_input_side(down, None, transpose=not on)
+    else:  # block-diagonal R4 (RoSTEConfig.r4_block_size)
+        from ..numerics.block_hadamard import r4_transform
+
+        _assign(down.weight, r4_transform(down.weight.to(torch.float64), block, transpose=not on))
     if hasattr(down, "input_hadamard"):
         down.input_hadamard = on
     elif on:

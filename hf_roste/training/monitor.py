@@ -12,7 +12,7 @@ from torch import nn
 
 from ..modules.qat_linear import QATLinear
 from ..numerics import quantization_error
-from ..numerics.hadamard import hadamard_transform
+from ..numerics.block_hadamard import r4_transform
 from ..state import get_state
 
 
@@ -41,7 +41,7 @@ class QuantErrorMonitor:
             with torch.no_grad():
                 x = args[0].detach()
                 if module.input_hadamard:
-                    x = hadamard_transform(x)
+                    x = r4_transform(x, getattr(module, "input_hadamard_block", None))
                 x = x.reshape(-1, x.shape[-1]).float()
                 denom = x.pow(2).sum().clamp_min(1e-30)
                 err = quantization_error(x, module.act_spec) / denom

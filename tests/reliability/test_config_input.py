@@ -37,6 +37,10 @@ ROSTE_BAD = {
                          {"R1": True, "layers": "R2"}], []),
     "rotation_seed": ([-1, MAX_SEED, 2**64, 1.5, "0", True, None], ["non-negative int"]),
     "modules_to_not_convert": (["lm_head", [""], [1], 3], ["module name"]),
+    "weight_scale_dtype": (["bfloat16", 16, None], ["'float32', 'float16'"]),
+    "kv_format": (["fp8", "int4", 8, None], ["'int', 'fp8_e4m3'"]),
+    "r4_block_size": ([0, 1, 96, "128", True, 2.0], ["power of two"]),
+    "target": ([3, ["vllm-w4a16"], "tensorrt"], ["target name"]),
 }
 LIBRARY_BAD = {
     "format_version": ([0, -1, "1", 1.0, True], ["int"]),
