@@ -213,6 +213,32 @@ def _check_act_spec(spec: QuantSpec) -> None:
         raise ValueError(f"the Triton activation quantizer needs a per-token spec with bits 2..8, got {spec}")
 
 
+@torch.library.custom_op("hf_roste::quantize_activation_w4", mutates_args=())
+def _quantize_activation_op(x2: Tensor, bits: int, symmetric: bool, clip_ratio: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Custom op (opaque to torch.compile, CUDA-graph safe) launching :func:`_act_quant_kernel`."""
+    spec = QuantSpec(bits, symmetric=symmetric, clip_ratio=clip_ratio, granularity="token")
+    m, k = x2.shape
+    a = torch.empty(m, k, dtype=torch.int8, device=x2.device)
+    sx = torch.empty(m, dtype=torch.float32, device=x2.device)
+    zx = torch.empty(m, dtype=torch.int32, device=x2.device)
+    if m and k:
+        k_scale = float(torch.tensor(clip_ratio / spec.qmax, dtype=torch.float32))  # torch rounds scalars to fp32
+        block = min(4096, triton.next_power_of_2(k))
+        _act_quant_kernel[(m,)](
+            x2, a, sx, zx, k, x2.stride(0), k_scale, float(torch.tensor(-clip_ratio, dtype=torch.float32)),
+            float(spec.qmin), float(spec.qmax),
+            SYMMETRIC=symmetric, BITS=bits, BLOCK=block, enable_fp_fusion=False,
+        )
+    return a, sx, zx
+
+
+@_quantize_activation_op.register_fake
+def _(x2: Tensor, bits: int, symmetric: bool, clip_ratio: float) -> tuple[Tensor, Tensor, Tensor]:
+    m, k = x2.shape
+    return (x2.new_empty(m, k, dtype=torch.int8), x2.new_empty(m, dtype=torch.float32),
+            x2.new_empty(m, dtype=torch.int32))
+
+
 def quantize_activation_triton(x: Tensor, spec: QuantSpec) -> TritonActivation:
     """Quantize ``x [..., K]`` (fp32 / bf16 / fp16) per token with ``spec`` (see the module docstring)."""
     _require_triton()
@@ -224,19 +250,7 @@ def quantize_activation_triton(x: Tensor, spec: QuantSpec) -> TritonActivation:
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    m = x2.shape[0]
-    a = torch.empty(m, k, dtype=torch.int8, device=x.device)
-    sx = torch.empty(m, dtype=torch.float32, device=x.device)
-    zx = torch.empty(m, dtype=torch.int32, device=x.device)
-    if m and k:
-        c = float(spec.clip_ratio)
-        k_scale = float(torch.tensor(c / spec.qmax, dtype=torch.float32))  # torch rounds a scalar to fp32
-        block = min(4096, triton.next_power_of_2(k))
-        _act_quant_kernel[(m,)](
-            x2, a, sx, zx, k, x2.stride(0), k_scale, float(torch.tensor(-c, dtype=torch.float32)),
-            float(spec.qmin), float(spec.qmax),
-            SYMMETRIC=spec.symmetric, BITS=spec.bits, BLOCK=block, enable_fp_fusion=False,
-        )
+    a, sx, zx = torch.ops.hf_roste.quantize_activation_w4(x2, spec.bits, spec.symmetric, float(spec.clip_ratio))
     return TritonActivation(a, sx, zx, lead, centred=spec.symmetric)
 
 
@@ -305,6 +319,34 @@ def _blocks(m: int, gsz: int, grouped: bool) -> tuple[int, int, int, bool]:
     return 128, 128, bk, True
 
 
+@torch.library.custom_op("hf_roste::packed_linear_w4", mutates_args=())
+def _packed_linear_op(
+    a: Tensor, sx: Tensor, zx: Tensor, packed: Tensor, zero: Tensor, scale: Tensor, colsum: Tensor,
+    bias: Tensor | None, group_size: int, centred: bool, out_dtype: torch.dtype,
+) -> Tensor:
+    """Custom op (opaque to torch.compile, CUDA-graph safe) launching :func:`_w4_linear_kernel`."""
+    m, k = a.shape
+    n = packed.shape[0]
+    y = torch.empty(m, n, dtype=out_dtype, device=a.device)
+    if m:
+        bm, bn, bk, use_dot = _blocks(m, group_size, group_size != k)
+        grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
+        b = bias.to(torch.float32) if bias is not None else scale  # dummy pointer when no bias
+        _w4_linear_kernel[grid](
+            a, packed, zero, scale, colsum, sx, zx, b, y,
+            m, n, k, packed.shape[1], group_size, k // group_size,
+            HAS_BIAS=bias is not None, CORRECT=not centred, USE_DOT=use_dot,
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, enable_fp_fusion=False,
+        )
+    return y
+
+
+@_packed_linear_op.register_fake
+def _(a: Tensor, sx: Tensor, zx: Tensor, packed: Tensor, zero: Tensor, scale: Tensor, colsum: Tensor,
+      bias: Tensor | None, group_size: int, centred: bool, out_dtype: torch.dtype) -> Tensor:
+    return a.new_empty(a.shape[0], packed.shape[0], dtype=out_dtype)
+
+
 def packed_linear_triton(
     act: TritonActivation, weight: PackedWeight, bias: Tensor | None, out_dtype: torch.dtype
 ) -> Tensor:
@@ -315,15 +357,8 @@ def packed_linear_triton(
     if k != weight.in_features:
         raise ValueError(f"activation has {k} features, the weight expects {weight.in_features}")
     n = weight.out_features
-    y = torch.empty(m, n, dtype=out_dtype, device=a.device)
-    if m:
-        bm, bn, bk, use_dot = _blocks(m, weight.group_size, weight.group_size != k)
-        grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
-        b = bias.to(torch.float32) if bias is not None else weight.scale  # dummy pointer when no bias
-        _w4_linear_kernel[grid](
-            a, weight.packed, weight.zero, weight.scale, weight.colsum, act.sx, act.zx, b, y,
-            m, n, k, weight.packed.shape[1], weight.group_size, k // weight.group_size,
-            HAS_BIAS=bias is not None, CORRECT=not act.centred, USE_DOT=use_dot,
-            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, enable_fp_fusion=False,
-        )
+    y = torch.ops.hf_roste.packed_linear_w4(
+        a, act.sx, act.zx, weight.packed, weight.zero, weight.scale, weight.colsum, bias,
+        weight.group_size, act.centred, out_dtype,
+    )
     return y.view(*act.lead, n)
