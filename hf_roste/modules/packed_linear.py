@@ -264,10 +264,18 @@ class PackedLinear(nn.Module):
                 shared.store(x, key, act)
         return int_linear_unchecked(x, self.kernel_weight(), self.act_spec, self.bias, act)
 
+    def _triton_weight(self) -> Any:
+        """The Triton layout (None: this layer keeps the PyTorch path).  Under ``torch.compile`` the
+        layout built by an eager call is used as is (the staleness check reads storage pointers,
+        which Dynamo cannot trace); a layer never run eagerly is prepared on the spot."""
+        if torch.compiler.is_compiling() and self._cache_key is not None and self._cache_key[0] == "triton":
+            return self._cache
+        return self._cached("triton")
+
     def _triton_ok(self) -> bool:
         from hf_roste.numerics.kernels.packed_gemm import packed_weight_supported
 
-        return packed_weight_supported(self.weight_spec, self.in_features) and self._cached("triton") is not None
+        return packed_weight_supported(self.weight_spec, self.in_features) and self._triton_weight() is not None
 
     def _forward_triton(self, x: Tensor) -> Tensor:
         """Fused Triton route (:mod:`hf_roste.numerics.kernels.packed_gemm`): reads the packed bytes
@@ -275,7 +283,7 @@ class PackedLinear(nn.Module):
         from hf_roste.numerics.kernels.packed_gemm import packed_linear_triton, quantize_activation_triton
 
         act = None
-        shared = self.shared_input
+        shared = None if torch.compiler.is_compiling() else self.shared_input  # compiled: one graph, no memo
         key = (self.act_spec, "triton")
         if shared is not None and self.input_transform is None:
             act = shared.lookup(x, key)
@@ -283,7 +291,7 @@ class PackedLinear(nn.Module):
             act = quantize_activation_triton(x, self.act_spec)
             if shared is not None and self.input_transform is None:
                 shared.store(x, key, act)
-        return packed_linear_triton(act, self._cached("triton"), self.bias, x.dtype)
+        return packed_linear_triton(act, self._triton_weight(), self.bias, x.dtype)
 
     def extra_repr(self) -> str:
         return (
