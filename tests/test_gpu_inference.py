@@ -198,3 +198,28 @@ def test_unquantized_parts_load_in_requested_dtype(trained, tmp_path, dtype):
     with torch.no_grad():
         logits = model(_prompts(2)).logits
     assert logits.dtype == torch.bfloat16 and torch.isfinite(logits.float()).all()
+
+
+def test_compiled_device_path_equals_eager(trained, monkeypatch):
+    """torch.compile traces the Triton route (custom ops, the layout built by an eager call)."""
+    _, out = trained
+    model = AutoModelForCausalLM.from_pretrained(out, **SDPA).eval()
+    monkeypatch.setenv("HF_ROSTE_TRITON", "1")
+    ids = _prompts(2, 5)
+    with torch.no_grad():
+        eager = model(ids).logits  # builds the per-layer layouts
+    torch._dynamo.reset()
+    graphs = []
+
+    def recording_backend(gm, example_inputs):  # runs the captured FX graphs as they are
+        graphs.append(gm)
+        return gm.forward
+
+    try:
+        with torch.no_grad():
+            compiled = torch.compile(model.forward, backend=recording_backend)(ids).logits
+    finally:
+        torch._dynamo.reset()
+    code = "\n".join(str(g.graph) for g in graphs)
+    assert "packed_linear_w4" in code and "quantize_activation_w4" in code  # the kernels are in the graphs
+    assert torch.equal(compiled, eager)
