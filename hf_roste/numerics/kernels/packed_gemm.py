@@ -103,7 +103,7 @@ if triton is not None:
         zero = tl.where(finite, zero, 0.0)
         # centred storage when every centred code fits int8; else raw codes (8-bit: minus 128)
         if SYMMETRIC:
-            zx_eff = zero
+            zx_eff = tl.where(finite, 0.0, 0.0)  # a tensor (not a constexpr) for the store below
         else:
             centred = tl.abs(zero) + qmax <= 127.0
             shift = 128.0 if BITS == 8 else 0.0
