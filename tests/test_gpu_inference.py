@@ -1,7 +1,8 @@
-"""Packed W4A4KV4 inference through the device path (issue 19), tested on CPU.
+"""Packed W4A4KV4 inference through the device path (issue 19).
 
-The Triton kernels run through Triton's interpreter here (``HF_ROSTE_TRITON=1``, ``TRITON_INTERPRET=1``
-chosen in conftest before triton is imported); on a CUDA machine the ``cuda`` tests run them compiled.
+The device-path tests run on CUDA when present (compiled kernels) and otherwise on the CPU with
+``HF_ROSTE_TRITON=1``, the kernels going through Triton's interpreter (``TRITON_INTERPRET=1`` chosen
+in conftest before triton is imported).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from hf_roste.modules.kv_cache import RoSTEQuantizedCache, cache_bytes_per_token
 pytest.importorskip("triton")
 
 SDPA = dict(attn_implementation="sdpa")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _train_tiny(path, steps: int = 40) -> AutoModelForCausalLM:
@@ -56,8 +58,8 @@ def _prompts(n: int, length: int = 6, seed: int = 7) -> torch.Tensor:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_triton_route_equals_pytorch_route_bit_for_bit(trained, monkeypatch, dtype):
     _, out = trained
-    model = AutoModelForCausalLM.from_pretrained(out, dtype=dtype, **SDPA).eval()
-    ids = _prompts(3, 9)
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=dtype, device_map=DEVICE, **SDPA).eval()
+    ids = _prompts(3, 9).to(DEVICE)
     monkeypatch.setenv("HF_ROSTE_TRITON", "0")
     with torch.no_grad():
         ref = model(ids).logits
@@ -75,8 +77,8 @@ def test_triton_route_equals_pytorch_route_bit_for_bit(trained, monkeypatch, dty
 def test_device_path_generation_equals_cpu_path(trained, monkeypatch):
     """Triton GEMMs + decode attention over the packed cache give the CPU path's greedy tokens."""
     _, out = trained
-    model = AutoModelForCausalLM.from_pretrained(out, **SDPA).eval()
-    prompts = _prompts(4)
+    model = AutoModelForCausalLM.from_pretrained(out, device_map=DEVICE, **SDPA).eval()
+    prompts = _prompts(4).to(DEVICE)
     monkeypatch.setenv("HF_ROSTE_TRITON", "0")
     ref = model.generate(prompts, max_new_tokens=8, do_sample=False)
     monkeypatch.setenv("HF_ROSTE_TRITON", "1")
@@ -203,9 +205,9 @@ def test_unquantized_parts_load_in_requested_dtype(trained, tmp_path, dtype):
 def test_compiled_device_path_equals_eager(trained, monkeypatch):
     """torch.compile traces the Triton route (custom ops, the layout built by an eager call)."""
     _, out = trained
-    model = AutoModelForCausalLM.from_pretrained(out, **SDPA).eval()
+    model = AutoModelForCausalLM.from_pretrained(out, device_map=DEVICE, **SDPA).eval()
     monkeypatch.setenv("HF_ROSTE_TRITON", "1")
-    ids = _prompts(2, 5)
+    ids = _prompts(2, 5).to(DEVICE)
     with torch.no_grad():
         eager = model(ids).logits  # builds the per-layer layouts
     torch._dynamo.reset()

@@ -1,4 +1,5 @@
-"""Decode attention over the packed 4-bit KV cache (Triton interpreter on CPU) vs the CPU path
+"""Decode attention over the packed 4-bit KV cache (CUDA when present, else Triton's interpreter on
+the CPU) vs the CPU path
 (dequantize the whole cache, then SDPA).  The kernel computes in fp32 with another summation order,
 so outputs agree to fp32 rounding (checked at 2e-6 relative), not bit for bit."""
 
@@ -18,9 +19,19 @@ from hf_roste.numerics.kernels.kv_attention import (  # noqa: E402
 from hf_roste.numerics.spec import QuantSpec  # noqa: E402
 
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
 @pytest.fixture(autouse=True)
 def _triton_on(monkeypatch):
     monkeypatch.setenv("HF_ROSTE_TRITON", "1")
+
+
+def _attend(q, store: KVStore, spec, mask, scaling):
+    """The kernel on DEVICE for a CPU store, back on the CPU."""
+    codes, scale, zero = (None if t is None else t.to(DEVICE) for t in store.views())
+    m = None if mask is None else mask.to(DEVICE)
+    return packed_kv_attention(q.to(DEVICE), codes, scale, zero, spec, m, scaling).cpu()
 
 
 def _store(spec: QuantSpec, b: int, hkv: int, length: int, d: int, seed: int, scale_dtype=torch.float32):
@@ -58,8 +69,7 @@ def test_decode_attention_matches_dequantize_then_sdpa(sym, hq, hkv, length, mas
         keep[1, ..., : length // 2] = False  # left padding of the second row
         keep[..., -1] = True
         mask = keep if mask_kind == "bool" else torch.zeros(keep.shape).masked_fill(~keep, torch.finfo(torch.float32).min)
-    codes, scale, zero = store.views()
-    got = packed_kv_attention(q, codes, scale, zero, spec, mask, d**-0.5)
+    got = _attend(q, store, spec, mask, d**-0.5)
     ref = _reference(q, store, mask, d**-0.5)
     assert got.shape == ref.shape and got.dtype == q.dtype
     torch.testing.assert_close(got, ref, rtol=2e-6, atol=2e-6 * ref.abs().max().item())
@@ -69,8 +79,7 @@ def test_fp16_scales_and_bf16_query():
     spec = QuantSpec(4, granularity="token_head")
     store = _store(spec, 1, 2, 40, 32, seed=3, scale_dtype=torch.float16)
     q = torch.randn(1, 4, 1, 32, generator=torch.Generator().manual_seed(2))
-    codes, scale, zero = store.views()
-    got = packed_kv_attention(q.bfloat16(), codes, scale, zero, spec, None, 32**-0.5)
+    got = _attend(q.bfloat16(), store, spec, None, 32**-0.5)
     ref = _reference(q, store, None, 32**-0.5)
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), ref, rtol=1e-2, atol=1e-2)

@@ -1,4 +1,7 @@
-"""Packed W4 Triton kernels (through Triton's interpreter on CPU) vs the PyTorch integer path, bit for bit.
+"""Packed W4 Triton kernels vs the PyTorch integer path (on the CPU), bit for bit.
+
+The kernels run on CUDA when a device is present (compiled), else on the CPU through Triton's
+interpreter (conftest sets ``TRITON_INTERPRET=1`` on machines without CUDA).
 
 Checked separately: activation codes / scales / zero points against ``quantize``, the int32
 accumulators against ``int8_matmul`` of the reference layout, and the rescaled outputs against
@@ -7,10 +10,6 @@ accumulators against ``int8_matmul`` of the reference layout, and the rescaled o
 """
 
 from __future__ import annotations
-
-import os
-
-os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported by the kernels module
 
 import pytest
 import torch
@@ -23,10 +22,25 @@ from hf_roste.numerics.kernels import packed_gemm as pg  # noqa: E402
 from hf_roste.numerics.spec import QuantSpec  # noqa: E402
 
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
 @pytest.fixture(autouse=True)
 def _triton_on(monkeypatch):
     monkeypatch.setenv("HF_ROSTE_TRITON", "1")
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+
+
+def _quant(x, spec):
+    """The kernel's activation codes, back on the CPU."""
+    act = pg.quantize_activation_triton(x.to(DEVICE), spec)
+    return pg.TritonActivation(act.a.cpu(), act.sx.cpu(), act.zx.cpu(), act.lead, act.centred)
+
+
+def _linear(x, spec, packed, scale, zero, wspec, k, bias, dtype):
+    """The kernel's output for CPU inputs, run on DEVICE, back on the CPU."""
+    pw = pg.prepare_packed_weight(packed.to(DEVICE), scale.to(DEVICE), zero.to(DEVICE), wspec, k)
+    b = None if bias is None else bias.to(DEVICE)
+    return pg.packed_linear_triton(pg.quantize_activation_triton(x.to(DEVICE), spec), pw, b, dtype).cpu()
 
 
 def _edge_rows(k: int, dtype: torch.dtype) -> torch.Tensor:
@@ -58,7 +72,7 @@ def test_activation_codes_equal_quantize(bits, sym, dtype):
     k = 37  # not a multiple of any block
     g = torch.Generator().manual_seed(0)
     x = torch.cat([torch.randn(5, k, generator=g).to(dtype), _edge_rows(k, dtype)])
-    act = pg.quantize_activation_triton(x, spec)
+    act = _quant(x, spec)
     codes, scale, zero = quantize(x, spec)
     assert torch.equal(act.sx, scale.view(-1)) or torch.equal(act.sx.isnan(), scale.view(-1).isnan())
     finite = ~scale.view(-1).isnan()
@@ -96,15 +110,16 @@ def test_int32_accumulators_equal_reference(wsym, gran, m):
     wspec = QuantSpec(4, symmetric=wsym, granularity=gran, group_size=32 if gran == "group" else None)
     aspec = QuantSpec(4, symmetric=True, granularity="token")
     codes, scale, zero, packed = _weight(n, k, wspec)
-    pw = pg.prepare_packed_weight(packed, scale, zero, wspec, k)
+    pw = pg.prepare_packed_weight(packed.to(DEVICE), scale.to(DEVICE), zero.to(DEVICE), wspec, k)
     assert pw is not None
     g = torch.Generator().manual_seed(3)
     x = torch.randn(m, k, generator=g)
-    act = pg.quantize_activation_triton(x, aspec)
+    act = pg.quantize_activation_triton(x.to(DEVICE), aspec)
     # sw = 1, sx = 1: the kernel's output is the exact integer sum (small enough for fp32)
     ones = pg.PackedWeight(pw.packed, pw.zero, torch.ones_like(pw.scale), pw.colsum, k, n, pw.group_size)
     unit = pg.TritonActivation(act.a, torch.ones_like(act.sx), act.zx, act.lead, act.centred)
-    got = pg.packed_linear_triton(unit, ones, None, torch.float32)
+    got = pg.packed_linear_triton(unit, ones, None, torch.float32).cpu()
+    act = pg.TritonActivation(act.a.cpu(), act.sx.cpu(), act.zx.cpu(), act.lead, act.centred)
     centred_w = codes.to(torch.int32) - (0 if wsym else zero.to(torch.int32).repeat_interleave(
         k // wspec.num_groups(k), dim=1))
     ref = int8_matmul(act.a, centred_w.to(torch.int8).t())
@@ -129,8 +144,7 @@ def test_outputs_equal_int_linear(wsym, asym_act, gran, m, bias):
         x[2] = 0.25  # constant row
     b = torch.randn(n, generator=g) if bias else None
     ref = int_linear(x, prepare_int_weight(codes, scale, zero, wspec), aspec, b)
-    pw = pg.prepare_packed_weight(packed, scale, zero, wspec, k)
-    got = pg.packed_linear_triton(pg.quantize_activation_triton(x, aspec), pw, b, x.dtype)
+    got = _linear(x, aspec, packed, scale, zero, wspec, k, b, x.dtype)
     assert torch.equal(got, ref)
 
 
@@ -141,8 +155,7 @@ def test_bf16_output_and_leading_dims():
     codes, scale, zero, packed = _weight(n, k, wspec)
     x = torch.randn(2, 3, k, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
     ref = int_linear(x, prepare_int_weight(codes, scale, zero, wspec), aspec, None)
-    pw = pg.prepare_packed_weight(packed, scale, zero, wspec, k)
-    got = pg.packed_linear_triton(pg.quantize_activation_triton(x, aspec), pw, None, x.dtype)
+    got = _linear(x, aspec, packed, scale, zero, wspec, k, None, x.dtype)
     assert got.shape == (2, 3, n) and got.dtype == torch.bfloat16
     assert torch.equal(got, ref)
 
