@@ -13,9 +13,9 @@ from tiny_models import output_cache
 from transformers import AutoModelForCausalLM
 
 from hf_roste import RoSTEConfig, get_state
+from hf_roste.modules.kv_cache import RoSTEQuantizedCache, cache_bytes_per_token
 from hf_roste.numerics.kernels import kv_attention as kva
 from hf_roste.numerics.kernels import packed_gemm as pg
-from hf_roste.modules.kv_cache import RoSTEQuantizedCache, cache_bytes_per_token
 
 pytest.importorskip("triton")
 

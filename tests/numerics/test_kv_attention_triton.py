@@ -18,7 +18,6 @@ from hf_roste.numerics.kernels.kv_attention import (  # noqa: E402
 )
 from hf_roste.numerics.spec import QuantSpec  # noqa: E402
 
-
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
