@@ -45,6 +45,8 @@ class AttentionQuantState:
         kv_quantized_by_cache: set while a quantized KV cache has already rotated and quantized K/V.
         observe_query: also pass "q" (after RoPE and R3) to the observers, before "k" and "v"
             (the rotation search's "output" criterion needs the attention scores).
+        packed_kv: set by a quantized cache layer for one call when attention should read its
+            packed codes directly (:mod:`hf_roste.numerics.kernels.kv_attention`); cleared on use.
     """
 
     r3: bool
@@ -53,6 +55,7 @@ class AttentionQuantState:
     observers: list[Observer] = field(default_factory=list)
     kv_quantized_by_cache: bool = False
     observe_query: bool = False
+    packed_kv: object | None = None
 
 
 def _base_function(base: str, module: nn.Module) -> Callable:
@@ -88,12 +91,30 @@ def transform_qkv(
 def _make_wrapper(base: str) -> Callable:
     def roste_attention_forward(module, query, key, value, attention_mask, **kwargs):
         state: AttentionQuantState | None = getattr(module, "roste_attention", None)
+        if state is not None and state.packed_kv is not None:
+            return _packed_kv_attention(state, module, query, attention_mask, kwargs)
         if state is not None:
             query, key, value = transform_qkv(state, query, key, value)
         return _base_function(base, module)(module, query, key, value, attention_mask, **kwargs)
 
     roste_attention_forward.__name__ = f"roste_{base}_attention_forward"
     return roste_attention_forward
+
+
+def _packed_kv_attention(state: AttentionQuantState, module: nn.Module, query: torch.Tensor,
+                         attention_mask: torch.Tensor | None, kwargs: dict) -> tuple[torch.Tensor, None]:
+    """Decode attention straight from the cache's packed codes (the cache set ``state.packed_kv``)."""
+    from ..numerics.kernels.kv_attention import packed_kv_attention
+
+    store, state.packed_kv = state.packed_kv, None
+    if state.r3:
+        query = hadamard_transform(query)
+    codes, scale, zero = store.views()
+    scaling = kwargs.get("scaling")
+    if scaling is None:
+        scaling = getattr(module, "scaling", query.shape[-1] ** -0.5)
+    out = packed_kv_attention(query, codes, scale, zero, store.spec, attention_mask, scaling)
+    return out.transpose(1, 2), None
 
 
 def register_attention(base: str) -> str:

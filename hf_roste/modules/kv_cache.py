@@ -59,6 +59,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin, get_layer_types_and
 
 from ..numerics import QuantSpec
 from ..numerics.hadamard import hadamard_transform
+from ..numerics.kernels import use_triton
 from ..state import get_state
 from .attention import AttentionQuantState
 from .kv_store import KVStore, encode_kv
@@ -240,11 +241,28 @@ class RoSTEQuantizedLayer(CacheLayerMixin):
 
     # -- CacheLayerMixin API
     def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
-        """Quantize and append the new tokens; return the dequantized full K/V (key dtype)."""
+        """Quantize and append the new tokens; return the dequantized full K/V (key dtype).
+
+        On the device path (:func:`~hf_roste.numerics.kernels.use_triton`, one new token, 4-bit codes)
+        nothing is dequantized: the layer hands its store to the attention wrapper, which reads the
+        codes with :func:`~hf_roste.numerics.kernels.kv_attention.packed_kv_attention`, and returns
+        the new K/V unchanged (the wrapper does not use them).
+        """
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         self._append_new(key_states, value_states)
+        if self._fused_attention(key_states):
+            self.state.packed_kv = self._store
+            return key_states, value_states
         return self._decode()
+
+    def _fused_attention(self, key_states: Tensor) -> bool:
+        if self.is_sliding or not use_triton(key_states.device):
+            return False
+        from ..numerics.kernels.kv_attention import packed_kv_attention_supported
+
+        assert self._store is not None
+        return packed_kv_attention_supported(self._store.spec, self._store.head_dim, key_states.shape[-2])
 
     def get_mask_sizes(self, query_length: int | Tensor) -> tuple[int, int]:
         return self.get_seq_length() + _query_length(query_length), 0

@@ -39,6 +39,7 @@ def _kv_cache_post_hook(module: nn.Module, args: tuple, output) -> None:
     state = getattr(module, "roste_attention", None)
     if state is not None:
         state.kv_quantized_by_cache = False
+        state.packed_kv = None
     return None
 
 

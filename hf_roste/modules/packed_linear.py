@@ -45,6 +45,7 @@ from hf_roste.numerics.int_matmul import (
     quantize_activation,
 )
 
+from ..numerics.kernels import use_triton
 from .shared_input import SharedInputQuant
 
 __all__ = ["PackedLinear"]
@@ -199,7 +200,15 @@ class PackedLinear(nn.Module):
         key = (kind, dtype, self._current_key())
         if self._cache_key != key:
             with torch.no_grad():
-                if kind == "int":
+                if kind == "triton":
+                    from hf_roste.numerics.kernels.packed_gemm import prepare_packed_weight
+
+                    # None (layer keeps the PyTorch path) is cached too
+                    self._cache = prepare_packed_weight(
+                        self.weight_packed, self.weight_scale, self.weight_zero_point, self.weight_spec,
+                        self.in_features,
+                    )
+                elif kind == "int":
                     self._cache = prepare_int_weight(
                         self.weight_codes(), self.weight_scale, self.weight_zero_point, self.weight_spec,
                         codes_source=self.weight_codes,
@@ -243,6 +252,8 @@ class PackedLinear(nn.Module):
             w = self._cached("float", x.dtype)
             b = None if self.bias is None else self.bias.to(x.dtype)
             return F.linear(x, w, b)
+        if self.act_spec.granularity == "token" and use_triton(x.device) and self._triton_ok():
+            return self._forward_triton(x)
         act = None
         shared = self.shared_input
         if shared is not None and self.input_transform is None and x.numel():
@@ -252,6 +263,35 @@ class PackedLinear(nn.Module):
                 act = quantize_activation(x, self.act_spec)
                 shared.store(x, key, act)
         return int_linear_unchecked(x, self.kernel_weight(), self.act_spec, self.bias, act)
+
+    def _triton_weight(self) -> Any:
+        """The Triton layout (None: this layer keeps the PyTorch path).  Under ``torch.compile`` the
+        layout built by an eager call is used as is (the staleness check reads storage pointers,
+        which Dynamo cannot trace); a layer never run eagerly is prepared on the spot."""
+        if torch.compiler.is_compiling() and self._cache_key is not None and self._cache_key[0] == "triton":
+            return self._cache
+        return self._cached("triton")
+
+    def _triton_ok(self) -> bool:
+        from hf_roste.numerics.kernels.packed_gemm import packed_weight_supported
+
+        return packed_weight_supported(self.weight_spec, self.in_features) and self._triton_weight() is not None
+
+    def _forward_triton(self, x: Tensor) -> Tensor:
+        """Fused Triton route (:mod:`hf_roste.numerics.kernels.packed_gemm`): reads the packed bytes
+        directly; the same codes and, bit for bit, the same outputs as the PyTorch integer path."""
+        from hf_roste.numerics.kernels.packed_gemm import packed_linear_triton, quantize_activation_triton
+
+        act = None
+        shared = None if torch.compiler.is_compiling() else self.shared_input  # compiled: one graph, no memo
+        key = (self.act_spec, "triton")
+        if shared is not None and self.input_transform is None:
+            act = shared.lookup(x, key)
+        if act is None:
+            act = quantize_activation_triton(x, self.act_spec)
+            if shared is not None and self.input_transform is None:
+                shared.store(x, key, act)
+        return packed_linear_triton(act, self._triton_weight(), self.bias, x.dtype)
 
     def extra_repr(self) -> str:
         return (
