@@ -1,7 +1,7 @@
 """Quality: a CPU proxy of the paper's table, paired against FP SFT within each seed.
 
-From the demo's pre-trained base (`hf_roste/data/demo_base/`) and its held-out task (`ru(word)=` ->
-the word reversed and uppercased), per seed:
+From the demo's pre-trained base (`hf_roste/data/demo_base/`) and its held-out task (`count(word)=` ->
+its number of letters), per seed:
 
 - FP SFT (TRL `SFTTrainer`, full precision), then post-training quantization of its output:
   RTN (`RoSTEConfig(rotations=(), rotation_search="none")`) and rotation + RTN, QuaRot-style
