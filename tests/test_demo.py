@@ -18,7 +18,6 @@ from hf_roste.demo import shipped_base_path
 from hf_roste.demo.pretrain import answer_loss, base_config
 from hf_roste.demo.tasks import PRETRAIN_TASKS, encode, held_out_split, pretrain_example
 
-
 QUESTIONS = {"PTQ vs FP": ("sft_rtn", "fp_sft"), "RoSTE vs STE": ("roste", "ste"), "RoSTE vs RTN": ("roste", "sft_rtn"),
              "RoSTE vs rotation + RTN": ("roste", "sft_rot_rtn")}
 CONCLUSION = re.compile(

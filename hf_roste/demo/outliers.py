@@ -37,7 +37,7 @@ def collect_ratios(model, sequences: Sequence[torch.Tensor], rotated: bool) -> d
     With `rotated=True` a module with the online Hadamard (`input_hadamard`) has it applied first, as
     its quantizer would see the input. Each sequence is a `(1, T)` id tensor without padding.
     """
-    from ..rotation.hadamard import hadamard_transform
+    from ..numerics.hadamard import hadamard_transform
 
     store: dict[str, list[torch.Tensor]] = {}
     hooks = []
@@ -71,7 +71,8 @@ def outlier_table(path: str | Path, sequences: Sequence[torch.Tensor]) -> list[d
     """Per layer: `{"layer": i, "<module>": {"before": stats, "after": stats}}` for the checkpoint at `path`."""
     from transformers import AutoModelForCausalLM
 
-    from .. import RoSTEConfig, set_quantization_enabled
+    from ..config import RoSTEConfig
+    from ..state import set_quantization_enabled
 
     plain = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, attn_implementation="eager")
     before = collect_ratios(plain, sequences, rotated=False)

@@ -7,11 +7,18 @@ from pathlib import Path
 
 from .conclusions import NOISE_RULE, conclusion_line, conclusions, paired
 
+#: Row labels of the comparison table, per method of `run.METHODS`.
+METHOD_LABELS = {
+    "fp_sft": "FP SFT",
+    "sft_rtn": "SFT + RTN",
+    "sft_rot_rtn": "SFT + rotation + RTN (QuaRot-style)",
+    "ste": "STE QA-SFT",
+    "roste": "RoSTE QA-SFT (adaptive)",
+}
+
 
 def aggregate(runs: list[dict], settings) -> tuple[list[dict], str]:
     """One row per (setting, method): means and per-seed values, paired differences against FP SFT."""
-    from .run import METHOD_LABELS
-
     rows = []
     keys = [("FP", "fp_sft")] + [(sc, m) for sc in settings.schemes for m in ("sft_rtn", "sft_rot_rtn", "ste", "roste")]
     for scheme, method in keys:

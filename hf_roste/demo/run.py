@@ -24,16 +24,10 @@ from pathlib import Path
 
 import torch
 
+from .report import METHOD_LABELS
 from .tasks import BOS_ID, EOS_ID, char_tokenizer, decode, encode, held_out_split
 
 METHODS = ("fp_sft", "sft_rtn", "sft_rot_rtn", "ste", "roste")
-METHOD_LABELS = {
-    "fp_sft": "FP SFT",
-    "sft_rtn": "SFT + RTN",
-    "sft_rot_rtn": "SFT + rotation + RTN (QuaRot-style)",
-    "ste": "STE QA-SFT",
-    "roste": "RoSTE QA-SFT (adaptive)",
-}
 SCHEMES = {"W3A3KV3": (3, 3, 3), "W4A4KV4": (4, 4, 4), "W4A8KV4": (4, 8, 4)}  # (weight, activation, KV bits)
 # The headline setting comes first. On the shipped base (no residual-stream outliers) the benchmark suite
 # measured W4A4KV4 round-to-nearest at -1.6 exact-match points against FP SFT (within seed noise) and W3A3KV3 at
@@ -160,7 +154,7 @@ def _load(path, qc=None):
 
 
 def _roste_config(scheme: str, kind: str):
-    from .. import RoSTEConfig
+    from ..config import RoSTEConfig
 
     w, a, kv = SCHEMES[scheme]
     bits = dict(weight_bits=w, activation_bits=a, kv_bits=kv)
@@ -220,7 +214,7 @@ def _reload_check(model, folder: Path, pairs, prefix: Sequence[int] = ()) -> dic
     """Reload the saved RoSTE model with `from_pretrained` and compare greedy generations."""
     from transformers import AutoModelForCausalLM
 
-    from .. import get_state
+    from ..state import get_state
 
     before = greedy_tokens(model, pairs, prefix)
     t0 = time.perf_counter()

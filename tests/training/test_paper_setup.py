@@ -12,7 +12,12 @@ from transformers import AutoModelForCausalLM
 
 from hf_roste import RoSTEConfig
 from hf_roste.cli import main
-from hf_roste.eval_protocols import ROSTE_PAPER, evaluate_protocol, extract_summary, generate_paper_predictions
+from hf_roste.eval_protocols import (
+    ROSTE_PAPER,
+    evaluate_protocol,
+    extract_summary,
+    generate_paper_predictions,
+)
 from hf_roste.training import RoSTESFTConfig, RoSTESFTTrainer
 from hf_roste.training.paper_format import legacy_text_dataset, render_legacy
 
