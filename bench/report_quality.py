@@ -17,7 +17,10 @@ def sec_quality(data: dict, png_dir: str, plt, key: str = "quality") -> tuple[li
     if not f:
         return [], []
     s = f["settings"]
-    base = os.path.relpath(f["base"], ROOT) if os.path.isabs(f["base"]) else f["base"]
+    base = f["base"]
+    if os.path.isabs(base):  # recorded in another checkout: show it from the repository root
+        marker = next((m for m in ("hf_roste/data/", "bench/bases/") if m in base), None)
+        base = base[base.index(marker):] if marker else os.path.relpath(base, ROOT)
     if key == "quality":
         head = ["## 4. Quality (CPU proxy of the paper's table)", "", f"Base: the demo's pre-trained base (`{base}`). "]
     else:
