@@ -65,7 +65,7 @@ NOISE_RULE = (
 )
 # 160 steps: at 60 the fine-tuned models were under-trained and the same seeds gave FP SFT completion
 # loss 0.112 on one machine and 0.194 on another; 160 keeps the suite within about 15 minutes on 2 cores.
-# lr 1e-3, not the demo's 2e-3: at 2e-3 FP SFT itself reached only 0.107 loss / 91.2% EM (3 seeds) against
+# lr 1e-3 (the demo uses these settings too), not 2e-3: at 2e-3 FP SFT itself reached only 0.107 loss / 91.2% EM (3 seeds) against
 # 0.016 / 99.1% at 1e-3, and at W3A3KV3 the seed-to-seed spread of the QA-SFT losses was up to 3.4x larger
 # (8 seeds; bench/rotation_ablation.py, docs/rotation_ablation.md)
 FULL = dict(seeds=3, steps=160, batch_size=16, learning_rate=1e-3, train_examples=1000, eval_prompts=1000,
