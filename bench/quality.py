@@ -1,7 +1,7 @@
 """Quality: a CPU proxy of the paper's table, paired against FP SFT within each seed.
 
-From the demo's pre-trained base (`hf_roste/data/demo_base/`) and its held-out task (`ru(word)=` ->
-the word reversed and uppercased), per seed:
+From the demo's pre-trained base (`hf_roste/data/demo_base/`) and its held-out task (`count(word)=` ->
+its number of letters), per seed:
 
 - FP SFT (TRL `SFTTrainer`, full precision), then post-training quantization of its output:
   RTN (`RoSTEConfig(rotations=(), rotation_search="none")`) and rotation + RTN, QuaRot-style
@@ -25,7 +25,7 @@ Seeds run in separate processes (`--jobs`, 1 torch thread each): quality is not 
 The last output line is a JSON object (`runs`, `rows`, paired `diffs`, `noise_rule`, settings).
 
     python bench/quality.py [--quick] [--seeds N] [--steps N] [--eval-prompts N] [--learning-rate LR] [--jobs N]
-                             [--base DIR]
+                             [--base DIR] [--schemes S ...] [--methods M ...]
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ NOISE_RULE = (
 )
 # 160 steps: at 60 the fine-tuned models were under-trained and the same seeds gave FP SFT completion
 # loss 0.112 on one machine and 0.194 on another; 160 keeps the suite within about 15 minutes on 2 cores.
-# lr 1e-3, not the demo's 2e-3: at 2e-3 FP SFT itself reached only 0.107 loss / 91.2% EM (3 seeds) against
+# lr 1e-3 (the demo uses these settings too), not 2e-3: at 2e-3 FP SFT itself reached only 0.107 loss / 91.2% EM (3 seeds) against
 # 0.016 / 99.1% at 1e-3, and at W3A3KV3 the seed-to-seed spread of the QA-SFT losses was up to 3.4x larger
 # (8 seeds; bench/rotation_ablation.py, docs/rotation_ablation.md)
 FULL = dict(seeds=3, steps=160, batch_size=16, learning_rate=1e-3, train_examples=1000, eval_prompts=1000,
@@ -173,24 +173,31 @@ def run_seed(seed: int, settings: dict, base: str, workdir: str) -> list[dict]:
     fp_dir = out / "fp" / "model"
     fp_model.save_pretrained(fp_dir)
     del fp_model
+    wanted = set(settings.get("methods", METHODS))
     for scheme in settings["schemes"]:
         for method, kind in (("sft_rtn", "none"), ("sft_rot_rtn", "all")):
-            record(method, scheme, _load(fp_dir, roste_config(scheme, kind)), 0.0)
-        m, secs, _ = _train_qa(s, base_p, train_ds, tok, out / f"ste_{scheme}", seed, roste_config(scheme, "none"),
-                               "paper")
-        record("ste", scheme, m, secs)
-        try:
-            m, secs = _train_torchao(s, base_p, train_ds, tok, out / f"tao_{scheme}", seed, scheme)
-            tdir = out / f"tao_{scheme}" / "model"
-            m.save_pretrained(tdir)
-            record("torchao_qat", scheme, _load(tdir, roste_config(scheme, "none")), secs)
-        except ImportError as e:  # torchao missing: the row is absent, the report says so
-            print(f"torchao unavailable: {e}", flush=True)
+            if method in wanted:
+                record(method, scheme, _load(fp_dir, roste_config(scheme, kind)), 0.0)
+        if "ste" in wanted:
+            m, secs, _ = _train_qa(s, base_p, train_ds, tok, out / f"ste_{scheme}", seed,
+                                   roste_config(scheme, "none"), "paper")
+            record("ste", scheme, m, secs)
+            del m
+        if "torchao_qat" in wanted:
+            try:
+                m, secs = _train_torchao(s, base_p, train_ds, tok, out / f"tao_{scheme}", seed, scheme)
+                tdir = out / f"tao_{scheme}" / "model"
+                m.save_pretrained(tdir)
+                record("torchao_qat", scheme, _load(tdir, roste_config(scheme, "none")), secs)
+                del m
+            except ImportError as e:  # torchao missing: the row is absent, the report says so
+                print(f"torchao unavailable: {e}", flush=True)
         for method, crit in (("roste", "paper"), ("roste_output", "output")):
-            m, secs, on = _train_qa(s, base_p, train_ds, tok, out / f"{method}_{scheme}", seed,
-                                    roste_config(scheme, "adaptive"), crit)
-            record(method, scheme, m, secs, rotations_on=on)
-        del m
+            if method in wanted:
+                m, secs, on = _train_qa(s, base_p, train_ds, tok, out / f"{method}_{scheme}", seed,
+                                        roste_config(scheme, "adaptive"), crit)
+                record(method, scheme, m, secs, rotations_on=on)
+                del m
     return rows
 
 
@@ -254,6 +261,8 @@ def main() -> None:
     p.add_argument("--train-examples", type=int)
     p.add_argument("--learning-rate", type=float)
     p.add_argument("--schemes", nargs="+", choices=list(SCHEMES))
+    p.add_argument("--methods", nargs="+", choices=list(METHODS[1:]),
+                   help="methods besides FP SFT (always run: every row is paired against it); default: all")
     p.add_argument("--jobs", type=int, default=2, help="seeds run in parallel processes (1 thread each)")
     p.add_argument("--base", default=None, help="base checkpoint (default: the demo's shipped base)")
     p.add_argument("--_seed", type=int, default=None, help=argparse.SUPPRESS)
@@ -271,6 +280,7 @@ def main() -> None:
     for k in ("seeds", "steps", "eval_prompts", "train_examples", "learning_rate", "schemes"):
         if getattr(args, k) is not None:
             settings[k] = getattr(args, k)
+    settings["methods"] = ["fp_sft", *(args.methods or METHODS[1:])]
     base = args.base or str(shipped_base_path())
     if not os.path.isfile(os.path.join(base, "config.json")):
         raise SystemExit(f"bench/quality.py: base checkpoint {base} is missing (hf-roste demo --pretrain)")

@@ -38,7 +38,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("convert",),
     ("export",),
     ("quantizer",),
-    ("training", "evaluation"),
+    ("training", "evaluation", "eval_protocols"),
     ("demo",),
     ("commands", "cli", ""),
 ]

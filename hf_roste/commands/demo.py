@@ -15,17 +15,19 @@ def register(subparsers) -> None:
         help="Run the built-in demo: FP SFT vs PTQ vs STE vs RoSTE on a small shipped model (no network, no GPU).",
         description="Starting from a small Llama-shaped base shipped with the package (pre-trained in full precision "
         "on a synthetic corpus), fine-tunes it on a held-out task and compares FP SFT, SFT + RTN, SFT + rotation + "
-        "RTN (QuaRot-style), STE QA-SFT and RoSTE QA-SFT at W4A4KV4 (and W3A3KV3 with --stress): completion loss, "
-        "greedy exact match, checkpoint size and training time, paired against FP SFT over seeds. Saves, reloads "
-        "and generates from the RoSTE model. Writes results.json, results.md and results.png.",
+        "RTN (QuaRot-style), STE QA-SFT and RoSTE QA-SFT at W3A3KV3 (the headline: where round-to-nearest loses on "
+        "this base) and W4A4KV4: completion loss, greedy exact match, checkpoint size and training time, paired "
+        "over seeds, with conclusions derived from those differences. Saves, reloads and generates from the RoSTE "
+        "model. Writes results.json, results.md and results.svg (rotation choices and outlier statistics included).",
     )
     p.add_argument("--output-dir", default="roste-demo", help="Folder for the demo's outputs (default: roste-demo).")
-    p.add_argument("--seeds", type=int, default=None, help="Number of seeds, 0..N-1 (default: 2).")
-    p.add_argument("--steps", type=int, default=None, help="Optimizer steps of every fine-tuning run (default: 320).")
+    p.add_argument("--seeds", type=int, default=None, help="Number of seeds, 0..N-1 (default: 3).")
+    p.add_argument("--steps", type=int, default=None, help="Optimizer steps of every fine-tuning run (default: 160).")
     p.add_argument("--eval-prompts", type=int, default=None, help="Held-out prompts evaluated (default: 1000).")
     p.add_argument("--calibration-samples", type=int, default=None,
-                   help="Calibration samples of the RoSTE rotation search (default: 32).")
-    p.add_argument("--stress", action="store_true", help="Also run the whole comparison at W3A3KV3.")
+                   help="Calibration samples of the RoSTE rotation search (default: 16).")
+    p.add_argument("--schemes", nargs="+", default=None, choices=["W3A3KV3", "W4A4KV4", "W4A8KV4"],
+                   help="Bit settings, the first is the headline (default: W3A3KV3 W4A4KV4).")
     p.add_argument("--quick", action="store_true", help="Tiny sizes (for tests; about a minute).")
     p.add_argument("--base", default=None, help="Use this base checkpoint instead of the shipped one.")
     p.add_argument("--threads", type=int, default=None,
@@ -59,6 +61,8 @@ def run(args: argparse.Namespace) -> int:
         value = getattr(args, name)
         if value is not None and value < 1:
             _usage_error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.schemes and len(set(args.schemes)) != len(args.schemes):
+        _usage_error(f"--schemes {' '.join(args.schemes)} names a setting twice: give each at most once.")
     if args.base is not None and not args.pretrain and not os.path.isfile(os.path.join(args.base, "config.json")):
         _usage_error(f"--base {args.base!r} is not a saved model folder (no config.json): pass a folder written by "
                      "save_pretrained (e.g. by `hf-roste demo --pretrain`), or leave --base out to use the shipped base.")
@@ -82,6 +86,6 @@ def _run(args: argparse.Namespace) -> int:
     from ..demo import run_demo
 
     run_demo(output_dir=args.output_dir, quick=args.quick, seeds=args.seeds, steps=args.steps,
-             eval_prompts=args.eval_prompts, calibration_samples=args.calibration_samples, stress=args.stress or None,
+             eval_prompts=args.eval_prompts, calibration_samples=args.calibration_samples, schemes=args.schemes,
              base=args.base)
     return 0

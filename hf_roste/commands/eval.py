@@ -22,6 +22,7 @@ import os
 from transformers.utils import logging
 
 from ..config import ROTATION_NAMES
+from ..eval_protocols import PROTOCOLS
 from ..evaluation import TASKS
 from ..folders import is_adapter_folder, is_roste_checkpoint, roste_folder_kind
 from ._common import (
@@ -49,14 +50,19 @@ def register(subparsers) -> None:
     )
     p.add_argument("model", metavar="MODEL_DIR", help="Model folder or Hub id (RoSTE checkpoint, the LoRA adapter folder of "
                    "`hf-roste sft --use_peft true`, or full precision).")
-    p.add_argument("--task", required=True, choices=TASKS,
+    p.add_argument("--protocol", default=None, choices=sorted(PROTOCOLS),
+                   help="A fixed evaluation reproducing a paper's numbers: roste-paper = the RoSTE authors' TL;DR "
+                   "evaluation (first 6,528 test items, prompts truncated/left-padded to 512 tokens, greedy 32 new "
+                   "tokens, summary cut after 'TL;DR:', HF-evaluate ROUGE without stemmer). Sets task, dataset, "
+                   "split, sample count, lengths, stemmer and dtype; do not pass those.")
+    p.add_argument("--task", default=None, choices=TASKS,
                    help="rouge (ROUGE-1/2/L/Lsum of greedy completions), exact-match, or perplexity "
                    "(completion-only and full).")
-    p.add_argument("--dataset", required=True,
+    p.add_argument("--dataset", default=None,
                    help="Hub dataset id or local .jsonl/.json/.parquet file or folder (prompt/completion, messages; "
                    "text for perplexity).")
     p.add_argument("--dataset-config", default=None, help="Dataset configuration name (Hub datasets).")
-    p.add_argument("--split", default="test", help="Dataset split (default: test; a single local file is used whole).")
+    p.add_argument("--split", default=None, help="Dataset split (default: test; a single local file is used whole).")
     p.add_argument("--max-samples", type=_positive, default=None, help="Evaluate the first N examples only.")
     p.add_argument("--batch-size", type=_positive, default=8, help="Batch size (default: 8).")
     p.add_argument("--max-new-tokens", type=_positive, default=32,
@@ -65,7 +71,7 @@ def register(subparsers) -> None:
                    help="Truncation length: prompt tokens for generation, whole sequence for perplexity (default 2048).")
     p.add_argument("--no-stemmer", action="store_true", help="ROUGE without the Porter stemmer.")
     p.add_argument("--tokenizer", default=None, help="Tokenizer path or Hub id (default: MODEL_DIR).")
-    p.add_argument("--dtype", choices=DTYPES, default="float32", help="Load dtype (default: float32).")
+    p.add_argument("--dtype", choices=DTYPES, default=None, help="Load dtype (default: float32).")
     p.add_argument("--device", default=None, help="Device to evaluate on, e.g. cuda (default: cuda if available).")
     p.add_argument("--quantize", action="store_true",
                    help="Load a full-precision model as a RoSTE W4A4KV4 model (RTN, rotations fixed, no search).")
@@ -124,8 +130,32 @@ def _quant_config(args):
     return RoSTEConfig(rotations=tuple(rotations), rotation_search="all")
 
 
+def _apply_protocol(args: argparse.Namespace):
+    """Fill the settings a `--protocol` fixes; an explicit conflicting flag is an error. Returns the protocol."""
+    if args.protocol is None:
+        missing = [f for f, v in (("--task", args.task), ("--dataset", args.dataset)) if v is None]
+        if missing:
+            raise CommandError(f"{' and '.join(missing)} required (or --protocol NAME, e.g. --protocol roste-paper).")
+        args.split = args.split or "test"
+        args.dtype = args.dtype or "float32"
+        return None
+    proto = PROTOCOLS[args.protocol]
+    fixed = {"--task": (args.task, "rouge"), "--dataset": (args.dataset, proto.dataset),
+             "--split": (args.split, proto.split), "--dtype": (args.dtype, proto.dtype)}
+    clash = [f"{flag} {given} (protocol: {want})" for flag, (given, want) in fixed.items()
+             if given is not None and given != want]
+    if args.max_samples is not None or args.no_stemmer or args.max_length != 2048 or args.max_new_tokens != 32:
+        clash.append("--max-samples/--no-stemmer/--max-length/--max-new-tokens")
+    if clash:
+        raise CommandError(f"--protocol {proto.name} fixes these settings; drop {', '.join(clash)}.")
+    args.task, args.dataset, args.split, args.dtype = "rouge", proto.dataset, proto.split, proto.dtype
+    return proto
+
+
 def _run(args: argparse.Namespace) -> int:
     from ..evaluation import _require_rouge, evaluate, format_table
+
+    protocol = _apply_protocol(args)
 
     if args.task == "rouge":
         _require_rouge()  # fail before loading anything
@@ -176,7 +206,13 @@ def _run(args: argparse.Namespace) -> int:
         if args.task == "rouge":
             kwargs["use_stemmer"] = not args.no_stemmer
     try:
-        results = evaluate(args.task, model, tokenizer, dataset, **kwargs)
+        if protocol is not None:
+            from ..eval_protocols import evaluate_protocol
+
+            results = evaluate_protocol(protocol, model, tokenizer, dataset, batch_size=args.batch_size,
+                                        progress=not args.no_progress, return_predictions=args.output is not None)
+        else:
+            results = evaluate(args.task, model, tokenizer, dataset, **kwargs)
     except ValueError as exc:
         raise CommandError(f"--dataset {args.dataset}: {exc}") from None
     kind = "RoSTE " + model.config.quantization_config.scheme_name if getattr(model, "roste", None) else "full precision"
@@ -184,7 +220,7 @@ def _run(args: argparse.Namespace) -> int:
         kind += " + LoRA"
     print(format_table(results, title=f"{args.task} - {args.model} ({kind})"))
     if args.output:
-        report = {"task": args.task, "model": args.model, "dataset": args.dataset, "split": args.split,
+        report = {"task": args.task, "protocol": args.protocol, "model": args.model, "dataset": args.dataset, "split": args.split,
                   "model_kind": kind, "results": results}
         os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
         with open(args.output, "w", encoding="utf-8") as f:

@@ -62,6 +62,13 @@ class RoSTEScriptArguments(ScriptArguments, DatasetMixtureConfig):
     tokenizer_name_or_path: str | None = field(
         default=None, metadata={"help": "Tokenizer path or Hub id (default: model_name_or_path)."}
     )
+    legacy_chat_template: str | None = field(
+        default=None,
+        metadata={"help": "Format prompt/completion examples in a legacy default chat format and train on the whole "
+                  "sequence, as the RoSTE authors' TRL 0.11 code did: 'chatml' (Qwen) or 'eos_concat' (Pythia). "
+                  "Needs completion_only_loss false. None = TRL's own formatting.",
+                  "choices": [None, "chatml", "eos_concat"]},
+    )
     accelerate_config: str | None = field(
         default=None,
         metadata={"help": "As in `trl sft`: run through `accelerate launch` with this config (a YAML path, a name "
@@ -484,6 +491,17 @@ def run_sft(script_args, training_args, model_args, roste_args):
     tokenizer = load_tokenizer(script_args.tokenizer_name_or_path or model_args.model_name_or_path,
                                revision=model_args.model_revision if not script_args.tokenizer_name_or_path else None,
                                flag="--tokenizer_name_or_path")
+    if script_args.legacy_chat_template:
+        from ..training.paper_format import legacy_text_dataset
+
+        if training_args.completion_only_loss:
+            raise CommandError(f"--legacy_chat_template {script_args.legacy_chat_template} trains on the whole sequence "
+                               "(the authors' setup): set --completion_only_loss false.")
+        try:
+            train_dataset = legacy_text_dataset(train_dataset, tokenizer, script_args.legacy_chat_template,
+                                                training_args.max_length)
+        except ValueError as exc:
+            raise CommandError(f"--dataset_name {script_args.dataset_name}: {exc}") from None
     peft_config = get_peft_config(model_args)
 
     if roste_args.quantize:

@@ -4,7 +4,9 @@
 - `pretrain.py`: how the shipped base `hf_roste/data/demo_base/` was produced (`--pretrain`);
 - `run.py`: FP SFT, SFT + RTN, SFT + rotation + RTN, STE QA-SFT and RoSTE QA-SFT, evaluated on the
   same held-out prompts, plus the save / reload / generate check of the RoSTE model;
-- `report.py`: paired differences against FP SFT, the noise rule, table, JSON, Markdown and plot.
+- `conclusions.py`: paired differences, the noise rule, and the printed conclusions derived from them;
+- `outliers.py`: outlier statistics at the quantized linears' inputs, before and after rotation;
+- `report.py`: aggregation, table, JSON and Markdown; `figure.py`: the SVG figure (no plotting dependency).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 from .run import DemoSettings, run_comparison, shipped_base_path
 
 QUICK = dict(seeds=2, steps=4, batch_size=8, train_examples=64, eval_prompts=32, calibration_samples=8,
-             reload_check_prompts=8)
+             reload_check_prompts=8, outlier_prompts=8)
 
 
 def run_demo(output_dir: str = "roste-demo", *, quick: bool = False, **overrides) -> dict:

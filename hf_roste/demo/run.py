@@ -15,6 +15,7 @@ the completion tokens and `<eos>`, token-weighted mean) and greedy exact match (
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Sequence
@@ -24,10 +25,16 @@ from pathlib import Path
 import torch
 
 from .report import METHOD_LABELS
-from .tasks import EOS_ID, char_tokenizer, decode, encode, held_out_split
+from .tasks import BOS_ID, EOS_ID, char_tokenizer, decode, encode, held_out_split
 
 METHODS = ("fp_sft", "sft_rtn", "sft_rot_rtn", "ste", "roste")
-SCHEMES = {"W4A4KV4": 4, "W3A3KV3": 3}
+SCHEMES = {"W3A3KV3": (3, 3, 3), "W4A4KV4": (4, 4, 4), "W4A8KV4": (4, 8, 4)}  # (weight, activation, KV bits)
+# The headline setting comes first. On the shipped base (no residual-stream outliers) the benchmark suite
+# measured W4A4KV4 round-to-nearest at -1.6 exact-match points against FP SFT (within seed noise) and W3A3KV3 at
+# -7.2 (beyond noise), 3 seeds at the settings below (docs/benchmarks.md, "Quality"): only at 3 bits is there a
+# post-training-quantization loss for QA-SFT to recover on this base, so W3A3KV3 is the headline and W4A4KV4
+# (the paper's setting) is reported as measured.
+DEFAULT_SCHEMES = ("W3A3KV3", "W4A4KV4")
 DATA_SEED = 20250213  # the train / eval split is the same for every seed; seeds change init order, shuffling, signs
 
 
@@ -38,22 +45,31 @@ def shipped_base_path() -> Path:
 @dataclass
 class DemoSettings:
     output_dir: str = "roste-demo"
-    seeds: int = 2
-    steps: int = 320  # QA-SFT needs ~300 steps here to beat PTQ; 80 left it undertrained (measured)
+    # The training settings are the benchmark suite's (bench/quality.py FULL), chosen from its measurements:
+    # lr 1e-3, not 2e-3: at 2e-3 FP SFT itself reached only 0.107 completion loss / 91.2% exact match (3 seeds)
+    # against 0.016 / 99.1% at 1e-3, and at W3A3KV3 the seed-to-seed spread of the QA-SFT losses was up to 3.4x
+    # wider (8 seeds per learning rate; docs/rotation_ablation.md, docs/benchmarks.md "Quality").
+    # 160 steps x batch 16 on 1000 examples: FP SFT reaches 99.1% exact match there, and 3 seeds of the whole
+    # comparison fit in the 10-minute budget on 2 CPU cores.
+    seeds: int = 3
+    steps: int = 160
     batch_size: int = 16
-    learning_rate: float = 2e-3
-    train_examples: int = 3000
+    learning_rate: float = 1e-3
+    train_examples: int = 1000
     eval_prompts: int = 1000
-    calibration_samples: int = 32
-    stress: bool = False
+    calibration_samples: int = 16
     quick: bool = False
     base: str | None = None
     reload_check_prompts: int = 128
+    outlier_prompts: int = 64  # held-out prompt + completion sequences for the outlier statistics
     schemes: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.schemes:
-            self.schemes = ["W4A4KV4"] + (["W3A3KV3"] if self.stress else [])
+            self.schemes = list(DEFAULT_SCHEMES)
+        unknown = [x for x in self.schemes if x not in SCHEMES]
+        if unknown:
+            raise ValueError(f"DemoSettings.schemes: unknown setting(s) {unknown}; choose from {list(SCHEMES)}")
 
 
 def _bytes_and_files(folder: Path) -> tuple[int, list[dict]]:
@@ -102,11 +118,13 @@ def evaluate(model, pairs: list[tuple[str, str]], batch_size: int = 256, desc: s
 
 
 @torch.no_grad()
-def greedy_tokens(model, pairs: list[tuple[str, str]]) -> list[list[int]]:
+def greedy_tokens(model, pairs: list[tuple[str, str]], prefix: Sequence[int] = ()) -> list[list[int]]:
+    """Greedy completion ids (completion length + 1) of every prompt, `prefix` ids first."""
     out = []
     model.eval()
     for (lp, lc), rows in _buckets(pairs).items():
-        prompts = torch.tensor([encode(p) for p, _ in rows])
+        prompts = torch.tensor([[*prefix, *encode(p)] for p, _ in rows])
+        lp += len(prefix)
         gen = model.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=lc + 1,
                              min_new_tokens=lc + 1, do_sample=False, pad_token_id=0, eos_token_id=None)
         out += gen[:, lp:].tolist()
@@ -138,8 +156,8 @@ def _load(path, qc=None):
 def _roste_config(scheme: str, kind: str):
     from ..config import RoSTEConfig
 
-    b = SCHEMES[scheme]
-    bits = dict(weight_bits=b, activation_bits=b, kv_bits=b)
+    w, a, kv = SCHEMES[scheme]
+    bits = dict(weight_bits=w, activation_bits=a, kv_bits=kv)
     if kind == "none":
         return RoSTEConfig(rotations=(), rotation_search="none", **bits)
     if kind == "all":
@@ -192,17 +210,17 @@ def _rotation_summary(rc) -> str | None:
     return f"R1={'on' if rc['R1'] else 'off'}, " + ", ".join(f"{k} on in {v}/{len(layers)} layers" for k, v in on.items())
 
 
-def _reload_check(model, folder: Path, pairs) -> dict:
+def _reload_check(model, folder: Path, pairs, prefix: Sequence[int] = ()) -> dict:
     """Reload the saved RoSTE model with `from_pretrained` and compare greedy generations."""
     from transformers import AutoModelForCausalLM
 
     from ..state import get_state
 
-    before = greedy_tokens(model, pairs)
+    before = greedy_tokens(model, pairs, prefix)
     t0 = time.perf_counter()
     reloaded = AutoModelForCausalLM.from_pretrained(str(folder))
     load_s = time.perf_counter() - t0
-    after = greedy_tokens(reloaded, pairs)
+    after = greedy_tokens(reloaded, pairs, prefix)
     same = sum(a == b for a, b in zip(before, after, strict=True))
     state = get_state(reloaded)
     sample = [(p, decode(g)) for (p, _), g in list(zip(pairs, after, strict=True))[:3]]
@@ -210,36 +228,73 @@ def _reload_check(model, folder: Path, pairs) -> dict:
             "reloaded_packed": bool(state.packed), "load_seconds": load_s, "samples": sample}
 
 
+def base_uses_bos(base: str | Path) -> bool:
+    """True when the base was pre-trained with `<bos>` first (`"bos": true` in its `pretrain_info.json`)."""
+    info = Path(base) / "pretrain_info.json"
+    return info.is_file() and bool(json.loads(info.read_text()).get("bos", False))
+
+
+def headline_lines(s: DemoSettings, base: Path, shipped: bool) -> list[str]:
+    """What the run compares and why these settings (printed before any training)."""
+    head = s.schemes[0]
+    w, a, kv = SCHEMES[head]
+    lines = [f"  headline setting: {head} ({w}-bit weights, {a}-bit activations, {kv}-bit KV cache), then "
+             + (", ".join(s.schemes[1:]) or "nothing else") + "."]
+    if shipped and head == "W3A3KV3":
+        lines += [
+            "  why 3 bits: this small base has no residual-stream outliers. The benchmark suite measured, at these",
+            "  settings (3 seeds, docs/benchmarks.md), W4A4KV4 round-to-nearest after SFT at -1.6 exact-match points",
+            "  against FP SFT (within seed noise) and W3A3KV3 at -7.2 (beyond noise): W4A4KV4 leaves QA-SFT little to",
+            "  recover here, so it is reported as measured, after the headline. Whether PTQ loses on THIS run is",
+            "  decided below from this run's own paired differences.",
+            "  A base with mild natural outliers (3-bit RTN lost 14 points there, 4 seeds): from a repository",
+            "  checkout, `hf-roste demo --base bench/bases/code_base` (about 4x slower per seed).",
+        ]
+    lines.append(f"  training settings from the project's measurements: lr {s.learning_rate} (docs/rotation_ablation.md: "
+                 f"at 2e-3 FP SFT under-trains and the 3-bit spread is wider), {s.steps} steps x batch {s.batch_size}.")
+    return lines
+
+
 def run_comparison(s: DemoSettings) -> dict:
-    """Run the whole comparison; return the results dict (also written as JSON / Markdown / PNG)."""
+    """Run the whole comparison; return the results dict (also written as JSON / Markdown / SVG)."""
+    from .conclusions import conclusion_line
+    from .outliers import outlier_table
     from .report import aggregate, print_table, write_outputs
 
     wall0 = time.perf_counter()
     out = Path(s.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    shipped = not s.base
     base = Path(s.base) if s.base else shipped_base_path()
     if not (base / "config.json").is_file():
         raise SystemExit(f"hf-roste demo: the base checkpoint {base} is missing; run `hf-roste demo --pretrain`.")
+    bos = base_uses_bos(base)
+    prefix = [BOS_ID] if bos else []
     tok = char_tokenizer()
     eval_pairs = held_out_split(s.eval_prompts, DATA_SEED + 1)
     train_pairs = held_out_split(s.train_examples, DATA_SEED, exclude={p for p, _ in eval_pairs})
-    train_ds = _dataset(train_pairs)
+    train_ds = _dataset(train_pairs, "<bos>" if bos else "")  # "<bos>" is one token of the char tokenizer
     reload_pairs = eval_pairs[: s.reload_check_prompts]
+    outlier_seqs = [torch.tensor([[*prefix, *encode(p + c), EOS_ID]]) for p, c in eval_pairs[: s.outlier_prompts]]
     n_params = sum(p.numel() for p in _load(base).parameters())
-    print(f"hf-roste demo: base {base} ({n_params:,} parameters, pre-trained in full precision on the synthetic mix)")
+    print(f"hf-roste demo: base {base} ({n_params:,} parameters, pre-trained in full precision"
+          + ("; <bos> first in every sequence, as in its pre-training)" if bos else ")"))
     print(f"  held-out task 'count(word)=' -> number of letters (held-out format): {len(train_pairs)} training examples, "
           f"{len(eval_pairs)} held-out eval prompts (disjoint)")
+    for line in headline_lines(s, base, shipped):
+        print(line)
     print(f"  settings: seeds={s.seeds}, steps={s.steps}, batch={s.batch_size}, lr={s.learning_rate}, "
           f"schemes={s.schemes}, rotation-search calibration samples={s.calibration_samples}, "
           f"torch threads={torch.get_num_threads()}")
     runs: list[dict] = []
     reload_checks: list[dict] = []
+    outliers: list[dict] = []
     for seed in range(s.seeds):
         sdir = out / "runs" / f"seed{seed}"
         print(f"\n=== seed {seed} ===")
         print("[FP SFT] TRL SFTTrainer, full precision")
         fp_model, fp_s, fp_losses = _train_fp(s, base, train_ds, tok, sdir / "fp_sft", seed)
-        fp_metrics = evaluate(fp_model, eval_pairs, desc="eval FP SFT")
+        fp_metrics = evaluate(fp_model, eval_pairs, desc="eval FP SFT", prefix=prefix)
         fp_dir = sdir / "fp_sft" / "model"
         size, _ = _save(fp_model, tok, fp_dir)
         del fp_model
@@ -247,13 +302,21 @@ def run_comparison(s: DemoSettings) -> dict:
                      "train_seconds": fp_s, "train_losses": fp_losses})
         print(f"  FP SFT: loss {fp_metrics['completion_loss']:.4f}, exact match {fp_metrics['exact_match']:.1%}, "
               f"{fp_s:.1f}s")
+        if seed == 0:
+            t0 = time.perf_counter()
+            outliers = outlier_table(fp_dir, outlier_seqs)
+            worst = {m: (max(r[m]["before"]["max"] for r in outliers), max(r[m]["after"]["max"] for r in outliers))
+                     for m in ("q_proj", "o_proj", "gate_proj", "down_proj")}
+            print(f"  outliers of the FP SFT model (worst token max|x|/median|x| over layers, before -> after all "
+                  f"rotations; {time.perf_counter() - t0:.1f}s): "
+                  + ", ".join(f"{m} {b:.1f} -> {a:.1f}" for m, (b, a) in worst.items()))
         for scheme in s.schemes:
             for method, kind in (("sft_rtn", "none"), ("sft_rot_rtn", "all")):
                 print(f"[{METHOD_LABELS[method]} {scheme}] FP SFT output, post-training quantization, no training")
                 t0 = time.perf_counter()
                 model = _load(fp_dir, _roste_config(scheme, kind))
                 prep_s = time.perf_counter() - t0
-                metrics = evaluate(model, eval_pairs, desc=f"eval {method} {scheme}")
+                metrics = evaluate(model, eval_pairs, desc=f"eval {method} {scheme}", prefix=prefix)
                 size, _ = _save(model, tok, sdir / f"{method}_{scheme}")
                 runs.append({"seed": seed, "scheme": scheme, "method": method, **metrics, "checkpoint_bytes": size,
                              "train_seconds": 0.0, "prepare_seconds": prep_s})
@@ -263,19 +326,22 @@ def run_comparison(s: DemoSettings) -> dict:
                 print(f"[{METHOD_LABELS[method]} {scheme}] RoSTESFTTrainer from the base")
                 model, secs, losses, rc = _train_qa(s, base, train_ds, tok, sdir / f"{method}_{scheme}", seed,
                                                     _roste_config(scheme, kind))
-                metrics = evaluate(model, eval_pairs, desc=f"eval {method} {scheme}")
+                metrics = evaluate(model, eval_pairs, desc=f"eval {method} {scheme}", prefix=prefix)
                 folder = sdir / f"{method}_{scheme}" / "model"
                 size, files = _save(model, tok, folder)
                 row = {"seed": seed, "scheme": scheme, "method": method, **metrics, "checkpoint_bytes": size,
                        "train_seconds": secs, "train_losses": losses, "rotation_config": _rotation_summary(rc)}
+                if rc:
+                    row.update(rotation_r1=bool(rc["R1"]), rotation_layers=[dict(x) for x in rc["layers"]],
+                               rotation_errors=rc.get("errors"))
                 runs.append(row)
                 print(f"  loss {metrics['completion_loss']:.4f}, exact match {metrics['exact_match']:.1%}, {secs:.1f}s"
                       + (f"; rotations chosen by the search: {row['rotation_config']}" if method == "roste" else ""))
-                if method == "roste":
+                if method == "roste" and seed == 0:
                     print(f"  saved with save_pretrained to {folder}: {size:,} bytes")
                     for f in files:
                         print(f"    {f['file']:<32} {f['bytes']:>10,} bytes")
-                    check = _reload_check(model, folder, reload_pairs)
+                    check = _reload_check(model, folder, reload_pairs, prefix)
                     check.update(seed=seed, scheme=scheme, folder=str(folder), checkpoint_bytes=size, files=files)
                     reload_checks.append(check)
                     verdict = "IDENTICAL" if check["all_identical"] else "DIFFERENT"
@@ -287,18 +353,22 @@ def run_comparison(s: DemoSettings) -> dict:
                 del model
     result = {
         "settings": asdict(s),
-        "base": {"path": str(base), "parameters": n_params},
+        "base": {"path": str(base), "parameters": n_params, "shipped": shipped, "bos": bos},
+        "headline": {"scheme": s.schemes[0], "why": headline_lines(s, base, shipped)},
         "task": {"name": "count", "description": "count(word)= -> number of letters (1..10; held-out format of len)",
                  "train_examples": len(train_pairs), "eval_prompts": len(eval_pairs), "data_seed": DATA_SEED},
         "runs": runs,
         "reload_checks": reload_checks,
+        "outliers": outliers,
         "torch_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
     }
     result["rows"], result["noise_rule"] = aggregate(runs, s)
     result["wall_seconds"] = time.perf_counter() - wall0
     print_table(result)
+    print("\nConclusions (each derived from the paired differences on its line, under the noise rule above):")
+    for c in result["conclusions"]:
+        print("  " + conclusion_line(c))
     write_outputs(result, out)
     print(f"\nwall time: {result['wall_seconds']:.1f}s ({result['wall_seconds'] / 60:.1f} min)")
     return result
-

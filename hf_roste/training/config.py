@@ -13,6 +13,8 @@ from ..config import SEARCH_CRITERIA, SEARCH_STRATEGIES
 # construction); TRL's SFTConfig still sets the old name's default to True
 _HAS_ACTIVATION_CHECKPOINTING = "activation_checkpointing" in TrainingArguments.__dataclass_fields__
 
+CALIBRATION_SOURCES = ("train_sample", "first_prompts")
+
 
 @dataclass
 class RoSTESFTConfig(SFTConfig):
@@ -43,6 +45,20 @@ class RoSTESFTConfig(SFTConfig):
     )
     rotation_calibration_samples: int = field(
         default=128, metadata={"help": "Number of training samples used to calibrate the rotation search."}
+    )
+    rotation_calibration_source: str = field(
+        default="train_sample",
+        metadata={
+            "help": "Where the search's calibration samples come from: 'train_sample' (random training examples, prompt "
+            "and completion, through the trainer's collator) or 'first_prompts' (the first N training examples' "
+            "'prompt' text only, in dataset order: the RoSTE authors' rotate_model_r234_quant_error.py).",
+            "choices": list(CALIBRATION_SOURCES),
+        },
+    )
+    rotation_calibration_max_length: int | None = field(
+        default=None,
+        metadata={"help": "Truncate each calibration sample to this many tokens, keeping its start (the authors: 512). "
+                  "None = as the collator gives it (max_length)."},
     )
     rotation_search_interval: int | None = field(
         default=None,
@@ -84,6 +100,17 @@ class RoSTESFTConfig(SFTConfig):
         n = self.rotation_calibration_samples
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"RoSTESFTConfig.rotation_calibration_samples={n!r} is invalid: expected an int >= 1 (paper: 128).")
+        if self.rotation_calibration_source not in CALIBRATION_SOURCES:
+            raise ValueError(
+                f"RoSTESFTConfig.rotation_calibration_source={self.rotation_calibration_source!r} is invalid: expected "
+                f"one of {CALIBRATION_SOURCES}."
+            )
+        m = self.rotation_calibration_max_length
+        if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1):
+            raise ValueError(
+                f"RoSTESFTConfig.rotation_calibration_max_length={m!r} is invalid: expected None or an int >= 1 "
+                "(the authors: 512)."
+            )
         k = self.rotation_search_interval
         if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k <= 0):
             raise ValueError(

@@ -31,6 +31,7 @@ from ..io import atomic_write_text
 from ..rotation.fusion import set_rotation_config
 from ..rotation.search import search_rotation_config
 from ..state import RoSTEState, get_state, save_format, unwrap_peft
+from .calibration_data import first_prompts, prompt_batches, truncate_batch
 from .checkpoints import (
     has_adapter_weights,
     is_peft,
@@ -160,6 +161,8 @@ class RoSTESFTTrainer(SFTTrainer):
                 )
         if train_dataset is not None:
             _check_dataset_columns(train_dataset, "train_dataset", kwargs.get("formatting_func") is not None)
+        # the authors' calibration reads the raw prompts, which TRL's processing below would drop
+        self._calibration_prompts = first_prompts(train_dataset, args) if args is not None else None
         if peft_config is not None:
             if args is not None and getattr(args, "rotation_search_interval", None):
                 raise ValueError(
@@ -220,6 +223,9 @@ class RoSTESFTTrainer(SFTTrainer):
         """
         if self._calibration is not None:
             return self._calibration
+        if self._calibration_prompts is not None:
+            self._calibration = prompt_batches(self._calibration_prompts, self.processing_class, self.args)
+            return self._calibration
         dataset = self.train_dataset
         if dataset is None or not hasattr(dataset, "__len__") or len(dataset) == 0:
             raise ValueError("The rotation search needs a non-empty, indexable train_dataset to draw calibration samples.")
@@ -243,6 +249,7 @@ class RoSTESFTTrainer(SFTTrainer):
             batch = {k: raw[k] for k in ("input_ids", "attention_mask", "position_ids") if k in raw}
             if "attention_mask" not in batch:
                 batch["attention_mask"] = torch.ones_like(batch["input_ids"])
+            batch = truncate_batch(batch, self.args.rotation_calibration_max_length)
             batches.append(batch)
         self._calibration = batches
         return batches
