@@ -34,6 +34,9 @@ bit for bit against the installed compressed-tensors. Consequences:
 * a block whose scale would be an fp8 subnormal keeps it (e4m3 subnormals go down to 2^-9); a block
   far smaller than the largest one (ratio below about 2^-9 / 448) gets scale 0 -> 0.125, and its
   values all round to 0 (exactly what the serving kernels compute from the same stored scales);
+* MXFP4 block maxima above ``1.75 * 2^127`` (within 15% of the fp32 maximum) get the e8m0 code 253
+  where compressed-tensors' power-of-two rounding overflows to an infinite scale (the only input
+  range where the two differ); there the top grid point itself overflows fp32, as in any format;
 * all-zero blocks and tensors give exact zeros; a NaN / Inf in a block makes that block's output NaN
   (its codes are 0 and, for MXFP4, its scale code is 255).
 
@@ -174,7 +177,10 @@ class FP4Quantized:
 
 # --------------------------------------------------------------------------- e2m1 grid
 def round_to_e2m1(x: Tensor) -> Tensor:
-    """Nearest e2m1 value of fp32 ``x`` (ties to even mantissa), saturating at +-6; sign kept (-0.0 too).
+    """Nearest e2m1 value of fp32 ``x`` (ties to even mantissa), saturating at +-6.
+
+    A negative value that rounds to zero gives -0.0 (code 8); an input zero gives +0.0 (code 0), as
+    compressed-tensors' ``cast_to_fp4`` does.
 
     The grid has step 0.5 below 2, 1 in [2, 4) and 2 in [4, 6], so ``torch.round`` (half to even)
     on the value divided by the step gives the even-mantissa tie rule; every operation is exact.
@@ -184,7 +190,7 @@ def round_to_e2m1(x: Tensor) -> Tensor:
     mid = torch.round(a)
     coarse = torch.round(a * 0.5).mul_(2.0)
     q = torch.where(a < 2.0, fine, torch.where(a < 4.0, mid, coarse))
-    return torch.copysign(q, x)
+    return q.mul_(torch.sign(x))  # -0.0 for negatives rounding to 0; +0.0 for a zero input of either sign
 
 
 def e2m1_codes(q: Tensor) -> Tensor:
