@@ -26,6 +26,7 @@ from transformers.utils import logging
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .numerics import QuantSpec
+from .numerics.fp4 import FP4_BLOCK_SIZES, FP4Spec
 
 logger = logging.get_logger(__name__)
 
@@ -39,6 +40,8 @@ PER_LAYER_ROTATIONS = ("R2", "R3", "R4")
 SEARCH_STRATEGIES = ("adaptive", "all", "none")
 CHECKPOINT_FORMATS = ("master", "packed")
 SUPPORTED_BITS = (2, 3, 4, 8, 16)
+#: Number formats of linear weights and inputs: uniform integers (the paper) or the FP4 block formats.
+NUMBER_FORMATS = ("int", "nvfp4", "mxfp4")
 #: Exclusive upper bound of `rotation_seed` (torch generators take 64-bit seeds; R2 of layer i uses seed + 1 + i).
 MAX_SEED = 2**63
 
@@ -55,7 +58,16 @@ FIELD_HELP: dict[str, str] = {
     "weight_clip_ratio": "Clip factor c in (0, 1] applied to the weight range (paper: 0.95).",
     "activation_clip_ratio": "Clip factor c in (0, 1] applied to the activation range (paper: 0.95).",
     "kv_clip_ratio": "Clip factor c in (0, 1] applied to the K/V range (paper: 0.95).",
-    "weight_group_size": "Weight group size along the input dim; None = one scale per output channel.",
+    "weight_group_size": "Weight group size along the input dim; None = one scale per output channel (int format; "
+                         "FP4 formats fix it: 16 for nvfp4, 32 for mxfp4).",
+    "weight_format": "Number format of linear weights: 'int' (uniform integers, the paper), 'nvfp4' (e2m1, blocks of 16, "
+                     "fp8-e4m3 block scales, fp32 global scale per tensor) or 'mxfp4' (e2m1, blocks of 32, e8m0 "
+                     "power-of-two scales). FP4 formats need weight_bits=4; their scales are fixed by the format, so "
+                     "weight_clip_ratio must stay at its default and weight_symmetric is not used (e2m1 values are "
+                     "sign-magnitude, always symmetric).",
+    "activation_format": "Number format of linear inputs: 'int' (per token), 'nvfp4' (blocks of 16, fp8 block scales, "
+                         "fp32 global scale per token) or 'mxfp4' (blocks of 32, e8m0 scales). FP4 formats need "
+                         "activation_bits=4. K/V always use the int quantizer (kv_bits).",
     "rotations": "Rotations that may be used, a subset of R1 (residual), R2 (V/O per head), R3 (Q/K online), R4 (down_proj input online).",
     "rotation_search": "How per-layer R2/R3/R4 are chosen: 'adaptive' (the paper's search), 'all' (every rotation on), 'none'.",
     "rotation_config": "Per-layer on/off result {'R1': bool, 'layers': [{'R2','R3','R4'}...]}; filled by the search.",
@@ -93,6 +105,36 @@ def _check_clip(field: str, value: Any) -> float:
     value = float(value)
     if not math.isfinite(value) or not 0.0 < value <= 1.0:
         raise _err(field, value, "a float in (0, 1], e.g. 0.95 as in the paper")
+    return value
+
+
+_DEFAULT_CLIP = 0.95
+
+
+def _check_format(kind: str, value: Any, bits: int, clip: float, group_size: int | None) -> str:
+    """`weight_format` / `activation_format`: a name from NUMBER_FORMATS consistent with the other fields."""
+    field = f"{kind}_format"
+    if not isinstance(value, str) or value not in NUMBER_FORMATS:
+        raise _err(field, value, f"one of {NUMBER_FORMATS}")
+    if value == "int":
+        return value
+    if bits != 4:
+        raise ValueError(
+            f"RoSTEConfig.{field}={value!r} stores 4-bit e2m1 values, but {kind}_bits={bits}: set {kind}_bits=4 "
+            f"(or {field}='int' for {bits}-bit integers)."
+        )
+    if clip != _DEFAULT_CLIP:
+        raise ValueError(
+            f"RoSTEConfig.{kind}_clip_ratio={clip!r} has no effect with {field}={value!r}: FP4 block scales are "
+            f"fixed by the format (the block maximum maps to 6). Leave {kind}_clip_ratio at its default "
+            f"{_DEFAULT_CLIP} or use {field}='int'."
+        )
+    block = FP4_BLOCK_SIZES[value]
+    if group_size is not None and group_size != block:
+        raise ValueError(
+            f"RoSTEConfig.weight_group_size={group_size} conflicts with weight_format={value!r}, whose blocks are "
+            f"{block} values: leave weight_group_size=None (the format sets it)."
+        )
     return value
 
 
@@ -187,6 +229,8 @@ class RoSTEConfig(QuantizationConfigMixin):
         activation_clip_ratio: float = 0.95,
         kv_clip_ratio: float = 0.95,
         weight_group_size: int | None = None,
+        weight_format: str = "int",
+        activation_format: str = "int",
         rotations: tuple[str, ...] | list[str] = ROTATION_NAMES,
         rotation_search: str = "adaptive",
         rotation_config: dict | None = None,
@@ -219,6 +263,10 @@ class RoSTEConfig(QuantizationConfigMixin):
             if weight_group_size < 2:
                 raise _err("weight_group_size", weight_group_size, "None (per output channel) or an int >= 2, e.g. 128")
         self.weight_group_size = weight_group_size
+        self.weight_format = _check_format("weight", weight_format, self.weight_bits, self.weight_clip_ratio,
+                                           weight_group_size)
+        self.activation_format = _check_format("activation", activation_format, self.activation_bits,
+                                               self.activation_clip_ratio, None)
         if isinstance(rotations, str) or not isinstance(rotations, (list, tuple)):
             raise TypeError(f"RoSTEConfig.rotations must be a list/tuple of names from {ROTATION_NAMES}, got {rotations!r}.")
         bad = [r for r in rotations if r not in ROTATION_NAMES]
@@ -279,15 +327,21 @@ class RoSTEConfig(QuantizationConfigMixin):
         return {"R1": "R1" in self.rotations, "layers": [self.default_layer_flags() for _ in range(num_layers)]}
 
     @property
-    def weight_spec(self) -> QuantSpec:
-        """Quantizer of linear weights `[out, in]`: per output channel or per group along `in`."""
+    def weight_spec(self) -> QuantSpec | FP4Spec:
+        """Quantizer of linear weights `[out, in]`: per output channel or per group along `in` (int), or
+        FP4 blocks along `in` with one global scale per weight tensor (NVFP4)."""
+        if self.weight_format != "int":
+            return FP4Spec(self.weight_format, "tensor")
         if self.weight_group_size is None:
             return QuantSpec(self.weight_bits, self.weight_symmetric, self.weight_clip_ratio, "channel")
         return QuantSpec(self.weight_bits, self.weight_symmetric, self.weight_clip_ratio, "group", self.weight_group_size)
 
     @property
-    def activation_spec(self) -> QuantSpec:
-        """Quantizer of linear inputs `[..., in]`: per token."""
+    def activation_spec(self) -> QuantSpec | FP4Spec:
+        """Quantizer of linear inputs `[..., in]`: per token (int), or FP4 blocks along `in` with, for NVFP4,
+        one global scale per token (so a token's codes do not depend on the rest of the batch)."""
+        if self.activation_format != "int":
+            return FP4Spec(self.activation_format, "row" if self.activation_format == "nvfp4" else "tensor")
         return QuantSpec(self.activation_bits, self.activation_symmetric, self.activation_clip_ratio, "token")
 
     @property
@@ -297,8 +351,14 @@ class RoSTEConfig(QuantizationConfigMixin):
 
     @property
     def scheme_name(self) -> str:
-        """Short name such as `w4a4kv4` (used in tags and cards)."""
-        return f"w{self.weight_bits}a{self.activation_bits}kv{self.kv_bits}"
+        """Short name such as `w4a4kv4`, prefixed by the formats when not int: `nvfp4-w4a4kv4`,
+        `mxfp4-int-w4a8kv4` (weight format, then activation format) (used in tags and cards)."""
+        bits = f"w{self.weight_bits}a{self.activation_bits}kv{self.kv_bits}"
+        if self.weight_format == self.activation_format == "int":
+            return bits
+        fmts = self.weight_format if self.weight_format == self.activation_format else (
+            f"{self.weight_format}-{self.activation_format}")
+        return f"{fmts}-{bits}"
 
     # ---------------------------------------------------------- serialisation
     def to_dict(self) -> dict[str, Any]:
@@ -316,6 +376,8 @@ class RoSTEConfig(QuantizationConfigMixin):
             "activation_clip_ratio": self.activation_clip_ratio,
             "kv_clip_ratio": self.kv_clip_ratio,
             "weight_group_size": self.weight_group_size,
+            "weight_format": self.weight_format,
+            "activation_format": self.activation_format,
             "rotations": list(self.rotations),
             "rotation_search": self.rotation_search,
             "rotation_config": copy.deepcopy(self.rotation_config),
