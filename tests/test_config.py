@@ -38,6 +38,8 @@ BAD_VALUES = [
     ("modules_to_not_convert", [""], ValueError, r"modules_to_not_convert"),
     ("checkpoint_format", "gguf", ValueError, r"checkpoint_format='gguf'"),
     ("format_version", 0, ValueError, r"format_version=0"),
+    ("weight_format", "fp4", ValueError, r"weight_format='fp4' is invalid.*'int', 'nvfp4', 'mxfp4'"),
+    ("activation_format", 4, ValueError, r"activation_format=4 is invalid"),
 ]
 
 
