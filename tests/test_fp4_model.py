@@ -42,6 +42,11 @@ def test_config_fields_specs_and_round_trip():
     assert mixed.activation_spec.bits == 8 and mixed.scheme_name == "mxfp4-int-w4a8kv4"
     assert RoSTEConfig(weight_format="mxfp4", weight_group_size=32).weight_spec.block_size == 32
     assert RoSTEConfig().weight_format == "int" and RoSTEConfig.from_dict({"weight_bits": 4}).activation_format == "int"
+    from hf_roste.export.model_card import quant_rows
+
+    rows = quant_rows(cfg)
+    assert "NVFP4" in rows[0]["granularity"] and "per token" in rows[1]["granularity"]
+    assert rows[2]["granularity"] == "per token per head (dynamic)"
 
 
 @pytest.mark.parametrize("kwargs, match", [

@@ -111,6 +111,9 @@ def test_refusals_and_weight_only(tiny_checkpoints, tmp_path):
     qc = json.loads((tmp_path / "b" / "config.json").read_text())["quantization_config"]
     assert qc["config_groups"]["group_0"]["input_activations"] is None
     assert any("weight_format='int'" in p for p in check_exportable_fp4(RoSTEConfig()))
+    from hf_roste.export.compressed_tensors import check_exportable
+
+    assert any("export_compressed_tensors_fp4" in p for p in check_exportable(_cfg("nvfp4")))
     assert any("rotations=('R1', 'R2', 'R4')" in p
                for p in check_exportable_fp4(_cfg("mxfp4", rotations=("R1", "R2", "R3", "R4"))))
     assert any("kv_symmetric=True" in p for p in check_exportable_fp4(_cfg("mxfp4", kv_symmetric=False)))
