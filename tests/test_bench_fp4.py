@@ -5,6 +5,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
@@ -21,6 +23,7 @@ def test_fp4_scheme_configs():
     assert roste_config("W4A4KV4", "adaptive").weight_format == "int"
 
 
+@pytest.mark.slow
 def test_quality_quick_path_runs_fp4_rows(tmp_path):
     from bench.quality import aggregate, run_seed
 
