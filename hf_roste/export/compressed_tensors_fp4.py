@@ -54,7 +54,7 @@ from ..config import RoSTEConfig
 from ..modules.packed_fp4_linear import PackedFP4Linear
 from ..modules.qat_linear import QATLinear
 from ..numerics.fp4 import FP4Spec, dequantize_fp4, nvfp4_global_scale, unpack_fp4
-from ..rotation.hadamard import hadamard_transform
+from ..numerics.hadamard import hadamard_transform
 from .compressed_tensors import (
     SUMMARY_FILE,
     TRANSFORM_NAME,
@@ -96,7 +96,7 @@ def check_exportable_fp4(config: RoSTEConfig, model: nn.Module | None = None, *,
                                   config.kv_clip_ratio, True, "")
     rc = config.rotation_config
     if model is not None:
-        from ..rotation.apply import get_state
+        from ..state import get_state
 
         state = get_state(model)
         rc = state.applied
@@ -241,7 +241,7 @@ def export_compressed_tensors_fp4(model_or_dir, out_dir: str | os.PathLike, *, c
     from huggingface_hub import save_torch_state_dict
     from transformers.core_model_loading import revert_weight_conversion
 
-    from ..rotation.apply import get_state
+    from ..state import get_state
 
     src_dir = None if isinstance(model_or_dir, nn.Module) else os.fspath(model_or_dir)
     model = _load(model_or_dir)
@@ -273,7 +273,7 @@ def export_compressed_tensors_fp4(model_or_dir, out_dir: str | os.PathLike, *, c
     if r4_modules:
         size = adapter.get(adapter.decoder_layers(model)[0], adapter.down_proj).in_features
         kind, h, _ = _hadamard_weight(size, dtype)
-        transform_config = build_transform_config(r4_modules, size, kind)
+        transform_config = build_transform_config(r4_modules, kind)
         for name in r4_modules:
             tensors[f"{name}.{TRANSFORM_NAME}_input.weight"] = h
     file_tensors = revert_weight_conversion(model, tensors)

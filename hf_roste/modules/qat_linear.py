@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..numerics import FP4Spec, QuantSpec, fake_quantize
-from ..rotation.hadamard import hadamard_transform
+from ..numerics.hadamard import hadamard_transform
 from .shared_input import SharedInputQuant
 
 

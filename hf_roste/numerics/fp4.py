@@ -58,6 +58,7 @@ __all__ = [
     "FP4_BLOCK_SIZES",
     "FP4_FORMATS",
     "FP4Spec",
+    "NUMBER_FORMATS",
     "FP4Quantized",
     "dequantize_fp4",
     "e2m1_codes",
@@ -71,6 +72,10 @@ __all__ = [
 
 FP4_FORMATS: tuple[str, ...] = ("nvfp4", "mxfp4")
 """Accepted FP4 format names."""
+
+NUMBER_FORMATS: tuple[str, ...] = ("int", *FP4_FORMATS)
+"""Number formats of linear weights and inputs (`RoSTEConfig.weight_format` / `activation_format`):
+uniform integers (the paper's quantizer, :class:`~hf_roste.numerics.spec.QuantSpec`) or an FP4 block format."""
 
 FP4_BLOCK_SIZES: dict[str, int] = {"nvfp4": 16, "mxfp4": 32}
 """Values sharing one block scale, per format (fixed by the formats)."""

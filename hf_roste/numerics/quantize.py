@@ -41,7 +41,7 @@ not overflow.)  Consequences of the rule:
 Symmetric codes get ``+ 0`` added before the clamp so a ``-0.0`` from ``round`` becomes ``+0.0``:
 :func:`fake_quantize` is then bit-for-bit equal (in fp32) to
 ``dequantize(*quantize(x, spec), spec)``, signed zeros included.  Both go through the same private
-function :func:`_codes_fp32`.
+function :func:`quantize_fp32`.
 """
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ def _internal(t: Tensor, spec: QuantSpec) -> Tensor:
     return t.unsqueeze(-1) if spec.granularity == "group" else t
 
 
-def _fast_rowwise_qparams(xg: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor, float] | None:
+def rowwise_qparams(xg: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor, float] | None:
     """The rule of the module docstring for CPU row-wise groups, when no group needs a special case.
 
     Returns ``(scale, zero, max|zero|)`` (fp32 ``[..., 1]``), or None when some group is constant
@@ -147,7 +147,7 @@ def _fast_rowwise_qparams(xg: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor, 
 
 def _qparams_grouped(xg: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
     """fp32 ``(scale, zero)`` broadcastable against ``xg`` (see the module docstring for the rule)."""
-    fast = _fast_rowwise_qparams(xg, spec)
+    fast = rowwise_qparams(xg, spec)
     if fast is not None:
         return fast[0], fast[1]
     return _general_qparams(xg, spec)
@@ -184,7 +184,7 @@ def _general_qparams(xg: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
     return scale, zero
 
 
-def _codes_fp32(x: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor, Tensor]:
+def quantize_fp32(x: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor, Tensor]:
     """THE quantizer: returns ``(codes, scale, zero)``, all fp32, in the :func:`_grouped` layout.
 
     ``codes`` is a fresh contiguous fp32 tensor holding integer values in ``[qmin, qmax]``
@@ -194,10 +194,10 @@ def _codes_fp32(x: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor, Tensor]:
         x = x.float()
     xg = _grouped(x, spec)
     scale, zero = _qparams_grouped(xg, spec)
-    return _codes_from_qparams(xg, scale, zero, spec), scale, zero
+    return codes_from_qparams(xg, scale, zero, spec), scale, zero
 
 
-def _codes_from_qparams(xg: Tensor, scale: Tensor, zero: Tensor, spec: QuantSpec) -> Tensor:
+def codes_from_qparams(xg: Tensor, scale: Tensor, zero: Tensor, spec: QuantSpec) -> Tensor:
     """fp32 ``clamp(round(xg / scale) + zero, qmin, qmax)``, a fresh contiguous tensor (the only
     full-size allocation of the quantizer); shared by every caller that produces codes."""
     codes = torch.div(xg, scale)  # fp32 result (type promotion)
@@ -215,7 +215,7 @@ def _fake_quant_fp32(x: Tensor, spec: QuantSpec) -> Tensor:
         return _fp4._fake_quant_fp32(x, spec)
     if x.numel() == 0:
         return torch.empty(x.shape, dtype=torch.float32, device=x.device)
-    codes, scale, zero = _codes_fp32(x, spec)
+    codes, scale, zero = quantize_fp32(x, spec)
     if not spec.symmetric:
         codes.sub_(zero)
     codes.mul_(scale)
@@ -288,7 +288,7 @@ def quantize(x: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor, Tensor]:
                 torch.ones(shape, dtype=torch.float32, device=x.device),
                 torch.zeros(shape, dtype=torch.float32, device=x.device))
     with torch.no_grad():
-        codes, scale, zero = _codes_fp32(x, spec)
+        codes, scale, zero = quantize_fp32(x, spec)
         codes.nan_to_num_(nan=0.0)
         return codes.view(x.shape).to(code_dtype), scale.reshape(shape), zero.reshape(shape)
 

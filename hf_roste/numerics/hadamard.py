@@ -27,7 +27,7 @@ import operator
 import torch
 from torch import Tensor
 
-from hf_roste.rotation import hadamard_factors as _hf
+from . import hadamard_factors as _hf
 
 __all__ = [
     "base_hadamard_matrix",
@@ -74,17 +74,15 @@ def hadamard_factorization(n: int) -> tuple[int, int]:
     """Factor a rotation size as ``n = m * 2**k`` and return ``(m, k)``.
 
     * Powers of two: ``m = 1`` (pure Sylvester matrix).
-    * Otherwise, when compressed-tensors' factor file is available (the normal case): ``m`` is
-      the LARGEST order it ships (multiples of 4 up to 256) with ``n / m`` a power of two,
+    * Otherwise ``m`` is the LARGEST order compressed-tensors' factor file ships (multiples of 4 up to 256) with ``n / m`` a power of two,
       because that is the divisor compressed-tensors itself picks, and its order-224 (etc.)
       matrices are not Kronecker products of smaller ones; matching it keeps our matrices
       identical to what compressed-tensors / vLLM rebuild. E.g. 896 -> (224, 2),
       3584 -> (224, 4), 14336 -> (224, 6), 4864 -> (152, 5), 18944 -> (148, 7), 3072 -> (192, 4),
       12 -> (12, 0), 40 -> (40, 0).
-    * Paley fallback (compressed-tensors file unavailable): the SMALLEST Paley base order,
-      e.g. 896 -> (28, 5), 4864 -> (76, 6), 18944 -> (148, 7).
 
-    Raises ``ValueError`` naming ``n`` and the nearest supported sizes below and above.
+    Raises ``ValueError`` naming ``n`` and the nearest supported sizes below and above, and
+    ``RuntimeError`` (naming the file) when compressed-tensors' factor file cannot be read.
     """
     n = _as_int(n)
     if n < 1:
@@ -94,7 +92,7 @@ def hadamard_factorization(n: int) -> tuple[int, int]:
         below, above = _nearest_supported(n)
         raise ValueError(
             f"unsupported Hadamard size n={n}: sizes must be m * 2**k with base order m in "
-            f"{{{_hf.describe_base_orders()}}} (source: {_hf.hadamard_base_source()}); nearest "
+            f"{{{_hf.describe_base_orders()}}}; nearest "
             f"supported sizes: {below} (below) and {above} (above)"
         )
     return m, (n // m).bit_length() - 1
@@ -104,8 +102,7 @@ def base_hadamard_matrix(m: int) -> Tensor:
     """Unnormalised +-1 base matrix ``B_m`` of ``H_n = kron(B_m, S_{2**k})``: float64 ``[m, m]``.
 
     Equals ``hadamard_matrix(m) * sqrt(m)`` (up to rounding). Powers of two give Sylvester
-    matrices; other orders the transpose of compressed-tensors' stored matrix (or a Paley matrix
-    in the fallback). ``m`` must be one of the supported base orders, else ``ValueError``.
+    matrices; other orders the transpose of compressed-tensors' stored matrix. ``m`` must be one of the supported base orders, else ``ValueError``.
     Returns a fresh tensor (safe to modify).
     """
     m = _as_int(m, "m")
