@@ -46,7 +46,12 @@ sys.path.insert(0, ROOT)
 
 from bench._common import run_workers  # noqa: E402
 
-SCHEMES = {"W4A4KV4": (4, 4, 4), "W4A8KV4": (4, 8, 4), "W3A3KV3": (3, 3, 3)}
+SCHEMES = {"W4A4KV4": (4, 4, 4), "W4A8KV4": (4, 8, 4), "W3A3KV3": (3, 3, 3),
+           "NVFP4-W4A4KV4": (4, 4, 4), "NVFP4-W4A4KV8": (4, 4, 8), "MXFP4-W4A4KV4": (4, 4, 4), "MXFP4-W4A4KV8": (4, 4, 8)}
+#: FP4 schemes (weights and linear inputs in that format, K/V int as the bits say), run with --fp4: RTN,
+#: rotation + RTN, STE and RoSTE (paper criterion) only (no torchao or output-criterion rows)
+FP4_SCHEMES = {"NVFP4-W4A4KV4": "nvfp4", "NVFP4-W4A4KV8": "nvfp4", "MXFP4-W4A4KV4": "mxfp4", "MXFP4-W4A4KV8": "mxfp4"}
+INT_SCHEMES = [k for k in SCHEMES if k not in FP4_SCHEMES]
 METHODS = ("fp_sft", "sft_rtn", "sft_rot_rtn", "ste", "torchao_qat", "roste", "roste_output")
 LABELS = {
     "fp_sft": "FP SFT",
@@ -69,7 +74,7 @@ NOISE_RULE = (
 # 0.016 / 99.1% at 1e-3, and at W3A3KV3 the seed-to-seed spread of the QA-SFT losses was up to 3.4x larger
 # (8 seeds; bench/rotation_ablation.py, docs/rotation_ablation.md)
 FULL = dict(seeds=3, steps=160, batch_size=16, learning_rate=1e-3, train_examples=1000, eval_prompts=1000,
-            calibration_samples=16, schemes=list(SCHEMES))
+            calibration_samples=16, schemes=INT_SCHEMES)
 QUICK = dict(seeds=2, steps=3, batch_size=8, learning_rate=1e-3, train_examples=64, eval_prompts=48,
              calibration_samples=4, schemes=["W4A4KV4"])
 
@@ -79,6 +84,9 @@ def roste_config(scheme: str, kind: str):
 
     w, a, kv = SCHEMES[scheme]
     bits = dict(weight_bits=w, activation_bits=a, kv_bits=kv)
+    fmt = FP4_SCHEMES.get(scheme)
+    if fmt is not None:
+        bits.update(weight_format=fmt, activation_format=fmt)
     if kind == "none":
         return RoSTEConfig(rotations=(), rotation_search="none", **bits)
     if kind == "all":
@@ -183,7 +191,7 @@ def run_seed(seed: int, settings: dict, base: str, workdir: str) -> list[dict]:
                                    roste_config(scheme, "none"), "paper")
             record("ste", scheme, m, secs)
             del m
-        if "torchao_qat" in wanted:
+        if "torchao_qat" in wanted and scheme not in FP4_SCHEMES:  # torchao has no RoSTE FP4 twin here
             try:
                 m, secs = _train_torchao(s, base_p, train_ds, tok, out / f"tao_{scheme}", seed, scheme)
                 tdir = out / f"tao_{scheme}" / "model"
@@ -193,7 +201,7 @@ def run_seed(seed: int, settings: dict, base: str, workdir: str) -> list[dict]:
             except ImportError as e:  # torchao missing: the row is absent, the report says so
                 print(f"torchao unavailable: {e}", flush=True)
         for method, crit in (("roste", "paper"), ("roste_output", "output")):
-            if method in wanted:
+            if method in wanted and not (method == "roste_output" and scheme in FP4_SCHEMES):
                 m, secs, on = _train_qa(s, base_p, train_ds, tok, out / f"{method}_{scheme}", seed,
                                         roste_config(scheme, "adaptive"), crit)
                 record(method, scheme, m, secs, rotations_on=on)
@@ -263,6 +271,7 @@ def main() -> None:
     p.add_argument("--schemes", nargs="+", choices=list(SCHEMES))
     p.add_argument("--methods", nargs="+", choices=list(METHODS[1:]),
                    help="methods besides FP SFT (always run: every row is paired against it); default: all")
+    p.add_argument("--fp4", action="store_true", help=f"run the FP4 schemes {list(FP4_SCHEMES)} (default: int ones)")
     p.add_argument("--jobs", type=int, default=2, help="seeds run in parallel processes (1 thread each)")
     p.add_argument("--base", default=None, help="base checkpoint (default: the demo's shipped base)")
     p.add_argument("--_seed", type=int, default=None, help=argparse.SUPPRESS)
@@ -277,6 +286,8 @@ def main() -> None:
     from hf_roste.demo.run import shipped_base_path
 
     settings = dict(QUICK if args.quick else FULL)
+    if args.fp4:
+        settings["schemes"] = ["NVFP4-W4A4KV4", "MXFP4-W4A4KV4"] if args.quick else list(FP4_SCHEMES)
     for k in ("seeds", "steps", "eval_prompts", "train_examples", "learning_rate", "schemes"):
         if getattr(args, k) is not None:
             settings[k] = getattr(args, k)

@@ -27,7 +27,8 @@ from typing import Any
 from transformers.utils import logging
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .numerics import SUPPORTED_BITS, Fp8Spec, QuantSpec
+from .numerics import NUMBER_FORMATS, SUPPORTED_BITS, Fp8Spec, QuantSpec
+from .numerics.fp4 import FP4_BLOCK_SIZES, FP4Spec
 
 logger = logging.get_logger(__name__)
 
@@ -85,7 +86,18 @@ CONFIG_FIELDS: tuple[ConfigField, ...] = (
                 "Clip factor c in (0, 1] applied to the activation range (paper: 0.95)."),
     ConfigField("kv_clip_ratio", float, 0.95, "Clip factor c in (0, 1] applied to the K/V range (paper: 0.95)."),
     ConfigField("weight_group_size", int | None, None,
-                "Weight group size along the input dim; None = one scale per output channel."),
+                "Weight group size along the input dim; None = one scale per output channel (int format; FP4 "
+                "formats fix it: 16 for nvfp4, 32 for mxfp4)."),
+    ConfigField("weight_format", str, "int",
+                "Number format of linear weights: 'int' (uniform integers, the paper), 'nvfp4' (e2m1, blocks of 16, "
+                "fp8-e4m3 block scales, fp32 global scale per tensor) or 'mxfp4' (e2m1, blocks of 32, e8m0 "
+                "power-of-two scales). FP4 formats need weight_bits=4; their scales are fixed by the format, so "
+                "weight_clip_ratio must stay at its default and weight_symmetric is not used (e2m1 values are "
+                "sign-magnitude, always symmetric).", NUMBER_FORMATS),
+    ConfigField("activation_format", str, "int",
+                "Number format of linear inputs: 'int' (per token), 'nvfp4' (blocks of 16, fp8 block scales, fp32 "
+                "global scale per token) or 'mxfp4' (blocks of 32, e8m0 scales). FP4 formats need activation_bits=4. "
+                "K/V always use the int quantizer (kv_bits).", NUMBER_FORMATS),
     ConfigField("rotations", tuple[str, ...], ROTATION_NAMES,
                 "Rotations that may be used, a subset of R1 (residual), R2 (V/O per head), R3 (Q/K online), "
                 "R4 (down_proj input online)."),
@@ -146,6 +158,34 @@ def _check_clip(field: str, value: Any) -> float:
     value = float(value)
     if not math.isfinite(value) or not 0.0 < value <= 1.0:
         raise _err(field, value, "a float in (0, 1], e.g. 0.95 as in the paper")
+    return value
+
+
+def _check_format(kind: str, value: Any, bits: int, clip: float, group_size: int | None) -> str:
+    """`weight_format` / `activation_format`: a name from NUMBER_FORMATS consistent with the other fields."""
+    field = f"{kind}_format"
+    if not isinstance(value, str) or value not in NUMBER_FORMATS:
+        raise _err(field, value, f"one of {NUMBER_FORMATS}")
+    if value == "int":
+        return value
+    if bits != 4:
+        raise ValueError(
+            f"RoSTEConfig.{field}={value!r} stores 4-bit e2m1 values, but {kind}_bits={bits}: set {kind}_bits=4 "
+            f"(or {field}='int' for {bits}-bit integers)."
+        )
+    default_clip = next(f.default for f in CONFIG_FIELDS if f.name == f"{kind}_clip_ratio")
+    if clip != default_clip:
+        raise ValueError(
+            f"RoSTEConfig.{kind}_clip_ratio={clip!r} has no effect with {field}={value!r}: FP4 block scales are "
+            f"fixed by the format (the block maximum maps to 6). Leave {kind}_clip_ratio at its default "
+            f"{default_clip} or use {field}='int'."
+        )
+    block = FP4_BLOCK_SIZES[value]
+    if group_size is not None and group_size != block:
+        raise ValueError(
+            f"RoSTEConfig.weight_group_size={group_size} conflicts with weight_format={value!r}, whose blocks are "
+            f"{block} values: leave weight_group_size=None (the format sets it)."
+        )
     return value
 
 
@@ -245,6 +285,8 @@ class RoSTEConfig(QuantizationConfigMixin):
         activation_clip_ratio: float,
         kv_clip_ratio: float,
         weight_group_size: int | None,
+        weight_format: str,
+        activation_format: str,
         rotations: tuple[str, ...] | list[str],
         rotation_search: str,
         rotation_config: dict | None,
@@ -281,6 +323,10 @@ class RoSTEConfig(QuantizationConfigMixin):
             if weight_group_size < 2:
                 raise _err("weight_group_size", weight_group_size, "None (per output channel) or an int >= 2, e.g. 128")
         self.weight_group_size = weight_group_size
+        self.weight_format = _check_format("weight", weight_format, self.weight_bits, self.weight_clip_ratio,
+                                           weight_group_size)
+        self.activation_format = _check_format("activation", activation_format, self.activation_bits,
+                                               self.activation_clip_ratio, None)
         if isinstance(rotations, str) or not isinstance(rotations, (list, tuple)):
             raise TypeError(f"RoSTEConfig.rotations must be a list/tuple of names from {ROTATION_NAMES}, got {rotations!r}.")
         bad = [r for r in rotations if r not in ROTATION_NAMES]
@@ -378,8 +424,11 @@ class RoSTEConfig(QuantizationConfigMixin):
         return {"R1": "R1" in self.rotations, "layers": [self.default_layer_flags() for _ in range(num_layers)]}
 
     @property
-    def weight_spec(self) -> QuantSpec:
-        """Quantizer of linear weights `[out, in]`: per output channel or per group along `in`."""
+    def weight_spec(self) -> QuantSpec | FP4Spec:
+        """Quantizer of linear weights `[out, in]`: per output channel or per group along `in` (int), or
+        FP4 blocks along `in` with one global scale per weight tensor (NVFP4)."""
+        if self.weight_format != "int":
+            return FP4Spec(self.weight_format, "tensor")
         if self.weight_group_size is None:
             return QuantSpec(self.weight_bits, self.weight_symmetric, self.weight_clip_ratio, "channel",
                              scale_dtype=self.weight_scale_dtype)
@@ -387,8 +436,11 @@ class RoSTEConfig(QuantizationConfigMixin):
                          scale_dtype=self.weight_scale_dtype)
 
     @property
-    def activation_spec(self) -> QuantSpec:
-        """Quantizer of linear inputs `[..., in]`: per token."""
+    def activation_spec(self) -> QuantSpec | FP4Spec:
+        """Quantizer of linear inputs `[..., in]`: per token (int), or FP4 blocks along `in` with, for NVFP4,
+        one global scale per token (so a token's codes do not depend on the rest of the batch)."""
+        if self.activation_format != "int":
+            return FP4Spec(self.activation_format, "row" if self.activation_format == "nvfp4" else "tensor")
         return QuantSpec(self.activation_bits, self.activation_symmetric, self.activation_clip_ratio, "token")
 
     @property
@@ -400,9 +452,16 @@ class RoSTEConfig(QuantizationConfigMixin):
 
     @property
     def scheme_name(self) -> str:
-        """Short name such as `w4a4kv4` (used in tags and cards)."""
+        """Short name such as `w4a4kv4` (`kv` followed by `fp8` for an fp8 K/V cache), prefixed by the formats
+        when not int: `nvfp4-w4a4kv4`, `mxfp4-int-w4a8kv4` (weight format, then activation format) (used in
+        tags and cards)."""
         kv = "fp8" if self.kv_format == "fp8_e4m3" else self.kv_bits
-        return f"w{self.weight_bits}a{self.activation_bits}kv{kv}"
+        bits = f"w{self.weight_bits}a{self.activation_bits}kv{kv}"
+        if self.weight_format == self.activation_format == "int":
+            return bits
+        fmts = self.weight_format if self.weight_format == self.activation_format else (
+            f"{self.weight_format}-{self.activation_format}")
+        return f"{fmts}-{bits}"
 
     # ---------------------------------------------------------- serialisation
     def to_dict(self) -> dict[str, Any]:

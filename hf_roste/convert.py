@@ -19,6 +19,7 @@ from .arch import ArchAdapter, get_adapter
 from .config import PER_LAYER_ROTATIONS, SEARCH_ALGORITHMS, RoSTEConfig, validate_rotation_config
 from .modules.attention import AttentionQuantState, install_attention
 from .modules.kv_cache_wiring import install_generation_cache, install_kv_cache_hooks
+from .modules.packed_fp4_linear import PackedFP4Linear
 from .modules.packed_linear import PackedLinear
 from .modules.qat_linear import QATLinear
 from .modules.shared_input import SharedInputQuant
@@ -68,8 +69,12 @@ def check_rotation_sizes(model: nn.Module, adapter: ArchAdapter, config: RoSTECo
 
 
 def check_weight_group_size(model: nn.Module, adapter: ArchAdapter, config: RoSTEConfig) -> None:
-    """`config.weight_group_size` must divide the input size of every linear RoSTE quantizes."""
+    """`config.weight_group_size` (or the FP4 block size) must divide the input size of every linear RoSTE quantizes."""
     group = config.weight_group_size
+    blocks = [config.weight_spec.group_size if config.weight_format != "int" else None,
+              config.activation_spec.group_size if config.activation_format != "int" else None]
+    if any(blocks):
+        _check_fp4_blocks(model, adapter, config, max(b for b in blocks if b))
     if group is None or config.weight_bits >= 16:
         return
     sizes = {path: model.get_submodule(path).in_features
@@ -88,6 +93,18 @@ def check_weight_group_size(model: nn.Module, adapter: ArchAdapter, config: RoST
         f"group size dividing {common} ({hint}), weight_group_size=None for one scale per output channel, or list "
         "those modules in modules_to_not_convert."
     )
+
+
+def _check_fp4_blocks(model: nn.Module, adapter: ArchAdapter, config: RoSTEConfig, block: int) -> None:
+    bad = {path: model.get_submodule(path).in_features for path in adapter.quantized_linear_paths(model)
+           if not _excluded(path, config) and model.get_submodule(path).in_features % block}
+    if bad:
+        shown = ", ".join(f"{path} (in_features={n})" for path, n in list(bad.items())[:4])
+        raise ValueError(
+            f"RoSTEConfig weight_format={config.weight_format!r} / activation_format={config.activation_format!r} "
+            f"quantize blocks of {block} input features, which do not divide {shown}. List those modules in "
+            "modules_to_not_convert or use the 'int' format."
+        )
 
 
 def check_r4_targets(model: nn.Module, adapter: ArchAdapter, config: RoSTEConfig) -> None:
@@ -170,7 +187,7 @@ def _share_input_quantization(model: nn.Module, adapter: ArchAdapter) -> None:
     for layer in adapter.decoder_layers(model):
         for group in (adapter.qkv, adapter.mlp_in):
             mods = [adapter.get(layer, p) for p in group]
-            mods = [m for m in mods if isinstance(m, (QATLinear, PackedLinear))]
+            mods = [m for m in mods if isinstance(m, (QATLinear, PackedLinear, PackedFP4Linear))]
             if len(mods) > 1:
                 shared = SharedInputQuant()
                 for m in mods:
@@ -199,7 +216,8 @@ def _swap_packed(model: nn.Module, adapter: ArchAdapter, config: RoSTEConfig) ->
         if _excluded(path, config):
             continue
         lin = model.get_submodule(path)
-        packed = PackedLinear(
+        packed_cls = PackedFP4Linear if config.weight_format != "int" else PackedLinear
+        packed = packed_cls(
             lin.in_features, lin.out_features, config.weight_spec, config.activation_spec,
             bias=lin.bias is not None, bias_dtype=lin.weight.dtype, device=lin.weight.device,
         )
@@ -216,7 +234,7 @@ def finish_packed_model(model: nn.Module, config: RoSTEConfig) -> RoSTEState:
     for layer, flags in zip(adapter.decoder_layers(model), target["layers"], strict=True):
         down = adapter.get(layer, adapter.down_proj)
         if flags["R4"]:
-            if isinstance(down, PackedLinear):
+            if isinstance(down, (PackedLinear, PackedFP4Linear)):
                 down.input_transform = (hadamard_transform if config.r4_block_size is None
                                         else functools.partial(r4_transform, block=config.r4_block_size))
             elif isinstance(down, QATLinear):

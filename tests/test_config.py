@@ -42,6 +42,8 @@ BAD_VALUES = [
     ("kv_format", "fp4", ValueError, r"kv_format='fp4'.*'int', 'fp8_e4m3'"),
     ("r4_block_size", 100, ValueError, r"r4_block_size=100 is invalid.*power of two"),
     ("target", 3, TypeError, r"target must be None or a target name"),
+    ("weight_format", "fp4", ValueError, r"weight_format='fp4' is invalid.*'int', 'nvfp4', 'mxfp4'"),
+    ("activation_format", 4, ValueError, r"activation_format=4 is invalid"),
 ]
 
 

@@ -27,8 +27,10 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from ..modules.packed_fp4_linear import PackedFP4Linear
 from ..modules.packed_linear import PackedLinear
 from ..modules.qat_linear import QATLinear
+from ..numerics.fp4 import FP4Spec
 
 DIGEST_KEY = "roste_digests"
 FORMAT_KEY = "roste_checkpoint_format"
@@ -69,8 +71,9 @@ def packed_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     targets = [(n, m) for n, m in model.named_modules() if isinstance(m, QATLinear) and m.weight_spec.enabled]
     for name, module in progress(targets, "pack RoSTE weights", unit="tensor"):
         bias = None if module.bias is None else module.bias.detach()
-        packed_prefixes[name] = PackedLinear.from_float(module.weight.detach(), bias, module.weight_spec,
-                                                        module.act_spec)
+        packed_cls = PackedFP4Linear if isinstance(module.weight_spec, FP4Spec) else PackedLinear
+        packed_prefixes[name] = packed_cls.from_float(module.weight.detach(), bias, module.weight_spec,
+                                                      module.act_spec)
     for key, value in model.state_dict().items():
         prefix, _, leaf = key.rpartition(".")
         if prefix in packed_prefixes and leaf in ("weight", "bias"):
@@ -226,8 +229,9 @@ def verify_checkpoint(
         leaf = key.rpartition(".")[2]
         if leaf in ("weight_packed",) and dtype != "U8":
             problems.append(f"{key}: dtype {dtype}, expected U8 codes")
-        if leaf in ("weight_scale", "weight_zero_point") and dtype != "F32":
-            problems.append(f"{key}: dtype {dtype}, expected F32")
+        want_dtype = _ST_DTYPES.get(want.dtype, str(want.dtype))
+        if leaf in ("weight_scale", "weight_zero_point", "weight_global_scale") and dtype != want_dtype:
+            problems.append(f"{key}: dtype {dtype}, expected {want_dtype}")
     if problems:
         raise CheckpointError(
             "This RoSTE checkpoint does not match its config.json (bits, group size, rotations or model shape): "
@@ -241,6 +245,9 @@ def verify_checkpoint(
 def check_packed_values(model: nn.Module) -> None:
     """After loading: scales finite and positive, zero points finite integers with |z| <= 2**20."""
     for name, module in model.named_modules():
+        if isinstance(module, PackedFP4Linear):
+            _check_fp4_values(name, module)
+            continue
         if not isinstance(module, PackedLinear):
             continue
         s, z = module.weight_scale, module.weight_zero_point
@@ -255,3 +262,17 @@ def check_packed_values(model: nn.Module) -> None:
             )
         if module.weight_spec.symmetric and bool((z != 0).any()):
             raise CheckpointError(f"{name}.weight_zero_point must be 0 for symmetric weights.")
+
+
+def _check_fp4_values(name: str, module: PackedFP4Linear) -> None:
+    """FP4 layers: NVFP4 block scales finite and >= 0 with a finite positive global scale; MXFP4 e8m0
+    codes below 255 (the NaN code, which the quantizer only writes for non-finite weights)."""
+    if module.weight_spec.format == "nvfp4":
+        s = module.weight_scale.float()
+        if not bool(torch.isfinite(s).all()) or bool((s < 0).any()):
+            raise CheckpointError(f"{name}.weight_scale has non-finite or negative fp8 block scales.")
+        g = module.weight_global_scale
+        if not bool(torch.isfinite(g).all()) or not bool((g > 0).all()):
+            raise CheckpointError(f"{name}.weight_global_scale must be finite and positive.")
+    elif bool((module.weight_scale == 255).any()):
+        raise CheckpointError(f"{name}.weight_scale holds the e8m0 NaN code 255.")

@@ -121,6 +121,10 @@ def _dynamic_problems(prefix: str, asym_text: str, scale_text: str, bits: int, s
 
 def check_exportable(config: RoSTEConfig, model: nn.Module | None = None, *, strict: bool = True) -> list[str]:
     """Reasons the model cannot be exported (empty when it can). Each names the option and the fix."""
+    if config.weight_format != "int" or config.activation_format != "int":
+        return [f"weight_format={config.weight_format!r} / activation_format={config.activation_format!r}: FP4 models "
+                "are exported by hf_roste.export.compressed_tensors_fp4.export_compressed_tensors_fp4 "
+                "(nvfp4-pack-quantized / mxfp4-pack-quantized); this export writes int pack-quantized."]
     problems = []
     if config.weight_bits not in (4, 8):
         problems.append(

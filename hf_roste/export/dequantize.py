@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..modules.packed_fp4_linear import PackedFP4Linear
 from ..modules.packed_linear import PackedLinear
 from ..modules.qat_linear import QATLinear
 from ..rotation.fusion import _assign, _rot, r1_signs, rotate_input_side, rotate_output_side
@@ -26,7 +27,7 @@ from ..state import get_state
 
 
 def _plain_linear(module: nn.Module, dtype: torch.dtype) -> nn.Linear:
-    if isinstance(module, PackedLinear):
+    if isinstance(module, (PackedLinear, PackedFP4Linear)):
         weight = module.dequantized_weight(torch.float32)
         bias = module.bias
     else:
@@ -95,7 +96,7 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | str | None = None) -
             if not path.startswith(prefix):
                 continue
             module = model.get_submodule(path)
-            if isinstance(module, (QATLinear, PackedLinear)):
+            if isinstance(module, (QATLinear, PackedLinear, PackedFP4Linear)):
                 adapter.set(model, path, _plain_linear(module, dtype))
         if r4_on:
             rotate_input_side(adapter.get(layer, adapter.down_proj), None, transpose=True)

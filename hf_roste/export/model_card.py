@@ -169,6 +169,12 @@ def plot_rotation_errors(config: RoSTEConfig, path: str | os.PathLike) -> bool:
 
 
 def _granularity(config: RoSTEConfig, what: str) -> str:
+    fmt = getattr(config, f"{what}_format", "int")
+    if fmt == "nvfp4":
+        where = "per tensor" if what == "weight" else "per token"
+        return f"NVFP4: e2m1, blocks of 16, fp8-e4m3 scales, fp32 global scale {where}"
+    if fmt == "mxfp4":
+        return "MXFP4: e2m1, blocks of 32, e8m0 power-of-two scales"
     if what == "weight":
         return "per output channel" if config.weight_group_size is None else f"groups of {config.weight_group_size}"
     return {"activation": "per token (dynamic)", "kv": "per token per head (dynamic)"}[what]

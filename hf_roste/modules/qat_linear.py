@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..numerics import QuantSpec, fake_quantize
+from ..numerics import FP4Spec, QuantSpec, fake_quantize
 from ..numerics.block_hadamard import r4_transform
 from .shared_input import SharedInputQuant
 
@@ -26,8 +26,9 @@ class QATLinear(nn.Linear):
     """`nn.Linear` with straight-through fake quantization of its weight and input.
 
     Args:
-        weight_spec: quantizer of `weight` `[out, in]` (granularity "channel" or "group").
-        act_spec: quantizer of the input `[..., in]` (granularity "token").
+        weight_spec: quantizer of `weight` `[out, in]` (granularity "channel" or "group"), or an `FP4Spec`
+            (NVFP4 / MXFP4 blocks along `in`).
+        act_spec: quantizer of the input `[..., in]` (granularity "token"), or an `FP4Spec`.
         input_hadamard: apply the online Hadamard transform (R4) to the input before quantizing.
 
     `input_hadamard_block` (None: full-size R4; a power of two: block-diagonal R4, see
@@ -42,8 +43,8 @@ class QATLinear(nn.Linear):
         out_features: int,
         bias: bool = True,
         *,
-        weight_spec: QuantSpec,
-        act_spec: QuantSpec,
+        weight_spec: QuantSpec | FP4Spec,
+        act_spec: QuantSpec | FP4Spec,
         input_hadamard: bool = False,
         device: torch.device | None = None,
         dtype: torch.dtype | None = None,
@@ -57,7 +58,8 @@ class QATLinear(nn.Linear):
 
     @classmethod
     def from_linear(
-        cls, linear: nn.Linear, weight_spec: QuantSpec, act_spec: QuantSpec, input_hadamard: bool = False
+        cls, linear: nn.Linear, weight_spec: QuantSpec | FP4Spec, act_spec: QuantSpec | FP4Spec,
+        input_hadamard: bool = False
     ) -> QATLinear:
         """Wrap an existing linear, sharing (not copying) its `weight` and `bias` parameters."""
         new = cls.__new__(cls)
@@ -100,8 +102,10 @@ class QATLinear(nn.Linear):
         return F.linear(self.quantize_input(x), self.quantized_weight(), self.bias)
 
     def extra_repr(self) -> str:
-        w, a = self.weight_spec, self.act_spec
-        return (
-            f"{super().extra_repr()}, w{w.bits}{'s' if w.symmetric else 'a'}/{w.granularity}, "
-            f"a{a.bits}{'s' if a.symmetric else 'a'}/{a.granularity}, R4_online={self.input_hadamard}"
-        )
+        def describe(spec: QuantSpec | FP4Spec) -> str:
+            if isinstance(spec, FP4Spec):
+                return spec.format
+            return f"{spec.bits}{'s' if spec.symmetric else 'a'}/{spec.granularity}"
+
+        return (f"{super().extra_repr()}, w{describe(self.weight_spec)}, a{describe(self.act_spec)}, "
+                f"R4_online={self.input_hadamard}")

@@ -49,6 +49,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import fp4 as _fp4
+from .fp4 import FP4Spec
 from .fp8 import Fp8Spec, fp8_fake_quantize_fp32
 from .spec import QuantSpec
 
@@ -62,12 +64,16 @@ _ACCEPTED_DTYPES = (*_NATIVE_DTYPES, torch.float64)
 
 # --------------------------------------------------------------------------- validation helpers
 def _check_spec(spec: object) -> QuantSpec:
+    if isinstance(spec, FP4Spec):
+        raise TypeError(f"{spec} has no integer codes: use hf_roste.numerics.fp4.quantize_fp4 / dequantize_fp4")
     if not isinstance(spec, QuantSpec):
         raise TypeError(f"spec must be a QuantSpec, got {type(spec).__name__}")
     return spec
 
 
 def _check_input(x: object, spec: object) -> tuple[Tensor, QuantSpec]:
+    if isinstance(spec, FP4Spec):  # FP4 block formats: fake_quantize / quantization_error dispatch to numerics.fp4
+        return _fp4._check_input(x, spec)  # type: ignore[return-value]
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     spec = _check_spec(spec)
@@ -81,6 +87,7 @@ def _check_input(x: object, spec: object) -> tuple[Tensor, QuantSpec]:
 
 
 def _require_enabled(spec: QuantSpec, fn: str) -> None:
+    _check_spec(spec)  # an FP4Spec gets a pointer to the fp4 functions
     if isinstance(spec, Fp8Spec):
         raise ValueError(f"{fn}: {spec} is the fp8 e4m3 format, which has no integer codes; use fake_quantize.")
     if not spec.enabled:
@@ -218,6 +225,8 @@ def codes_from_qparams(xg: Tensor, scale: Tensor, zero: Tensor, spec: QuantSpec)
 
 def _fake_quant_fp32(x: Tensor, spec: QuantSpec) -> Tensor:
     """fp32 ``(codes - zero) * scale`` with the shape of ``x`` (no autograd, no dtype cast)."""
+    if isinstance(spec, FP4Spec):
+        return _fp4._fake_quant_fp32(x, spec)
     if x.numel() == 0:
         return torch.empty(x.shape, dtype=torch.float32, device=x.device)
     if isinstance(spec, Fp8Spec):
@@ -359,7 +368,8 @@ def fake_quantize(x: Tensor, spec: QuantSpec) -> Tensor:
 
     Args:
         x: float16 / bfloat16 / float32 / float64 tensor ``[..., n]``.
-        spec: :class:`QuantSpec`; ``bits == 16`` returns ``x`` itself.
+        spec: :class:`QuantSpec` (``bits == 16`` returns ``x`` itself) or an
+            :class:`~hf_roste.numerics.fp4.FP4Spec` (NVFP4 / MXFP4, same straight-through backward).
 
     Returns:
         Tensor with the shape and dtype of ``x``.
@@ -370,6 +380,8 @@ def fake_quantize(x: Tensor, spec: QuantSpec) -> Tensor:
     x, spec = _check_input(x, spec)
     if not spec.enabled:
         return x
+    if isinstance(spec, FP4Spec):
+        return _fp4.fake_quantize_fp4(x, spec)
     if x.requires_grad and torch.is_grad_enabled():
         return _FakeQuantSTE.apply(x, spec)
     out = _fake_quant_fp32(x, spec)
@@ -386,7 +398,7 @@ def quantization_error(
 
     Args:
         x: float16 / bfloat16 / float32 / float64 tensor ``[..., n]``.
-        spec: :class:`QuantSpec` (bits=16 gives zero error).
+        spec: :class:`QuantSpec` (bits=16 gives zero error) or an FP4Spec (NVFP4 / MXFP4 error).
         reduce: ``"sum"`` (scalar), ``"mean"`` (scalar, per included element; 0 if nothing is
             included) or ``"none"`` (per-row sums, shape ``x.shape[:-1]``, excluded rows are 0).
         row_mask: optional bool tensor of shape ``x.shape[:-1]``; False rows (e.g. padding tokens)
