@@ -77,6 +77,8 @@ class QATLinear(nn.Linear):
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         """Online R4 (if on) then `Q_a` per token: what the matmul of the deployed model sees."""
         shared = self.shared_input
+        if shared is not None and torch.compiler.is_compiling():
+            shared = None  # the memo keys on tensor identity and version, which a traced graph cannot guard on
         if shared is not None:
             key = (self.act_spec, self.input_hadamard, self.quant_enabled, torch.is_grad_enabled())
             hit = shared.lookup(x, key)

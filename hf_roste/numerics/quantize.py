@@ -38,6 +38,14 @@ not overflow.)  Consequences of the rule:
   :func:`quantization_error` returns zeros; :func:`compute_qparams`, :func:`quantize` and
   :func:`dequantize` raise ``ValueError`` because there are no integer codes.
 
+Reduced-precision inputs (bfloat16, float16): every value is first converted exactly to fp32;
+the minimum, maximum, scale, zero point, codes and ``(codes - z) * s`` are all computed in fp32
+from those values (``k``, ``c`` and ``2^-20`` as fp32 constants, IEEE round-to-nearest division,
+no fused multiply-add), and only the final ``x_hat`` is rounded once, to nearest even, to the input
+dtype.  The fused Triton kernel (:mod:`hf_roste.numerics.kernels.fake_quant`) follows this rule and
+equals this module bit for bit for float32, bfloat16 and float16 inputs (NaN outputs are NaN, their
+payload bits are unspecified: torch's own fp32 -> bfloat16 cast writes different NaNs on CPU and CUDA).
+
 Symmetric codes get ``+ 0`` added before the clamp so a ``-0.0`` from ``round`` becomes ``+0.0``:
 :func:`fake_quantize` is then bit-for-bit equal (in fp32) to
 ``dequantize(*quantize(x, spec), spec)``, signed zeros included.  Both go through the same private
@@ -49,6 +57,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .kernels._triton import use_triton
 from .spec import QuantSpec
 
 __all__ = ["compute_qparams", "quantize", "dequantize", "fake_quantize", "quantization_error"]
@@ -354,6 +363,11 @@ def fake_quantize(x: Tensor, spec: QuantSpec) -> Tensor:
     x, spec = _check_input(x, spec)
     if not spec.enabled:
         return x
+    if torch.compiler.is_compiling() or (x.dtype in _NATIVE_DTYPES and use_triton(x.device)):
+        # one custom op: no graph break under torch.compile, the fused kernel where Triton runs
+        from .kernels.fake_quant import fake_quantize_op
+
+        return fake_quantize_op(x, spec)
     if x.requires_grad and torch.is_grad_enabled():
         return _FakeQuantSTE.apply(x, spec)
     out = _fake_quant_fp32(x, spec)

@@ -27,6 +27,8 @@ import operator
 import torch
 from torch import Tensor
 
+from hf_roste.numerics.kernels._triton import use_triton
+from hf_roste.numerics.kernels.hadamard import hadamard_transform_op
 from hf_roste.rotation import hadamard_factors as _hf
 
 __all__ = [
@@ -284,6 +286,12 @@ class _HadamardTransformFn(torch.autograd.Function):
         return grad_x, None, None, None, None
 
 
+@torch.compiler.assume_constant_result
+def _traced_factorization(n: int) -> tuple[int, int]:
+    """:func:`hadamard_factorization` evaluated once at trace time (it reads the factor file and caches)."""
+    return hadamard_factorization(n)
+
+
 def hadamard_transform(x: Tensor, signs: Tensor | None = None, transpose: bool = False) -> Tensor:
     """Apply the rotation along the LAST dim: ``x @ R`` (``transpose=True``: ``x @ R.T = x @ R^-1``).
 
@@ -302,7 +310,10 @@ def hadamard_transform(x: Tensor, signs: Tensor | None = None, transpose: bool =
     CPU / no-kernel path: pure torch, the ``2**k`` part as near-equal Sylvester Kronecker blocks
     (<= 128) applied as batched matmuls and the base part as an ``[m, m]`` matmul; no dense
     ``n x n`` product. On CUDA with ``fast_hadamard_transform`` installed, its kernel does the
-    power-of-two part only. Differentiable (backward = transposed transform).
+    power-of-two part only. Where :func:`~hf_roste.numerics.kernels.use_triton` holds (CUDA with
+    Triton by default) and under ``torch.compile``, the call goes through the custom op
+    ``hf_roste::hadamard_transform`` (:mod:`hf_roste.numerics.kernels.hadamard`: butterfly kernel for the
+    power-of-two part, ``[m, m]`` product for the base). Differentiable (backward = transposed transform).
     """
     if not isinstance(x, Tensor):
         raise ValueError(f"x must be a torch.Tensor, got {type(x).__name__}")
@@ -310,10 +321,14 @@ def hadamard_transform(x: Tensor, signs: Tensor | None = None, transpose: bool =
         raise ValueError("x must have at least one dimension (the rotated last dim)")
     if x.dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
         raise ValueError(f"x dtype {x.dtype} is not supported; accepted: float32, bfloat16, float16, float64")
-    m, k = hadamard_factorization(x.shape[-1])
-    _check_signs(signs, x.shape[-1])
+    n = int(x.shape[-1])
+    m, k = _traced_factorization(n) if torch.compiler.is_compiling() else hadamard_factorization(n)
+    _check_signs(signs, m * (1 << k))
     if signs is not None:
         signs = signs.detach()
+    if torch.compiler.is_compiling() or (x.dtype != torch.float64 and use_triton(x.device)):
+        # one custom op: no graph break on symbolic sizes under torch.compile, the kernel where Triton runs
+        return hadamard_transform_op(x, m, k, signs, bool(transpose))
     if not (x.requires_grad and torch.is_grad_enabled()):  # no graph: skip the autograd.Function
         return _apply(x, m, k, signs, bool(transpose))
     return _HadamardTransformFn.apply(x, signs, m, k, bool(transpose))

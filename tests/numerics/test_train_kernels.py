@@ -1,0 +1,198 @@
+"""The training kernels (fused fake quantization, online Hadamard) equal the PyTorch reference.
+
+They run through Triton's interpreter on CPU (``TRITON_INTERPRET=1``, ``HF_ROSTE_TRITON=1``); the
+same kernels run compiled on CUDA. Sizes stay small: the interpreter executes every program in numpy.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hf_roste.numerics import QuantSpec, fake_quantize
+from hf_roste.numerics.kernels import use_triton
+from hf_roste.numerics.quantize import _fake_quant_fp32
+from hf_roste.rotation.hadamard import _apply, hadamard_factorization, hadamard_transform, random_signs
+
+pytest.importorskip("triton", reason="triton is in the dev extra; the kernel tests need it")
+
+
+@pytest.fixture(autouse=True)
+def _interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("HF_ROSTE_TRITON", "1")
+    assert use_triton("cpu")
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.int32) if t.dtype == torch.float32 else t.view(torch.int16)
+
+
+def _reference(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    out = _fake_quant_fp32(x, spec)
+    return out if out.dtype == x.dtype else out.to(x.dtype)
+
+
+def _edge_rows(cols: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Random rows over 12 decades, plus every special case of the numerics docstring."""
+    g = torch.Generator().manual_seed(cols)
+    x = torch.randn(14, cols, generator=g) * torch.logspace(-6, 6, 14)[:, None]
+    x[0] = 2.5  # constant row
+    x[1] = -0.75  # negative constant row
+    x[2] = 0.0  # all-zero row
+    x[3, cols // 2] = 1e30  # one huge value
+    x[4] = torch.arange(cols, dtype=torch.float32) * 0.5 - 3.0  # halves: ties at rounding boundaries
+    x[5, 1] = float("nan")
+    x[6, 0] = float("inf")
+    x[7, -1] = float("-inf")
+    x[8] = torch.randn(cols, generator=g) * 1e-30  # subnormal-scale magnitudes
+    x[9] = x[9].abs()  # range not containing 0 (zero point outside the grid)
+    x[10] = -x[10].abs()
+    x[11, :] = 0.0
+    x[11, 0] = -1.0  # one nonzero value
+    return x.to(dtype)
+
+
+SPECS = [
+    QuantSpec(bits, sym, clip, gran, gs)
+    for bits in (2, 3, 4, 8)
+    for sym in (False, True)
+    for clip in (1.0, 0.9)
+    for gran, gs in (("token", None), ("group", 8))
+] + [QuantSpec(4, False, 0.37, "channel"), QuantSpec(4, True, 0.37, "token_head"), QuantSpec(3, False, 1.0, "group", 5)]
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=str)
+def test_fake_quant_kernel_bit_identical_fp32(spec):
+    cols = 40  # not a multiple of the kernel block (64); 5 groups of 8, 8 groups of 5
+    x = _edge_rows(cols)
+    got = fake_quantize(x, spec)
+    want = _reference(x, spec)
+    assert torch.equal(_bits(got), _bits(want))
+
+
+def test_fake_quant_kernel_multi_block_rows():
+    """Rows longer than one block (4096 columns per iteration): the statistics span several iterations."""
+    spec = QuantSpec(4, False, 1.0, "token")
+    x = torch.randn(2, 4096 + 37)
+    x[1, 4100] = 50.0
+    assert torch.equal(_bits(fake_quantize(x, spec)), _bits(_reference(x, spec)))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("spec", [QuantSpec(4, False), QuantSpec(8, True, 0.9), QuantSpec(2, False, 1.0, "group", 4)],
+                         ids=str)
+def test_fake_quant_kernel_bit_identical_half_inputs(spec, dtype):
+    x = _edge_rows(24)
+    x = x.clamp(-6e4, 6e4).to(dtype) if dtype == torch.float16 else x.to(dtype)
+    got = fake_quantize(x, spec)
+    want = _reference(x, spec)
+    assert got.dtype == dtype
+    # NaN payloads are not part of the rule (torch's own fp32 -> bf16 cast writes 0xFFFF on CPU, 0x7FFF on CUDA)
+    assert torch.equal(got.isnan(), want.isnan()) and want.isnan().any()
+    keep = ~want.isnan()
+    assert torch.equal(_bits(got)[keep], _bits(want)[keep])
+
+
+def test_fake_quant_kernel_nonfinite_rows_are_nan_and_isolated():
+    spec = QuantSpec(4, False)
+    x = _edge_rows(16)
+    out = fake_quantize(x, spec)
+    assert out[5:8].isnan().all()
+    assert out[:5].isfinite().all() and out[8:].isfinite().all()
+
+
+def test_fake_quant_kernel_gradient_is_straight_through():
+    spec = QuantSpec(3, False, 0.8, "token")
+    x = (torch.randn(3, 4, 20) * 3).requires_grad_()
+    x_ref = x.detach().clone().requires_grad_()
+    g = torch.randn(3, 4, 20)
+    fake_quantize(x, spec).backward(g)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_ROSTE_TRITON", "0")
+        y = fake_quantize(x_ref, spec)
+        y.backward(g)
+    assert torch.equal(x.grad, x_ref.grad) and torch.equal(x.grad, g)
+
+
+def test_fake_quant_kernel_non_contiguous_input():
+    """K/V arrive as transposed views ``[b, heads, seq, head_dim]``."""
+    spec = QuantSpec(4, False, 1.0, "token_head")
+    kv = torch.randn(2, 5, 3, 16).transpose(1, 2)
+    assert torch.equal(fake_quantize(kv, spec), _reference(kv, spec))
+
+
+def test_fake_quant_kernel_rejects_what_it_does_not_handle():
+    from hf_roste.numerics.kernels.fake_quant import triton_fake_quantize
+
+    with pytest.raises(ValueError, match="row-wise/group"):
+        triton_fake_quantize(torch.randn(3, 8), QuantSpec(4, granularity="tensor"))
+    with pytest.raises(ValueError, match="must divide"):
+        triton_fake_quantize(torch.randn(3, 10), QuantSpec(4, granularity="group", group_size=4))
+
+
+def test_per_tensor_spec_falls_back_to_reference():
+    spec = QuantSpec(4, False, 1.0, "tensor")
+    x = torch.randn(4, 8)
+    assert torch.equal(fake_quantize(x, spec), _reference(x, spec))
+
+
+# ------------------------------------------------------------------ online Hadamard
+
+@pytest.mark.parametrize("n", [2, 16, 24, 112, 128, 304, 4864])
+@pytest.mark.parametrize("transpose", [False, True])
+def test_hadamard_kernel_matches_reference(n, transpose):
+    m, k = hadamard_factorization(n)
+    x = torch.randn(3, 2, n)
+    got = hadamard_transform(x, transpose=transpose)
+    want = _apply(x, m, k, None, transpose)
+    # butterflies add in another order than the block products: equal up to fp32 rounding (log2 n adds)
+    assert (got - want).abs().max() <= 4e-7 * max(1, k) ** 0.5 * want.abs().max()
+    back = hadamard_transform(got, transpose=not transpose)
+    assert torch.allclose(back, x, atol=1e-5)
+
+
+def test_hadamard_kernel_with_signs_and_gradient():
+    n = 96
+    s = random_signs(n, 7)
+    x = torch.randn(4, n, requires_grad=True)
+    y = hadamard_transform(x, s)
+    m, k = hadamard_factorization(n)
+    assert torch.allclose(y, _apply(x.detach(), m, k, s, False), atol=1e-6)
+    g = torch.randn(4, n)
+    y.backward(g)
+    assert torch.allclose(x.grad, _apply(g, m, k, s, True), atol=1e-6)
+
+
+def test_hadamard_kernel_bf16_rounds_once():
+    n = 304
+    m, k = hadamard_factorization(n)
+    x = torch.randn(5, n).to(torch.bfloat16)
+    got = hadamard_transform(x)
+    want = _apply(x, m, k, None, False)
+    assert got.dtype == torch.bfloat16
+    # both accumulate in fp32 and round once; they may differ by one bf16 ulp where fp32 results straddle a tie
+    ulp = torch.finfo(torch.bfloat16).eps * want.float().abs().clamp(min=1e-3)
+    assert ((got.float() - want.float()).abs() <= ulp).all()
+
+
+def test_hadamard_kernel_is_used_not_bypassed(monkeypatch):
+    """With HF_ROSTE_TRITON=1 the transform really goes through the kernel launcher."""
+    import hf_roste.numerics.kernels.hadamard as kh
+
+    calls = []
+    original = kh.triton_hadamard_transform
+    monkeypatch.setattr(kh, "triton_hadamard_transform", lambda *a, **kw: calls.append(a[1:3]) or original(*a, **kw))
+    hadamard_transform(torch.randn(2, 112))
+    assert calls == [hadamard_factorization(112)]
+
+
+def test_fake_quant_kernel_is_used_not_bypassed(monkeypatch):
+    import hf_roste.numerics.kernels.fake_quant as kf
+
+    calls = []
+    original = kf.triton_fake_quantize
+    monkeypatch.setattr(kf, "triton_fake_quantize", lambda x, spec: calls.append(spec) or original(x, spec))
+    spec = QuantSpec(4, False)
+    fake_quantize(torch.randn(2, 8), spec)
+    assert calls == [spec]
