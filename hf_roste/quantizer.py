@@ -77,6 +77,9 @@ class RoSTEHfQuantizer(HfQuantizer):
             prepare_model(model, self.quantization_config, weights_are_rotated=self.load_format == "master")
         from .export.hub import install_push_to_hub
 
+        from .hub_kernels import install_kernelize_guard
+
+        install_kernelize_guard(model)  # hub kernels (use_kernels) must not replace modules holding RoSTE code
         install_push_to_hub(model)  # push_to_hub uploads the packed model with the RoSTE card (one commit)
         install_atomic_save(model)  # save_pretrained: temporary sibling folder, then an atomic swap
         return model

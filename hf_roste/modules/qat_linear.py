@@ -8,7 +8,8 @@ optimizers, FSDP and PEFT's LoRA treat it like any linear. Its forward computes
 where `Q_a` quantizes per token, `Q_w` per output channel (or group), both through
 `hf_roste.numerics.fake_quantize` (the same definitions the packed int kernels use), and the
 optional online Hadamard `R4` (down_proj input) is active when `input_hadamard` is True (its
-transpose is then already fused into `weight`).
+transpose is then already fused into `weight`). In training, `Q_w(W)` is computed once per optimizer
+step and reused by every micro-batch and checkpoint recomputation (`hf_roste.modules.weight_cache`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from torch import nn
 from ..numerics import QuantSpec, fake_quantize
 from ..rotation.hadamard import hadamard_transform
 from .shared_input import SharedInputQuant
+from .weight_cache import QuantizedWeightCache
 
 
 class QATLinear(nn.Linear):
@@ -30,6 +32,9 @@ class QATLinear(nn.Linear):
         act_spec: quantizer of the input `[..., in]` (granularity "token").
         input_hadamard: apply the online Hadamard transform (R4) to the input before quantizing.
     """
+
+    cache_quantized_weight: bool = True
+    """Reuse `Q_w(weight)` while the weight is unchanged in training (see `hf_roste.modules.weight_cache`)."""
 
     def __init__(
         self,
@@ -72,6 +77,13 @@ class QATLinear(nn.Linear):
         """`Q_w(weight)` (the weight the deployed model stores), with straight-through gradient."""
         if not (self.quant_enabled and self.weight_spec.enabled):
             return self.weight
+        if self.cache_quantized_weight and self.training and torch.is_grad_enabled() \
+                and self.weight.requires_grad and not torch.compiler.is_compiling():
+            cache = self.__dict__.get("_weight_cache")
+            if cache is None:
+                cache = self.__dict__["_weight_cache"] = QuantizedWeightCache()
+            spec = self.weight_spec
+            return cache.get(self.weight, lambda w: fake_quantize(w, spec))
         return fake_quantize(self.weight, self.weight_spec)
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
