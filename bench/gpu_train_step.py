@@ -189,14 +189,14 @@ def main() -> None:
     results = {name: run_shape(name, shapes[name], device, reps, not args.no_compile, backend) for name in names}
     figures = {"gpu": gpu, "dry": args.dry, "torch": torch.__version__, "results": results}
     for key, res in results.items():
-        figures[f"step_time_ratio_{key[name]}"] = res["roste_step_time_ratio"]
-        figures[f"ste_step_time_ratio_{key[name]}"] = res["ste_step_time_ratio"]
+        figures[f"step_time_ratio_{key}"] = res["roste_step_time_ratio"]
+        figures[f"ste_step_time_ratio_{key}"] = res["ste_step_time_ratio"]
         if "roste_compiled_step_time_ratio" in res:
-            figures[f"compiled_step_time_ratio_{key[name]}"] = res["roste_compiled_step_time_ratio"]
+            figures[f"compiled_step_time_ratio_{key}"] = res["roste_compiled_step_time_ratio"]
         if "torchao_step_time_ratio" in res:
-            figures[f"torchao_step_time_ratio_{key[name]}"] = res["torchao_step_time_ratio"]
+            figures[f"torchao_step_time_ratio_{key}"] = res["torchao_step_time_ratio"]
         if "peak_memory_ratio" in res:
-            figures[f"peak_memory_ratio_{key[name]}"] = res["peak_memory_ratio"]["roste"]
+            figures[f"peak_memory_ratio_{key}"] = res["peak_memory_ratio"]["roste"]
     emit(figures)
 
 

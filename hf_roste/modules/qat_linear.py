@@ -19,9 +19,23 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..numerics import QuantSpec, fake_quantize
+from ..numerics.kernels import use_triton
+from ..numerics.kernels.fake_quant import fake_quantize_op
 from ..rotation.hadamard import hadamard_transform
 from .shared_input import SharedInputQuant
 from .weight_cache import QuantizedWeightCache
+
+
+def _autocast_input_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The autocast dtype a float32 ``x`` will be cast to by the matmul, where the fused kernel (or a compile
+    trace) produces it directly; None elsewhere (the eager CPU path keeps ``fake_quantize``)."""
+    device_type = x.device.type
+    if x.dtype != torch.float32 or device_type not in ("cuda", "cpu") or not torch.is_autocast_enabled(device_type):
+        return None
+    amp = torch.get_autocast_dtype(device_type)
+    if amp not in (torch.bfloat16, torch.float16):
+        return None
+    return amp if torch.compiler.is_compiling() or use_triton(x.device) else None
 
 
 class QATLinear(nn.Linear):
@@ -100,7 +114,11 @@ class QATLinear(nn.Linear):
         if self.input_hadamard:
             x = hadamard_transform(x)
         if self.quant_enabled and self.act_spec.enabled:
-            x = fake_quantize(x, self.act_spec)
+            amp = _autocast_input_dtype(x)
+            if amp is not None:  # quantize straight into the dtype autocast would cast the result to
+                x = fake_quantize_op(x, self.act_spec, out_dtype=amp)
+            else:
+                x = fake_quantize(x, self.act_spec)
         if shared is not None:
             shared.store(source, key, x)
         return x

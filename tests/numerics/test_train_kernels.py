@@ -196,3 +196,28 @@ def test_fake_quant_kernel_is_used_not_bypassed(monkeypatch):
     spec = QuantSpec(4, False)
     fake_quantize(torch.randn(2, 8), spec)
     assert calls == [spec]
+
+
+def test_qat_linear_under_autocast_quantizes_straight_into_bf16(monkeypatch):
+    """Kernel path under bf16 autocast: the fp32 activation is quantized directly into bf16 (no fp32 copy for the
+    matmul to cast); output and gradients equal the PyTorch path, where autocast casts the fp32 result."""
+    from hf_roste.modules.qat_linear import QATLinear
+
+    def run(triton: str):
+        monkeypatch.setenv("HF_ROSTE_TRITON", triton)
+        torch.manual_seed(0)
+        # no online R4 here: the butterfly Hadamard equals the PyTorch one only up to fp32 rounding
+        lin = QATLinear(32, 8, weight_spec=QuantSpec(4, False, 1.0, "channel"), act_spec=QuantSpec(4, False)).train()
+        x = torch.randn(3, 5, 32, requires_grad=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            q = lin.quantize_input(x)
+            y = lin(x)
+        y.float().square().sum().backward()
+        return q, y, x.grad, lin.weight.grad
+
+    q_k, y_k, gx_k, gw_k = run("1")
+    q_r, y_r, gx_r, gw_r = run("0")
+    assert q_k.dtype == torch.bfloat16 and q_r.dtype == torch.float32
+    assert torch.equal(q_k, q_r.to(torch.bfloat16))
+    assert torch.equal(y_k, y_r)
+    assert torch.equal(gx_k, gx_r) and torch.equal(gw_k, gw_r)

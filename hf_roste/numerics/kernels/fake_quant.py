@@ -116,7 +116,7 @@ def _kernel():  # noqa: ANN202 - a triton.JITFunction, built on first use so imp
     return _fake_quant_rows
 
 
-def triton_fake_quantize(x: Tensor, spec: QuantSpec) -> Tensor:
+def triton_fake_quantize(x: Tensor, spec: QuantSpec, out_dtype: torch.dtype | None = None) -> Tensor:
     """Fake-quantized ``x`` (the forward value of :func:`hf_roste.numerics.fake_quantize`) by the fused kernel.
 
     Args:
@@ -124,8 +124,11 @@ def triton_fake_quantize(x: Tensor, spec: QuantSpec) -> Tensor:
             under ``TRITON_INTERPRET=1``).
         spec: enabled :class:`QuantSpec` with a row-wise or ``"group"`` granularity.
 
+        out_dtype: dtype of the result (default ``x.dtype``); the fp32 ``x_hat`` is rounded once to it,
+            exactly what ``fake_quantize(x).to(out_dtype)`` gives for a float32 ``x``.
+
     Returns:
-        A new tensor with the shape and dtype of ``x``. No autograd: use :func:`fake_quantize_op`.
+        A new contiguous tensor with the shape of ``x``. No autograd: use :func:`fake_quantize_op`.
 
     Raises:
         ValueError: the spec or dtype is one the kernel does not handle (see :func:`kernel_supports`).
@@ -140,7 +143,9 @@ def triton_fake_quantize(x: Tensor, spec: QuantSpec) -> Tensor:
         cols = spec.group_size
         spec.num_groups(x.shape[-1])  # raises when group_size does not divide the last dim
     src = x.contiguous()
-    out = torch.empty_like(src)
+    out = torch.empty_like(src, dtype=out_dtype or src.dtype)
+    if out.dtype not in _KERNEL_DTYPES:
+        raise ValueError(f"out_dtype must be one of {_KERNEL_DTYPES}, got {out.dtype}")
     rows = src.numel() // cols
     block = min(_MAX_BLOCK, 1 << max(cols - 1, 1).bit_length())
     k_scale = float(spec.clip_ratio) / spec.qmax
@@ -153,7 +158,7 @@ def triton_fake_quantize(x: Tensor, spec: QuantSpec) -> Tensor:
         float(spec.qmin),
         float(spec.qmax),
         SYMMETRIC=spec.symmetric,
-        OUT_BF16=src.dtype == torch.bfloat16,
+        OUT_BF16=out.dtype == torch.bfloat16,
         BLOCK=block,
         num_warps=4 if block <= 1024 else 8,
         enable_fp_fusion=False,
@@ -167,35 +172,45 @@ def _spec_of(bits: int, symmetric: bool, clip_ratio: float, granularity: str, gr
 
 @torch.library.custom_op("hf_roste::fake_quantize", mutates_args=())
 def _fake_quantize_impl(
-    x: Tensor, bits: int, symmetric: bool, clip_ratio: float, granularity: str, group_size: int
+    x: Tensor, bits: int, symmetric: bool, clip_ratio: float, granularity: str, group_size: int,
+    out_dtype: torch.dtype,
 ) -> Tensor:
     spec = _spec_of(bits, symmetric, clip_ratio, granularity, group_size)
-    if kernel_supports(x, spec) and use_triton(x.device):
-        return triton_fake_quantize(x, spec)
+    if kernel_supports(x, spec) and out_dtype in _KERNEL_DTYPES and use_triton(x.device):
+        return triton_fake_quantize(x, spec, out_dtype)
     from ..quantize import _fake_quant_fp32
 
     out = _fake_quant_fp32(x, spec)
-    out = out if out.dtype == x.dtype else out.to(x.dtype)
+    out = out if out.dtype == out_dtype else out.to(out_dtype)
     return out.contiguous()  # the layout the fake implementation promises (a no-op for contiguous x)
 
 
 @_fake_quantize_impl.register_fake
-def _(x: Tensor, bits: int, symmetric: bool, clip_ratio: float, granularity: str, group_size: int) -> Tensor:
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
+def _(x: Tensor, bits: int, symmetric: bool, clip_ratio: float, granularity: str, group_size: int,
+      out_dtype: torch.dtype) -> Tensor:
+    return torch.empty_like(x, dtype=out_dtype, memory_format=torch.contiguous_format)
+
+
+def _ste_setup(ctx, inputs, output) -> None:  # noqa: ANN001 - torch.library autograd signature
+    ctx.in_dtype = inputs[0].dtype
 
 
 def _ste_backward(ctx, grad: Tensor):  # noqa: ANN001, ANN202 - torch.library autograd signature
-    return grad, None, None, None, None, None
+    grad = grad if grad.dtype == ctx.in_dtype else grad.to(ctx.in_dtype)
+    return grad, None, None, None, None, None, None
 
 
-_fake_quantize_impl.register_autograd(_ste_backward)
+_fake_quantize_impl.register_autograd(_ste_backward, setup_context=_ste_setup)
 
 
-def fake_quantize_op(x: Tensor, spec: QuantSpec) -> Tensor:
+def fake_quantize_op(x: Tensor, spec: QuantSpec, out_dtype: torch.dtype | None = None) -> Tensor:
     """``hf_roste::fake_quantize``: quantize-dequantize with a straight-through backward, as one custom op.
 
     Same value and gradient as :func:`hf_roste.numerics.fake_quantize` (``spec`` must be enabled);
-    used where a graph must not break (``torch.compile``) and where the fused kernel runs.
+    used where a graph must not break (``torch.compile``) and where the fused kernel runs. With
+    ``out_dtype`` the result is rounded once to that dtype (the value of
+    ``fake_quantize(x, spec).to(out_dtype)``, the gradient cast back to ``x.dtype``): under bf16
+    autocast a float32 activation is quantized straight into the bf16 the matmul reads.
     """
     return _fake_quantize_impl(x, spec.bits, spec.symmetric, float(spec.clip_ratio), spec.granularity,
-                               spec.group_size or 0)
+                               spec.group_size or 0, out_dtype or x.dtype)
