@@ -124,4 +124,6 @@ class RoSTEHfQuantizer(HfQuantizer):
 
     @property
     def is_compileable(self) -> bool:
+        """QAT models compile without graph breaks (tests/test_compile.py); packed models compile too, with graph
+        breaks in the packed linear's CPU kernels selection."""
         return True

@@ -98,12 +98,20 @@ def test_sft_trainer_with_torch_compile_trains(tiny_checkpoints, tmp_path):
         logging_steps=1, report_to="none", save_strategy="no", use_cpu=True, lr_scheduler_type="constant",
         seed=0, max_length=24, dataloader_num_workers=0, disable_tqdm=True, bf16=False,
         torch_compile=True, torch_compile_backend="aot_eager", rotation_calibration_samples=8,
+        # transformers' own CompileableContextVar write inside a checkpointed decoder layer breaks the graph
+        # (plain models too), so this test trains without gradient checkpointing
+        gradient_checkpointing=False,
     )
     trainer = RoSTESFTTrainer(
         model=str(tiny_checkpoints["llama"]), args=args, train_dataset=prompt_completion_dataset(),
         processing_class=char_tokenizer(), quantization_config=RoSTEConfig(**ALL_ON),
     )
+    from torch._dynamo.utils import counters
+
+    counters.clear()
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
-    assert trainer.model_wrapped is not trainer.model or hasattr(trainer.model, "_orig_mod")
+    assert counters["stats"]["unique_graphs"] >= 1  # the training forward really ran through Dynamo
+    # graph breaks are counted on the model itself above; here TRL's loss code adds one of its own
+    # ("non-contiguous out= tensor"), outside the model
