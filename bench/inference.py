@@ -142,7 +142,7 @@ def kv_bytes_per_token(model, prompt: torch.Tensor, new: int) -> tuple[float, fl
 def r4_cost(hidden: int, sizes: tuple[int, ...], rows: int, reps: int) -> dict[str, float]:
     """Median time of the online R4 transform of ``[rows, n]`` / the fp32 down_proj GEMM ``n -> hidden``."""
     from bench._common import interleaved
-    from hf_roste.rotation.hadamard import hadamard_factorization, hadamard_transform
+    from hf_roste.numerics.hadamard import hadamard_factorization, hadamard_transform
 
     out = {}
     for n in sizes:

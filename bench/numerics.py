@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from hf_roste.numerics import QuantSpec, fake_quantize  # noqa: E402
 
 try:  # optional: written by another module owner
-    from hf_roste.rotation.hadamard import hadamard_transform
+    from hf_roste.numerics.hadamard import hadamard_transform
 except Exception:  # noqa: BLE001 - any import problem just disables the Hadamard figures
     hadamard_transform = None
 

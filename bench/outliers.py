@@ -56,7 +56,7 @@ def _ratios(x: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def collect(model, seqs, rotated: bool) -> dict[str, dict[str, float]]:
-    from hf_roste.rotation.hadamard import hadamard_transform
+    from hf_roste.numerics.hadamard import hadamard_transform
 
     store: dict[str, list[torch.Tensor]] = {}
     hooks = []

@@ -5,17 +5,17 @@ Importing the package registers `quant_method="roste"` with transformers (safe t
 
 from __future__ import annotations
 
+from ._version import __version__
 from .config import FORMAT_VERSION, RoSTEConfig
 from .export.compressed_tensors import export_compressed_tensors
 from .export.hub import push_roste_model
 from .modules.kv_cache import RoSTEQuantizedCache, cache_bytes_per_token
 from .quantizer import RoSTEHfQuantizer
-from .rotation.apply import get_state, save_format, set_quantization_enabled, set_rotation_config
 from .rotation.calibration import sample_calibration_batches
+from .rotation.fusion import set_rotation_config
 from .rotation.optim_state import rotate_optimizer_state
 from .rotation.search import RotationSearchResult, search_rotation_config
-
-__version__ = "0.1.0.dev0"
+from .state import get_state, save_format, set_quantization_enabled
 
 
 def _register() -> None:

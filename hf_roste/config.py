@@ -11,21 +11,23 @@ It is a transformers `QuantizationConfigMixin`, so it travels in `config.json` u
      "errors": [{"R2": [off, on], "R3": [off, on], "R4": [off, on]}, ...]}   # optional, measured by the search
 
 `None` means "no per-layer choice yet": with `rotation_search="all"` every R2/R3/R4 allowed by
-`rotations` is on, with `"none"` all are off, and with `"adaptive"` all are off until
-`search_rotation_config` (or `RoSTESFTTrainer`) runs the search and fills the field in.
+`rotations` is on, with `"none"` all are off, and with `"adaptive"` or `"layerwise"` all are off until
+`search_rotation_config` (or `RoSTESFTTrainer`) runs that search and fills the field in.
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import math
+from dataclasses import dataclass
 from typing import Any
 
 from transformers.utils import logging
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .numerics import QuantSpec
+from .numerics import SUPPORTED_BITS, QuantSpec
 
 logger = logging.get_logger(__name__)
 
@@ -36,32 +38,67 @@ FORMAT_VERSION = 1
 
 ROTATION_NAMES = ("R1", "R2", "R3", "R4")
 PER_LAYER_ROTATIONS = ("R2", "R3", "R4")
-SEARCH_STRATEGIES = ("adaptive", "all", "none")
+#: The searches `search_rotation_config(strategy=...)` runs: "adaptive" (the paper) and "layerwise".
+SEARCH_ALGORITHMS = ("adaptive", "layerwise")
+#: `rotation_search`, the same vocabulary in `RoSTEConfig` and `RoSTESFTConfig`: how per-layer R2/R3/R4 are
+#: chosen. "adaptive" / "layerwise": by that search (all off until it runs); "all": every allowed rotation on,
+#: no search; "none": no search (a fresh model has every per-layer rotation off).
+SEARCH_STRATEGIES = ("adaptive", "all", "none", "layerwise")
+#: The error a search compares (`search_rotation_config(criterion=...)`).
+SEARCH_CRITERIA = ("paper", "output")
 CHECKPOINT_FORMATS = ("master", "packed")
-SUPPORTED_BITS = (2, 3, 4, 8, 16)
 #: Exclusive upper bound of `rotation_seed` (torch generators take 64-bit seeds; R2 of layer i uses seed + 1 + i).
 MAX_SEED = 2**63
 
 
+@dataclass(frozen=True)
+class ConfigField:
+    """One user-facing `RoSTEConfig` field: the only place its name, type, default and help are written.
+
+    `RoSTEConfig.__init__`, `to_dict`, `FIELD_HELP` and the `hf-roste sft` arguments
+    (`commands/sft.py`'s `RoSTEArguments`) are all built from `CONFIG_FIELDS`.
+    """
+
+    name: str
+    type: Any
+    default: Any
+    help: str
+    choices: tuple | None = None
 
 
-FIELD_HELP: dict[str, str] = {
-    "weight_bits": "Bits of linear-layer weights: 2, 3, 4, 8, or 16 (16 = not quantized).",
-    "activation_bits": "Bits of linear-layer input activations (per token): 2, 3, 4, 8, or 16.",
-    "kv_bits": "Bits of the K and V cache (per token per head, after RoPE and R3): 2, 3, 4, 8, or 16.",
-    "weight_symmetric": "Symmetric (zero point 0) weight quantization; the paper uses asymmetric.",
-    "activation_symmetric": "Symmetric activation quantization; the paper uses asymmetric.",
-    "kv_symmetric": "Symmetric K/V quantization; the paper uses asymmetric.",
-    "weight_clip_ratio": "Clip factor c in (0, 1] applied to the weight range (paper: 0.95).",
-    "activation_clip_ratio": "Clip factor c in (0, 1] applied to the activation range (paper: 0.95).",
-    "kv_clip_ratio": "Clip factor c in (0, 1] applied to the K/V range (paper: 0.95).",
-    "weight_group_size": "Weight group size along the input dim; None = one scale per output channel.",
-    "rotations": "Rotations that may be used, a subset of R1 (residual), R2 (V/O per head), R3 (Q/K online), R4 (down_proj input online).",
-    "rotation_search": "How per-layer R2/R3/R4 are chosen: 'adaptive' (the paper's search), 'all' (every rotation on), 'none'.",
-    "rotation_config": "Per-layer on/off result {'R1': bool, 'layers': [{'R2','R3','R4'}...]}; filled by the search.",
-    "rotation_seed": "Seed of the random signs of the R1 and R2 Hadamard rotations.",
-    "modules_to_not_convert": "Module names (or name suffixes) kept in full precision; default: lm_head.",
-}
+CONFIG_FIELDS: tuple[ConfigField, ...] = (
+    ConfigField("weight_bits", int, 4, "Bits of linear-layer weights: 2, 3, 4, 8, or 16 (16 = not quantized).",
+                SUPPORTED_BITS),
+    ConfigField("activation_bits", int, 4,
+                "Bits of linear-layer input activations (per token): 2, 3, 4, 8, or 16.", SUPPORTED_BITS),
+    ConfigField("kv_bits", int, 4,
+                "Bits of the K and V cache (per token per head, after RoPE and R3): 2, 3, 4, 8, or 16.", SUPPORTED_BITS),
+    ConfigField("weight_symmetric", bool, False, "Symmetric (zero point 0) weight quantization; the paper uses asymmetric."),
+    ConfigField("activation_symmetric", bool, False, "Symmetric activation quantization; the paper uses asymmetric."),
+    ConfigField("kv_symmetric", bool, False, "Symmetric K/V quantization; the paper uses asymmetric."),
+    ConfigField("weight_clip_ratio", float, 0.95, "Clip factor c in (0, 1] applied to the weight range (paper: 0.95)."),
+    ConfigField("activation_clip_ratio", float, 0.95,
+                "Clip factor c in (0, 1] applied to the activation range (paper: 0.95)."),
+    ConfigField("kv_clip_ratio", float, 0.95, "Clip factor c in (0, 1] applied to the K/V range (paper: 0.95)."),
+    ConfigField("weight_group_size", int | None, None,
+                "Weight group size along the input dim; None = one scale per output channel."),
+    ConfigField("rotations", tuple[str, ...], ROTATION_NAMES,
+                "Rotations that may be used, a subset of R1 (residual), R2 (V/O per head), R3 (Q/K online), "
+                "R4 (down_proj input online)."),
+    ConfigField("rotation_search", str, "adaptive",
+                "How per-layer R2/R3/R4 are chosen while rotation_config is None: 'adaptive' (the paper's search; "
+                "off until it runs), 'layerwise' (adaptive, then a whole-model check; off until it runs), 'all' "
+                "(every rotation on), 'none' (every rotation off).", SEARCH_STRATEGIES),
+    ConfigField("rotation_config", dict | None, None,
+                "Per-layer on/off result {'R1': bool, 'layers': [{'R2','R3','R4'}...]}; filled by the search."),
+    ConfigField("rotation_seed", int, 0, "Seed of the random signs of the R1 and R2 Hadamard rotations."),
+    ConfigField("modules_to_not_convert", list[str] | None, None,
+                "Module names (or name suffixes) kept in full precision; default: lm_head."),
+)
+
+FIELD_HELP: dict[str, str] = {f.name: f.help for f in CONFIG_FIELDS}
+#: Fields hf_roste writes itself (not user settings): `format_version` and `checkpoint_format`.
+_LIBRARY_FIELDS = {"format_version": FORMAT_VERSION, "checkpoint_format": None}
 
 
 def _err(field: str, value: Any, accepted: str) -> ValueError:
@@ -170,30 +207,35 @@ class RoSTEConfig(QuantizationConfigMixin):
     asymmetric quantizers with clip ratio 0.95, weights per output channel, activations per token,
     K/V per token per head, all four rotations allowed and chosen by the adaptive search.
 
-    Field help is in `FIELD_HELP`. Fields set by the library itself, not by users:
+    Every field (name, type, default, help) is declared once, in `CONFIG_FIELDS`; help is also in `FIELD_HELP`. Fields set by the library itself, not by users:
     `format_version` and `checkpoint_format` (`None` for a config passed to load a full-precision
     checkpoint; `"master"` or `"packed"` in a saved RoSTE checkpoint).
     """
 
-    def __init__(
+    def __init__(self, **kwargs: Any) -> None:
+        fields = {f.name: kwargs.pop(f.name) if f.name in kwargs else copy.deepcopy(f.default) for f in CONFIG_FIELDS}
+        fields.update({name: kwargs.pop(name, default) for name, default in _LIBRARY_FIELDS.items()})
+        self._init_fields(**fields, **kwargs)
+
+    def _init_fields(
         self,
-        weight_bits: int = 4,
-        activation_bits: int = 4,
-        kv_bits: int = 4,
-        weight_symmetric: bool = False,
-        activation_symmetric: bool = False,
-        kv_symmetric: bool = False,
-        weight_clip_ratio: float = 0.95,
-        activation_clip_ratio: float = 0.95,
-        kv_clip_ratio: float = 0.95,
-        weight_group_size: int | None = None,
-        rotations: tuple[str, ...] | list[str] = ROTATION_NAMES,
-        rotation_search: str = "adaptive",
-        rotation_config: dict | None = None,
-        rotation_seed: int = 0,
-        modules_to_not_convert: list[str] | None = None,
-        format_version: int = FORMAT_VERSION,
-        checkpoint_format: str | None = None,
+        weight_bits: int,
+        activation_bits: int,
+        kv_bits: int,
+        weight_symmetric: bool,
+        activation_symmetric: bool,
+        kv_symmetric: bool,
+        weight_clip_ratio: float,
+        activation_clip_ratio: float,
+        kv_clip_ratio: float,
+        weight_group_size: int | None,
+        rotations: tuple[str, ...] | list[str],
+        rotation_search: str,
+        rotation_config: dict | None,
+        rotation_seed: int,
+        modules_to_not_convert: list[str] | None,
+        format_version: int,
+        checkpoint_format: str | None,
         **kwargs: Any,
     ) -> None:
         self.quant_method = QUANT_METHOD
@@ -302,26 +344,11 @@ class RoSTEConfig(QuantizationConfigMixin):
 
     # ---------------------------------------------------------- serialisation
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "quant_method": self.quant_method,
-            "format_version": self.format_version,
-            "checkpoint_format": self.checkpoint_format,
-            "weight_bits": self.weight_bits,
-            "activation_bits": self.activation_bits,
-            "kv_bits": self.kv_bits,
-            "weight_symmetric": self.weight_symmetric,
-            "activation_symmetric": self.activation_symmetric,
-            "kv_symmetric": self.kv_symmetric,
-            "weight_clip_ratio": self.weight_clip_ratio,
-            "activation_clip_ratio": self.activation_clip_ratio,
-            "kv_clip_ratio": self.kv_clip_ratio,
-            "weight_group_size": self.weight_group_size,
-            "rotations": list(self.rotations),
-            "rotation_search": self.rotation_search,
-            "rotation_config": copy.deepcopy(self.rotation_config),
-            "rotation_seed": self.rotation_seed,
-            "modules_to_not_convert": copy.deepcopy(self.modules_to_not_convert),
-        }
+        out: dict[str, Any] = {"quant_method": self.quant_method}
+        out.update({name: getattr(self, name) for name in _LIBRARY_FIELDS})
+        out.update({f.name: copy.deepcopy(getattr(self, f.name)) for f in CONFIG_FIELDS})
+        out["rotations"] = list(self.rotations)
+        return out
 
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any], return_unused_kwargs: bool = False, **kwargs: Any):
@@ -334,7 +361,7 @@ class RoSTEConfig(QuantizationConfigMixin):
         bad_keys = [k for k in merged if not isinstance(k, str)]
         if bad_keys:
             raise TypeError(f"RoSTEConfig.from_dict: field names must be strings, got {bad_keys!r}.")
-        unknown = sorted(set(merged) - set(FIELD_HELP) - {"quant_method", "format_version", "checkpoint_format"})
+        unknown = sorted(set(merged) - set(FIELD_HELP) - set(_LIBRARY_FIELDS) - {"quant_method"})
         if unknown:
             raise ValueError(
                 f"RoSTEConfig got unknown fields {unknown}; accepted fields: {sorted(FIELD_HELP)} (plus format_version "
@@ -352,3 +379,11 @@ class RoSTEConfig(QuantizationConfigMixin):
 
     def __repr__(self) -> str:
         return f"RoSTEConfig {self.to_json_string()}"
+
+
+RoSTEConfig.__init__.__signature__ = inspect.Signature(  # help(RoSTEConfig) / IDEs show the declared fields
+    [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    + [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=f.type)
+       for f in CONFIG_FIELDS]
+    + [inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD)]
+)

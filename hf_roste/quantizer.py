@@ -17,15 +17,15 @@ from transformers.utils import logging
 
 from .arch import get_adapter
 from .config import RoSTEConfig
-from .export.checkpoint import check_packed_values, checkpoint_metadata, packed_state_dict, verify_checkpoint
-from .io import install_atomic_save
-from .rotation.apply import (
+from .convert import (
     check_model_fits_config,
     finish_packed_model,
-    get_state,
     prepare_model,
     prepare_skeleton_for_checkpoint,
 )
+from .export.checkpoint import check_packed_values, checkpoint_metadata, packed_state_dict, verify_checkpoint
+from .io import install_atomic_save
+from .state import get_state
 
 logger = logging.get_logger(__name__)
 

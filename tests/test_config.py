@@ -98,3 +98,22 @@ def test_default_flags_follow_rotation_search():
     assert RoSTEConfig(rotation_search="all", rotations=("R4",)).default_layer_flags() == {"R2": False, "R3": False, "R4": True}
     assert RoSTEConfig(rotation_search="none").default_layer_flags() == {"R2": False, "R3": False, "R4": False}
     assert RoSTEConfig().default_layer_flags() == {"R2": False, "R3": False, "R4": False}
+
+
+def test_cli_arguments_are_generated_from_the_field_declaration():
+    """`hf-roste sft`'s RoSTEArguments repeat no default or help: both come from CONFIG_FIELDS."""
+    import dataclasses
+
+    from hf_roste.commands.sft import RoSTEArguments
+    from hf_roste.config import CONFIG_FIELDS
+
+    fields = {f.name: f for f in dataclasses.fields(RoSTEArguments)}
+    for decl in CONFIG_FIELDS:
+        if decl.name in ("rotation_search", "rotation_config"):  # RoSTESFTConfig's field / a JSON file path
+            continue
+        f = fields[decl.name]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        assert list(default) == list(decl.default) if decl.name == "rotations" else default == decl.default
+        assert f.metadata["help"].startswith(decl.help)
+        assert f.metadata.get("choices") == (list(decl.choices) if decl.choices else None)
+    assert RoSTEArguments().to_roste_config() == RoSTEConfig()

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 
 from hf_roste import RoSTEConfig, get_state, save_format, set_quantization_enabled, set_rotation_config
 from hf_roste.numerics import QuantSpec, fake_quantize
-from hf_roste.rotation.hadamard import hadamard_transform
+from hf_roste.numerics.hadamard import hadamard_transform
 
 W4A4KV4 = dict(weight_bits=4, activation_bits=4, kv_bits=4)
 MIXED = [{"R2": True, "R3": True, "R4": False}, {"R2": False, "R3": False, "R4": True}]

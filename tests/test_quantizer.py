@@ -115,7 +115,7 @@ def test_import_twice_is_harmless():
 
 
 def test_real_model_configs_transform_on_meta(shared_model_configs):
-    from hf_roste.rotation.apply import prepare_model
+    from hf_roste.convert import prepare_model
 
     for name, fields in shared_model_configs.items():
         from transformers import AutoConfig
@@ -188,7 +188,7 @@ def test_set_rotation_config_rejects_bad_input(tiny_checkpoints):
 
 
 def test_weight_group_size_not_dividing_a_layer_is_a_clear_error_at_load(tiny_checkpoints, monkeypatch):
-    import hf_roste.rotation.apply as apply_mod
+    import hf_roste.convert as apply_mod
 
     path = tiny_checkpoints["llama_npow2_tied"]  # hidden 96, intermediate 160
     folded = []
@@ -213,7 +213,7 @@ def test_weight_group_size_not_dividing_a_layer_is_a_clear_error_at_load(tiny_ch
 
 
 def test_r4_on_an_unconverted_down_proj_is_refused_before_loading(tiny_checkpoints, monkeypatch):
-    import hf_roste.rotation.apply as apply_mod
+    import hf_roste.convert as apply_mod
 
     path = tiny_checkpoints["llama"]
     folded = []
@@ -250,7 +250,7 @@ def test_config_changed_after_construction_is_validated_at_load(tiny_checkpoints
 def test_gpt_neox_without_attention_bias_is_refused_before_loading(tmp_path, monkeypatch):
     from transformers import GPTNeoXConfig
 
-    import hf_roste.rotation.apply as apply_mod
+    import hf_roste.convert as apply_mod
 
     cfg = GPTNeoXConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                         vocab_size=128, rotary_pct=0.5, attention_bias=False, max_position_embeddings=64)

@@ -100,7 +100,7 @@ def test_variants_differ_only_where_they_should(parsed, model):
 
 @pytest.mark.parametrize("model", MODELS)
 def test_recipe_model_builds_and_transforms_on_meta(parsed, model, shared_model_configs):
-    from hf_roste.rotation.apply import prepare_model
+    from hf_roste.convert import prepare_model
 
     path = next(p for p in RECIPES if p.parent.name == model and p.stem == "roste")
     _, train, model_args, roste = parsed[path]

@@ -37,6 +37,8 @@ class ArchAdapter:
         input_norm / post_attention_norm: norms feeding `qkv` and `mlp_in`.
         norm_kind: "rms" (RMSNorm, scale only) or "layernorm" (mean-centering with bias).
         head_dim_attr: attribute of the attention module holding the head dim.
+        attn_cache_kwarg: keyword under which the attention module receives the KV cache when it is
+            not one of transformers' standard names ("cache", "past_key_values"); GPT-NeoX: "layer_past".
     """
 
     name: str
@@ -56,6 +58,7 @@ class ArchAdapter:
     norm_kind: str = "rms"
     fused_qkv: bool = False
     head_dim_attr: str = "head_dim"
+    attn_cache_kwarg: str | None = None
     extra_notes: tuple[str, ...] = field(default_factory=tuple)
 
     # --------------------------------------------------------------- lookup

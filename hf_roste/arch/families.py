@@ -45,6 +45,7 @@ GPT_NEOX = ArchAdapter(
     post_attention_norm="post_attention_layernorm",
     norm_kind="layernorm",
     head_dim_attr="head_size",
+    attn_cache_kwarg="layer_past",
     extra_notes=(
         "LayerNorm: the residual stream is made zero-mean, then LayerNorms become RMSNorms (exact).",
         "Parallel residual and partial rotary need nothing special: R3 acts on the whole head after RoPE.",

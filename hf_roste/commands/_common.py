@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from collections.abc import Callable
@@ -10,8 +9,6 @@ from typing import Any
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEBUG_ENV = "HF_ROSTE_DEBUG"
-ADAPTER_CONFIG = "adapter_config.json"
-STATE_FILE = "roste_state.json"
 
 
 class CommandError(Exception):
@@ -75,15 +72,6 @@ def torch_dtype(name: str | None):
     if name not in DTYPES:
         raise CommandError(f"--dtype {name!r} is invalid: expected one of {', '.join(DTYPES)}.")
     return getattr(torch, name)
-
-
-def is_roste_checkpoint(path: str) -> bool:
-    cfg_path = os.path.join(path, "config.json")
-    if not os.path.isfile(cfg_path):
-        return False
-    with open(cfg_path, encoding="utf-8") as f:
-        qc = json.load(f).get("quantization_config") or {}
-    return qc.get("quant_method") == "roste"
 
 
 def load_model(path: str, *, quantization_config=None, dtype: str | None = None, attn_implementation: str | None = None,
@@ -185,71 +173,3 @@ def load_dataset_arg(flag: str, name: str, config: str | None = None, split: str
     if not streaming and hasattr(data, "__len__") and len(data) == 0:
         raise CommandError(f"{flag} {name}: split {split!r} has no examples; pass a dataset that has some.")
     return data
-
-
-def is_roste_adapter(path: str) -> bool:
-    """A folder of LoRA adapters trained by `RoSTESFTTrainer` (`adapter_config.json` + `roste_state.json`)."""
-    return os.path.isfile(os.path.join(path, ADAPTER_CONFIG)) and os.path.isfile(os.path.join(path, STATE_FILE))
-
-
-def is_adapter_folder(path: str) -> bool:
-    """A folder of PEFT adapters (`adapter_config.json`), RoSTE or not."""
-    return os.path.isfile(os.path.join(path, ADAPTER_CONFIG))
-
-
-def adapter_base_model(path: str) -> tuple[str, str | None]:
-    """(base_model_name_or_path, revision) recorded in the adapter folder's `adapter_config.json`."""
-    cfg_path = os.path.join(path, ADAPTER_CONFIG)
-    try:
-        with open(cfg_path, encoding="utf-8") as f:
-            cfg = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CommandError(f"{cfg_path} is not readable JSON ({exc}); save the adapters again.") from exc
-    base = cfg.get("base_model_name_or_path") if isinstance(cfg, dict) else None
-    if not base or not isinstance(base, str):
-        raise CommandError(
-            f"{cfg_path} does not name its base model (base_model_name_or_path): set it to the model the adapters "
-            "were trained on."
-        )
-    return base, cfg.get("revision") or None
-
-
-def load_roste_lora_model(path: str, *, flag: str = "MODEL_DIR", dtype: str | None = None):
-    """The RoSTE + LoRA model that `hf-roste sft --use_peft true` trained and saved in `path`.
-
-    The base named in `adapter_config.json` is loaded with the `RoSTEConfig` and rotation
-    configuration of `roste_state.json` (so its weights are rotated and fake-quantized exactly as
-    during training), then the adapters go inside the weight quantizers with `load_roste_adapter`.
-    """
-    from ..config import RoSTEConfig
-    from ..rotation.apply import get_state
-    from ..training.lora import load_roste_adapter
-    from ..training.state import read_state_file
-
-    base, revision = adapter_base_model(path)
-    saved = read_state_file(path)  # validated: a damaged file is a clear ValueError
-    qc_dict = saved.get("quantization_config")
-    if not isinstance(qc_dict, dict):
-        raise CommandError(
-            f"{os.path.join(path, STATE_FILE)} lacks 'quantization_config': the adapter folder is damaged or was not "
-            "written by RoSTESFTTrainer."
-        )
-    if base.startswith((".", "/", "~")) and not os.path.exists(os.path.expanduser(base)):
-        raise CommandError(
-            f"{flag} {path!r} holds LoRA adapters for the base model {base!r}, which does not exist here. Put the "
-            f"base model there, or set base_model_name_or_path in {os.path.join(path, ADAPTER_CONFIG)} to where it is."
-        )
-    rc = saved["rotation_config"]
-    if is_roste_checkpoint(base):
-        model = load_model_arg(f"{flag} base model", base, dtype=dtype, revision=revision)
-        if get_state(model).packed:
-            raise CommandError(
-                f"{flag} {path!r}: the base model {base!r} is a packed RoSTE checkpoint, whose rotations cannot be "
-                "set to the ones the adapters were trained with; point base_model_name_or_path at its master checkpoint."
-            )
-    else:
-        fields = {k: v for k, v in qc_dict.items() if k not in ("rotation_config", "checkpoint_format")}
-        qc = RoSTEConfig.from_dict({**fields, "rotation_config": {"R1": rc["R1"], "layers": rc["layers"]}})
-        model = load_model_arg(f"{flag} base model", base, quantization_config=qc, dtype=dtype, revision=revision)
-    # load_roste_adapter checks the base's settings against roste_state.json and applies its rotations
-    return load_roste_adapter(model, path)

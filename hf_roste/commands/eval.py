@@ -23,21 +23,18 @@ from transformers.utils import logging
 
 from ..config import ROTATION_NAMES
 from ..evaluation import TASKS
+from ..folders import is_adapter_folder, is_roste_checkpoint, roste_folder_kind
 from ._common import (
     DTYPES,
     CommandError,
-    adapter_base_model,
     check_output_file,
     check_path_or_hub_id,
     fail,
-    is_adapter_folder,
-    is_roste_adapter,
-    is_roste_checkpoint,
     load_dataset_arg,
     load_model_arg,
-    load_roste_lora_model,
     load_tokenizer,
     run_guarded,
+    torch_dtype,
 )
 from .search import _positive
 
@@ -139,7 +136,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.output:
         check_output_file("--output", args.output)
     device = resolve_device(args.device)
-    lora = is_roste_adapter(args.model)
+    lora = roste_folder_kind(args.model) == "adapter"
     qc = None
     if args.quantize:
         if is_roste_checkpoint(args.model):
@@ -159,10 +156,14 @@ def _run(args: argparse.Namespace) -> int:
     dataset = load_dataset_arg("--dataset", args.dataset, args.dataset_config, split=args.split)
     tokenizer_path = args.tokenizer or args.model
     if lora and not args.tokenizer and not os.path.isfile(os.path.join(args.model, "tokenizer_config.json")):
+        from ..training.lora import adapter_base_model
+
         tokenizer_path = adapter_base_model(args.model)[0]  # adapters saved without a tokenizer: the base's
     tokenizer = load_tokenizer(tokenizer_path)
     if lora:
-        model = load_roste_lora_model(args.model, dtype=args.dtype)
+        from ..training.lora import load_roste_lora_model
+
+        model = load_roste_lora_model(args.model, dtype=torch_dtype(args.dtype))
     else:
         model = load_model_arg("MODEL_DIR", args.model, quantization_config=qc, dtype=args.dtype)
     model.to(device)

@@ -18,15 +18,15 @@ import os
 
 from transformers.utils import logging
 
-from ..config import ROTATION_NAMES, SUPPORTED_BITS
+from ..config import ROTATION_NAMES, SEARCH_ALGORITHMS, SEARCH_CRITERIA
+from ..folders import is_adapter_folder, roste_folder_kind
+from ..numerics import SUPPORTED_BITS
 from ._common import (
     DTYPES,
     CommandError,
     check_output_dir,
     check_output_file,
     check_path_or_hub_id,
-    is_adapter_folder,
-    is_roste_checkpoint,
     load_dataset_arg,
     load_model_arg,
     load_tokenizer,
@@ -35,8 +35,6 @@ from ._common import (
 
 logger = logging.get_logger("hf_roste.search")
 
-STRATEGIES = ("adaptive", "layerwise")
-CRITERIA = ("paper", "output")
 
 
 def _positive(value: str) -> int:
@@ -64,9 +62,9 @@ def register(subparsers) -> None:
     p.add_argument("--batch-size", type=_positive, default=8, help="Calibration batch size (default: 8).")
     p.add_argument("--max-length", type=_positive, default=512, help="Truncate examples to this many tokens (default: 512).")
     p.add_argument("--seed", type=int, default=0, help="Seed of the calibration draw (default: 0).")
-    p.add_argument("--strategy", choices=STRATEGIES, default="adaptive",
+    p.add_argument("--strategy", choices=SEARCH_ALGORITHMS, default="adaptive",
                    help="'adaptive' (the paper) or 'layerwise' (also checks the mixed configuration as a whole).")
-    p.add_argument("--criterion", choices=CRITERIA, default="paper",
+    p.add_argument("--criterion", choices=SEARCH_CRITERIA, default="paper",
                    help="'paper' (weight + input quantization error) or 'output' (error of each linear's output).")
     p.add_argument("--tokenizer", default=None, help="Tokenizer path or Hub id (default: MODEL_DIR).")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="Load dtype (default: float32).")
@@ -84,12 +82,6 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     return run_guarded("search", _run, args)
-
-
-def _checkpoint_format(path: str) -> str | None:
-    """`checkpoint_format` of a local RoSTE checkpoint ("master" / "packed"; None if not recorded)."""
-    with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
-        return (json.load(f).get("quantization_config") or {}).get("checkpoint_format")
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -113,8 +105,9 @@ def _run(args: argparse.Namespace) -> int:
             "(hf-roste sft searches it at train start anyway), or merge the adapters (model.merge_and_unload()), save "
             "master weights (with hf_roste.save_format(model, 'master'): model.save_pretrained(DIR)) and search DIR."
         )
-    roste = is_roste_checkpoint(args.model)
-    if roste and _checkpoint_format(args.model) == "packed":
+    kind = roste_folder_kind(args.model)
+    roste = kind in ("master", "packed")
+    if kind == "packed":
         raise CommandError(
             f"MODEL_DIR {args.model!r} is a packed RoSTE checkpoint: its rotations are fused into integer codes and "
             "cannot be searched again. Search the full-precision model, or a master checkpoint (a checkpoint-* "

@@ -21,12 +21,12 @@ import json
 import os
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, make_dataclass
 
 from transformers.utils import logging
 from trl import ModelConfig, ScriptArguments, TrlParser
 
-from ..config import FIELD_HELP, ROTATION_NAMES, SUPPORTED_BITS, RoSTEConfig
+from ..config import CONFIG_FIELDS, RoSTEConfig
 from ..training.config import RoSTESFTConfig
 from ._common import (
     CommandError,
@@ -68,45 +68,8 @@ class RoSTEScriptArguments(ScriptArguments):
     )
 
 
-def _roste_field(name: str, default, **extra):
-    return field(default=default, metadata={"help": FIELD_HELP[name], **extra})
-
-
-@dataclass
-class RoSTEArguments:
-    """The `RoSTEConfig` fields (same names in YAML, CLI and Python) plus `quantize`.
-
-    `rotation_search` is the shared field of `RoSTESFTConfig`: `none` also builds the model with
-    `RoSTEConfig(rotation_search="none")` (STE without rotation search); anything else builds it with
-    `"adaptive"` and lets the trainer search.
-    """
-
-    quantize: bool = field(
-        default=True,
-        metadata={"help": "True: RoSTE QA-SFT with RoSTESFTTrainer. False: the full-precision SFT baseline with "
-                  "TRL's SFTTrainer (every other quantization field is then ignored)."},
-    )
-    weight_bits: int = _roste_field("weight_bits", 4, choices=list(SUPPORTED_BITS))
-    activation_bits: int = _roste_field("activation_bits", 4, choices=list(SUPPORTED_BITS))
-    kv_bits: int = _roste_field("kv_bits", 4, choices=list(SUPPORTED_BITS))
-    weight_symmetric: bool = _roste_field("weight_symmetric", False)
-    activation_symmetric: bool = _roste_field("activation_symmetric", False)
-    kv_symmetric: bool = _roste_field("kv_symmetric", False)
-    weight_clip_ratio: float = _roste_field("weight_clip_ratio", 0.95)
-    activation_clip_ratio: float = _roste_field("activation_clip_ratio", 0.95)
-    kv_clip_ratio: float = _roste_field("kv_clip_ratio", 0.95)
-    weight_group_size: int | None = _roste_field("weight_group_size", None)
-    rotations: list[str] = field(
-        default_factory=lambda: list(ROTATION_NAMES),
-        metadata={"help": FIELD_HELP["rotations"] + " YAML: [] for none; command line: --rotations none."},
-    )
-    rotation_config: str | None = field(
-        default=None,
-        metadata={"help": "Path of a rotation configuration JSON (e.g. written by `hf-roste search --rotation-config "
-                  "FILE`); fixes the per-layer rotations, so the trainer does not search again."},
-    )
-    rotation_seed: int = _roste_field("rotation_seed", 0)
-    modules_to_not_convert: list[str] | None = _roste_field("modules_to_not_convert", None)
+class _RoSTEArgumentsMethods:
+    """Validation and conversion of `RoSTEArguments` (its fields are generated from `CONFIG_FIELDS`)."""
 
     def __post_init__(self) -> None:
         rotations = list(self.rotations or [])
@@ -134,16 +97,54 @@ class RoSTEArguments:
                 ) from None
             if isinstance(rotation_config, dict) and "rotation_config" in rotation_config:
                 rotation_config = rotation_config["rotation_config"]  # a full `search` report
-        mode = "none" if trainer_rotation_search == "none" else "adaptive"
-        return RoSTEConfig(
-            weight_bits=self.weight_bits, activation_bits=self.activation_bits, kv_bits=self.kv_bits,
-            weight_symmetric=self.weight_symmetric, activation_symmetric=self.activation_symmetric,
-            kv_symmetric=self.kv_symmetric, weight_clip_ratio=self.weight_clip_ratio,
-            activation_clip_ratio=self.activation_clip_ratio, kv_clip_ratio=self.kv_clip_ratio,
-            weight_group_size=self.weight_group_size, rotations=tuple(self.rotations), rotation_search=mode,
-            rotation_config=rotation_config, rotation_seed=self.rotation_seed,
-            modules_to_not_convert=self.modules_to_not_convert,
-        )
+        mode = trainer_rotation_search or "adaptive"  # the same vocabulary (config.SEARCH_STRATEGIES)
+        values = {f.name: getattr(self, f.name) for f in CONFIG_FIELDS if f.name not in _NOT_COPIED}
+        return RoSTEConfig(**values, rotations=tuple(self.rotations), rotation_search=mode,
+                           rotation_config=rotation_config)
+
+
+#: RoSTEConfig fields whose CLI form differs: `rotation_search` is RoSTESFTConfig's (shared) field,
+#: `rotation_config` is a JSON file path, `rotations` a list that also accepts "none".
+_NOT_COPIED = ("rotation_search", "rotation_config", "rotations")
+
+
+def _roste_arguments_fields() -> list[tuple]:
+    out: list[tuple] = [(
+        "quantize", bool, field(
+            default=True,
+            metadata={"help": "True: RoSTE QA-SFT with RoSTESFTTrainer. False: the full-precision SFT baseline with "
+                      "TRL's SFTTrainer (every other quantization field is then ignored)."},
+        ),
+    )]
+    for f in CONFIG_FIELDS:
+        if f.name == "rotation_search":
+            continue
+        if f.name == "rotations":
+            out.append(("rotations", list[str], field(
+                default_factory=lambda default=f.default: list(default),
+                metadata={"help": f.help + " YAML: [] for none; command line: --rotations none."},
+            )))
+        elif f.name == "rotation_config":
+            out.append(("rotation_config", str | None, field(
+                default=None,
+                metadata={"help": "Path of a rotation configuration JSON (e.g. written by `hf-roste search "
+                          "--rotation-config FILE`); fixes the per-layer rotations, so the trainer does not search again."},
+            )))
+        else:
+            extra = {"choices": list(f.choices)} if f.choices else {}
+            out.append((f.name, f.type, field(default=f.default, metadata={"help": f.help, **extra})))
+    return out
+
+
+RoSTEArguments = make_dataclass("RoSTEArguments", _roste_arguments_fields(), bases=(_RoSTEArgumentsMethods,))
+RoSTEArguments.__module__ = __name__
+RoSTEArguments.__doc__ = """The `RoSTEConfig` fields (same names in YAML, CLI and Python) plus `quantize`.
+
+Generated from `hf_roste.config.CONFIG_FIELDS` (defaults and help are declared there only).
+`rotation_search` is the shared field of `RoSTESFTConfig` (the same values as
+`RoSTEConfig.rotation_search`): the model is built with that value (`adaptive` when unset), and the
+trainer searches when it names a search.
+"""
 
 
 DATACLASSES = (RoSTEScriptArguments, RoSTESFTConfig, ModelConfig, RoSTEArguments)

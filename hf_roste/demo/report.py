@@ -6,6 +6,15 @@ import json
 import math
 from pathlib import Path
 
+#: Row labels of the comparison table, per method of `run.METHODS`.
+METHOD_LABELS = {
+    "fp_sft": "FP SFT",
+    "sft_rtn": "SFT + RTN",
+    "sft_rot_rtn": "SFT + rotation + RTN (QuaRot-style)",
+    "ste": "STE QA-SFT",
+    "roste": "RoSTE QA-SFT (adaptive)",
+}
+
 NOISE_RULE = (
     "For each seed, d = metric(method) - metric(FP SFT) of the same seed (same eval prompts). Over n seeds, "
     "SE = sample standard deviation of d / sqrt(n). A mean difference is 'beyond noise' when |mean d| > 2 SE, "
@@ -34,8 +43,6 @@ def _paired(runs: list[dict], scheme_a: str, a: str, scheme_b: str, b: str, key:
 
 
 def aggregate(runs: list[dict], settings) -> tuple[list[dict], str]:
-    from .run import METHOD_LABELS
-
     rows = []
     keys = [("FP", "fp_sft")] + [(sc, m) for sc in settings.schemes for m in ("sft_rtn", "sft_rot_rtn", "ste", "roste")]
     for scheme, method in keys:

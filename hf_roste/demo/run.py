@@ -23,16 +23,10 @@ from pathlib import Path
 
 import torch
 
+from .report import METHOD_LABELS
 from .tasks import EOS_ID, char_tokenizer, decode, encode, held_out_split
 
 METHODS = ("fp_sft", "sft_rtn", "sft_rot_rtn", "ste", "roste")
-METHOD_LABELS = {
-    "fp_sft": "FP SFT",
-    "sft_rtn": "SFT + RTN",
-    "sft_rot_rtn": "SFT + rotation + RTN (QuaRot-style)",
-    "ste": "STE QA-SFT",
-    "roste": "RoSTE QA-SFT (adaptive)",
-}
 SCHEMES = {"W4A4KV4": 4, "W3A3KV3": 3}
 DATA_SEED = 20250213  # the train / eval split is the same for every seed; seeds change init order, shuffling, signs
 
@@ -142,7 +136,7 @@ def _load(path, qc=None):
 
 
 def _roste_config(scheme: str, kind: str):
-    from .. import RoSTEConfig
+    from ..config import RoSTEConfig
 
     b = SCHEMES[scheme]
     bits = dict(weight_bits=b, activation_bits=b, kv_bits=b)
@@ -202,7 +196,7 @@ def _reload_check(model, folder: Path, pairs) -> dict:
     """Reload the saved RoSTE model with `from_pretrained` and compare greedy generations."""
     from transformers import AutoModelForCausalLM
 
-    from .. import get_state
+    from ..state import get_state
 
     before = greedy_tokens(model, pairs)
     t0 = time.perf_counter()

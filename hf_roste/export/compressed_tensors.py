@@ -76,7 +76,8 @@ from torch import nn
 from transformers.utils import logging
 
 from ..config import RoSTEConfig
-from ..numerics import QuantSpec, dequantize, unpack_codes
+from ..folders import is_roste_checkpoint
+from ..numerics import dequantize, from_unsigned, unpack_codes
 
 logger = logging.get_logger(__name__)
 
@@ -143,7 +144,7 @@ def check_exportable(config: RoSTEConfig, model: nn.Module | None = None, *, str
         "dynamic K/V scales are computed", config.kv_bits, config.kv_symmetric, config.kv_clip_ratio, strict, "")
     rc = config.rotation_config
     if model is not None:
-        from ..rotation.apply import get_state
+        from ..state import get_state
 
         state = get_state(model)
         rc = state.applied
@@ -161,7 +162,7 @@ def check_exportable(config: RoSTEConfig, model: nn.Module | None = None, *, str
                     "layers; train with RoSTEConfig(rotations=('R1', 'R2', 'R3')) (no R4)."
                 )
             size = down.in_features
-            if size & (size - 1) and _up_projection(adapter) is None:
+            if size & (size - 1) and adapter.up_proj is None:
                 problems.append(
                     f"online R4 of size {size} (not a power of two) on a model without a separate up projection: "
                     "compressed-tensors names such a transform 'random-hadamard' and regenerates it with its own "
@@ -180,15 +181,9 @@ def check_exportable(config: RoSTEConfig, model: nn.Module | None = None, *, str
 def _load(model_or_dir):
     if isinstance(model_or_dir, nn.Module):
         return model_or_dir
-    from ..commands._common import load_model
+    from transformers import AutoModelForCausalLM
 
-    return load_model(os.fspath(model_or_dir), dtype=None).eval()
-
-
-def _up_projection(adapter) -> str | None:
-    """The MLP input projection whose output multiplies the activated gate (None if the MLP has none)."""
-    ups = [p for p in adapter.mlp_in if p.rsplit(".", 1)[-1].startswith("up")]
-    return ups[0] if len(adapter.mlp_in) == 2 and len(ups) == 1 else None
+    return AutoModelForCausalLM.from_pretrained(os.fspath(model_or_dir)).eval()
 
 
 def _hadamard_weight(n: int, dtype: torch.dtype) -> tuple[str, torch.Tensor, torch.Tensor | None]:
@@ -200,7 +195,7 @@ def _hadamard_weight(n: int, dtype: torch.dtype) -> tuple[str, torch.Tensor, tor
     matrix is built here the same way and stored; the export negates the up-projection rows where
     `q = -1` so that `diag(q)` cancels (the down projection's input is `act(gate) * up`).
     """
-    from ..rotation.hadamard import hadamard_matrix
+    from ..numerics.hadamard import hadamard_matrix
 
     h = torch.round(hadamard_matrix(n).double() * math.sqrt(n))
     if n & (n - 1) == 0:
@@ -284,7 +279,7 @@ def build_quantization_config(config: RoSTEConfig, ignore: list[str], targets: l
     )
 
 
-def build_transform_config(r4_modules: list[str], size: int, kind: str):
+def build_transform_config(r4_modules: list[str], kind: str):
     """compressed-tensors `TransformConfig` of the online R4 (None when no layer has it)."""
     if not r4_modules:
         return None
@@ -301,8 +296,9 @@ def build_transform_config(r4_modules: list[str], size: int, kind: str):
     return TransformConfig(config_groups={TRANSFORM_NAME: scheme})
 
 
-def _linear_tensors(model: nn.Module, state) -> dict[str, dict[str, torch.Tensor]]:
-    """Per quantized linear: unsigned codes, scale, zero (fp32) and bias, from a packed or QAT model."""
+def _linear_tensors(model: nn.Module, state) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+    """(per quantized linear: unsigned codes, scale, zero (fp32) and bias; every other tensor of the state dict),
+    from a packed or QAT model."""
     from ..export.checkpoint import packed_state_dict
 
     sd = model.state_dict() if state.packed else packed_state_dict(model)
@@ -328,13 +324,11 @@ def _compress_linear(name: str, t: dict[str, torch.Tensor], config: RoSTEConfig,
     from compressed_tensors.compressors import PackedQuantizationCompressor
 
     bits = config.weight_bits
-    half = 1 << (bits - 1)
-    spec = QuantSpec(bits, config.weight_symmetric, config.weight_clip_ratio,
-                     "channel" if config.weight_group_size is None else "group", config.weight_group_size)
+    half = 1 << (bits - 1)  # compressed-tensors stores signed zero points: unsigned zero - half
+    spec = config.weight_spec
     codes_u, scale, zero = t["codes"], t["scale"], t["zero"]
     if config.weight_symmetric:
-        signed = codes_u.to(torch.int16) - half
-        ours = dequantize(signed.to(torch.int8), scale, zero, spec, dtype=torch.float32)
+        ours = dequantize(from_unsigned(codes_u, spec), scale, zero, spec, dtype=torch.float32)
         sd = {"weight": ours, "weight_scale": scale}
     else:
         bad = (zero < 0) | (zero > 2 * half - 1)
@@ -378,12 +372,10 @@ def export_compressed_tensors(model_or_dir, out_dir: str | os.PathLike, *, stric
     from huggingface_hub import save_torch_state_dict
     from transformers.core_model_loading import revert_weight_conversion
 
-    from ..rotation.apply import get_state
+    from ..state import get_state
 
     src_dir = None if isinstance(model_or_dir, nn.Module) else os.fspath(model_or_dir)
     if src_dir is not None:
-        from ..commands._common import is_roste_checkpoint
-
         if not is_roste_checkpoint(src_dir):
             raise ExportError(f"{src_dir} is not a RoSTE checkpoint (config.json has no quant_method 'roste').")
     model = _load(model_or_dir)
@@ -420,10 +412,10 @@ def export_compressed_tensors(model_or_dir, out_dir: str | os.PathLike, *, stric
     if r4_modules:
         size = adapter.get(adapter.decoder_layers(model)[0], adapter.down_proj).in_features
         kind, h, signs = _hadamard_weight(size, dtype)
-        transform_config = build_transform_config(r4_modules, size, kind)
+        transform_config = build_transform_config(r4_modules, kind)
         if signs is not None:  # cancel the loader's row signs in the up projections feeding those layers
             rows = (signs < 0).nonzero().flatten()
-            up = _up_projection(adapter)
+            up = adapter.up_proj
             for i in r4_layers:
                 name = f"{adapter.layers}.{i}.{up}"
                 _negate_rows(name, linears.get(name), rest, rows, config)

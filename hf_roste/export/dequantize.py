@@ -21,8 +21,8 @@ from torch import nn
 
 from ..modules.packed_linear import PackedLinear
 from ..modules.qat_linear import QATLinear
-from ..rotation.apply import get_state
 from ..rotation.fusion import _assign, _rot, r1_signs, rotate_input_side, rotate_output_side
+from ..state import get_state
 
 
 def _plain_linear(module: nn.Module, dtype: torch.dtype) -> nn.Linear:

@@ -30,6 +30,7 @@ from torch import nn
 from transformers.utils import logging
 
 from ..config import RoSTEConfig
+from ..folders import read_roste_quantization_config
 from .model_card import PLOT_FILE, plot_rotation_errors, render_model_card
 
 logger = logging.get_logger(__name__)
@@ -77,15 +78,13 @@ def _is_connection_error(exc: BaseException) -> bool:
 
 
 def _roste_config_of_dir(folder: str) -> RoSTEConfig:
-    path = os.path.join(folder, "config.json")
-    if not os.path.isfile(path):
+    if not os.path.isfile(os.path.join(folder, "config.json")):
         raise ValueError(f"{folder} has no config.json: save the model with save_pretrained first.")
-    with open(path, encoding="utf-8") as f:
-        qc = json.load(f).get("quantization_config") or {}
-    if qc.get("quant_method") != "roste":
+    qc = read_roste_quantization_config(folder)
+    if qc is None:
         raise ValueError(
-            f"{folder} is not a RoSTE checkpoint (quantization_config.quant_method={qc.get('quant_method')!r}); "
-            "push_roste_model pushes models saved by hf_roste."
+            f"{folder} is not a RoSTE checkpoint (its config.json has no quantization_config with quant_method "
+            "'roste'); push_roste_model pushes models saved by hf_roste."
         )
     return RoSTEConfig.from_dict(qc)
 
@@ -110,7 +109,7 @@ def prepare_push_folder(
     A model is saved packed (`save_pretrained` under `save_format(model, "packed")`); a directory is
     copied (its README.md, if any, is replaced by the RoSTE card).
     """
-    from ..rotation.apply import get_state, save_format
+    from ..state import get_state, save_format
 
     if isinstance(model_or_dir, nn.Module):
         state = get_state(model_or_dir)

@@ -248,7 +248,7 @@ def render_model_card(
     """The README.md text of a RoSTE model repository (see the module docstring)."""
     import jinja2
 
-    from .. import __version__
+    from .._version import __version__
 
     meta = card_metadata(config, base_model=base_model, datasets=datasets, tags=tags, license=license,
                          language=language)

@@ -25,7 +25,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
 from ..numerics import QuantSpec, fake_quantize
-from ..rotation.hadamard import hadamard_transform
+from ..numerics.hadamard import hadamard_transform
 
 PREFIX = "roste_"
 

@@ -26,14 +26,12 @@ preallocated buffers that grow by a quarter when full (:mod:`hf_roste.modules.kv
 dequantizes the whole cached K/V of the layer (O(seq) work per step, like attention itself).  ``nbytes`` counts the stored tokens; ``allocated_nbytes`` also the
 growth reserve.
 
-Wiring.
-
 Wiring (in :mod:`hf_roste.modules.kv_cache_wiring`):
 
 * The attention wrapper must not rotate / quantize K and V a second time: :func:`install_kv_cache_hooks`
   registers a forward pre-hook on every attention module that sets
   ``AttentionQuantState.kv_quantized_by_cache`` when the call's cache (``past_key_values``, or
-  ``layer_past`` for GPT-NeoX) is a :class:`RoSTEQuantizedCache`, and a forward hook that clears it.
+  the family's own keyword, ``ArchAdapter.attn_cache_kwarg``) is a :class:`RoSTEQuantizedCache`, and a forward hook that clears it.
   :meth:`RoSTEQuantizedCache.update` refuses to run when the flag is not set (hooks missing), since
   the wrapper would then apply R3 and the quantizer twice.
 * ``generate()``: :func:`install_generation_cache` overrides, on the model instance only,
@@ -59,8 +57,9 @@ import torch
 from torch import Tensor, nn
 from transformers.cache_utils import Cache, CacheLayerMixin, get_layer_types_and_kwargs
 
-from ..numerics import QuantSpec, dequantize, from_unsigned, pack_codes, quantize, to_unsigned, unpack_codes
-from ..rotation.hadamard import hadamard_transform
+from ..numerics import QuantSpec
+from ..numerics.hadamard import hadamard_transform
+from ..state import get_state
 from .attention import AttentionQuantState
 from .kv_store import KVStore, encode_kv
 
@@ -75,9 +74,8 @@ __all__ = [
 
 _SCALE_DTYPES = (torch.float32, torch.float16)
 # the cache argument of attention forwards: "cache" from transformers 5.24, "past_key_values" before
-# (and as the deprecated alias until 5.40), "layer_past" in GPT-NeoX-style modules
-_CACHE_KWARGS = ("cache", "past_key_values", "layer_past")
-_INT8_ZERO_MAX = 127  # int8 zero points while they fit (see PackedKV.encode, KVStore.append)
+# (and as the deprecated alias until 5.40); a family's own name comes from ArchAdapter.attn_cache_kwarg
+_CACHE_KWARGS = ("cache", "past_key_values")
 
 
 def _check_kv_spec(spec: QuantSpec, where: str) -> None:
@@ -110,27 +108,6 @@ class PackedKV:
     spec: QuantSpec
     head_dim: int
 
-    @classmethod
-    def encode(cls, x: Tensor, spec: QuantSpec, scale_dtype: torch.dtype = torch.float32) -> PackedKV:
-        """Quantize ``x`` (``[b, h, s, d]``) with ``spec`` and pack the codes."""
-        codes, scale, zero = quantize(x, spec)
-        packed = pack_codes(to_unsigned(codes, spec), spec.bits)
-        zq: Tensor | None = None
-        if not spec.symmetric:
-            fits = zero.numel() == 0 or float(zero.abs().max()) <= _INT8_ZERO_MAX
-            zq = zero.to(torch.int8 if fits else torch.int32)
-        return cls(packed, scale.to(scale_dtype), zq, spec, x.shape[-1])
-
-    def decode(self, dtype: torch.dtype) -> Tensor:
-        """``dequantize`` in fp32 (exactly ``fake_quantize``'s value with fp32 scales), cast to ``dtype``."""
-        codes = unpack_codes(self.codes, self.spec.bits, self.head_dim)
-        if self.spec.symmetric:
-            codes = from_unsigned(codes, self.spec)  # asymmetric: the identity, skipped
-        scale = self.scale.float()
-        zero = torch.zeros_like(scale) if self.zero is None else self.zero.float()
-        out = dequantize(codes, scale, zero, self.spec, dtype=torch.float32)
-        return out if dtype == torch.float32 else out.to(dtype)
-
     @property
     def seq_len(self) -> int:
         return self.codes.shape[-2]
@@ -146,34 +123,6 @@ class PackedKV:
     def nbytes(self) -> int:
         """Bytes held by the stored tensors."""
         return sum(t.numel() * t.element_size() for t in self.tensors())
-
-    def map(self, fn: Callable[[Tensor], Tensor]) -> PackedKV:
-        """Apply ``fn`` to every stored tensor (all have batch at dim 0 and seq at dim 2)."""
-        zero = None if self.zero is None else fn(self.zero)
-        return PackedKV(fn(self.codes), fn(self.scale), zero, self.spec, self.head_dim)
-
-    def cat(self, other: PackedKV) -> PackedKV:
-        """``self`` followed by ``other`` along the sequence (zero points promoted to int32 if needed)."""
-        if other.spec != self.spec or other.head_dim != self.head_dim:
-            raise ValueError(f"cannot append codes of {other.spec}/{other.head_dim} to {self.spec}/{self.head_dim}")
-        zero = None
-        if self.zero is not None and other.zero is not None:
-            za, zb = self.zero, other.zero
-            if za.dtype != zb.dtype:
-                za, zb = za.to(torch.int32), zb.to(torch.int32)
-            zero = torch.cat([za, zb], dim=-2)
-        return PackedKV(
-            torch.cat([self.codes, other.codes], dim=-2),
-            torch.cat([self.scale, other.scale], dim=-2),
-            zero,
-            self.spec,
-            self.head_dim,
-        )
-
-    def last(self, n: int) -> PackedKV:
-        """The last ``n`` tokens (``n <= 0``: none)."""
-        start = max(self.seq_len - max(n, 0), 0)
-        return self.map(lambda t: t[:, :, start:])
 
 
 # --------------------------------------------------------------------------- cache layers
@@ -422,8 +371,6 @@ class RoSTEQuantizedCache(Cache):
     """
 
     def __init__(self, model: nn.Module, scale_dtype: torch.dtype = torch.float32):
-        from ..rotation.apply import get_state  # rotation.apply imports this module
-
         states = get_state(model).attention_states
         config = model.config.get_text_config(decoder=True)
         layers = self._build_layers(states, config, scale_dtype)
@@ -467,8 +414,9 @@ class RoSTEQuantizedCache(Cache):
         if not layer.state.kv_quantized_by_cache:
             raise RuntimeError(
                 "RoSTEQuantizedCache.update was called while the attention module's RoSTE state does not know "
-                "that the cache quantizes K/V (the wrapper would rotate and quantize them twice). Install the "
-                "hooks with hf_roste.modules.kv_cache.install_kv_cache_hooks(model) (prepare_model does it)."
+                "that the cache quantizes K/V (the wrapper would rotate and quantize them twice). Load the model "
+                "with quantization_config=RoSTEConfig(...) (hf_roste.convert.prepare_model installs the hooks, with "
+                "hf_roste.modules.kv_cache_wiring.install_kv_cache_hooks(attention_modules, cache_kwarg))."
             )
         return layer.update(key_states, value_states, *args, **kwargs)
 

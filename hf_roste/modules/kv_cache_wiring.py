@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from torch import nn
 from transformers.cache_utils import Cache, DynamicCache
 
+from ..state import get_state
 from .kv_cache import _CACHE_KWARGS, RoSTEQuantizedCache
 
 __all__ = ["install_generation_cache", "install_kv_cache_hooks", "output_cache", "wants_quantized_cache"]
@@ -26,7 +27,8 @@ def _kv_cache_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
     state = getattr(module, "roste_attention", None)
     if state is None:
         return None
-    cache = next((kwargs[k] for k in _CACHE_KWARGS if kwargs.get(k) is not None), None)
+    names = module._roste_cache_kwargs
+    cache = next((kwargs[k] for k in names if kwargs.get(k) is not None), None)
     if cache is None:
         cache = next((a for a in args if isinstance(a, Cache)), None)
     flag = isinstance(cache, RoSTEQuantizedCache)
@@ -42,9 +44,14 @@ def _kv_cache_post_hook(module: nn.Module, args: tuple, output) -> None:
     return None
 
 
-def install_kv_cache_hooks(attn_modules: Sequence[nn.Module]) -> None:
-    """Register (once per module) the hooks that set ``kv_quantized_by_cache`` for each forward call."""
+def install_kv_cache_hooks(attn_modules: Sequence[nn.Module], cache_kwarg: str | None = None) -> None:
+    """Register (once per module) the hooks that set ``kv_quantized_by_cache`` for each forward call.
+
+    ``cache_kwarg``: the family's own keyword for the cache argument (``ArchAdapter.attn_cache_kwarg``,
+    e.g. GPT-NeoX's ``layer_past``), looked up after transformers' standard names.
+    """
     for module in attn_modules:
+        module._roste_cache_kwargs = _CACHE_KWARGS + ((cache_kwarg,) if cache_kwarg else ())
         if getattr(module, "_roste_kv_cache_hooks", None) is not None:
             continue
         pre = module.register_forward_pre_hook(_kv_cache_pre_hook, with_kwargs=True)
@@ -54,8 +61,6 @@ def install_kv_cache_hooks(attn_modules: Sequence[nn.Module]) -> None:
 
 def wants_quantized_cache(model: nn.Module) -> bool:
     """True when every RoSTE attention layer of ``model`` quantizes K/V per token (kv_bits < 16, enabled)."""
-    from ..rotation.apply import get_state
-
     try:
         states = get_state(model).attention_states
     except ValueError:

@@ -7,7 +7,7 @@ Only the first ``length`` positions are stored tokens; ``nbytes`` counts those (
 and ``allocated_nbytes`` the whole buffers (at most ~25% + 16 tokens more).
 
 The codec quantizes K and V of a step in ONE call of the shared quantizer
-(:func:`~hf_roste.numerics.quantize._codes_fp32`, the function ``quantize`` / ``fake_quantize``
+(:func:`~hf_roste.numerics.quantize_fp32`, the function ``quantize`` / ``fake_quantize``
 use), packs with one small matmul (exact: integers below 256) and decodes the whole cache by
 writing each byte's bit fields straight into the fp32 output, a few large ops per step.  Both produce exactly what
 :class:`~hf_roste.modules.kv_cache.PackedKV` ``encode`` / ``decode`` produce (same byte layout as
@@ -22,8 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..numerics import QuantSpec, pack_codes, packed_length, unpack_codes
-from ..numerics.quantize import _codes_fp32
+from ..numerics import QuantSpec, pack_codes, packed_length, quantize_fp32, unpack_codes, unsigned_offset
 
 __all__ = ["KVStore", "encode_kv", "decode_kv"]
 
@@ -53,11 +52,11 @@ def encode_kv(x: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor, Tensor | None
         packed = x.new_zeros(*lead, packed_length(d, spec.bits),
                              dtype=torch.uint8 if spec.bits == 3 else torch.float32)
         return packed, empty, None if spec.symmetric else empty.clone()
-    codes, scale, zero = _codes_fp32(x, spec)  # grouped layout, fp32 integer-valued codes
+    codes, scale, zero = quantize_fp32(x, spec)  # grouped layout, fp32 integer-valued codes
     codes = codes.nan_to_num_(nan=0.0).view(*lead, d)
     scale = scale.reshape(*lead, -1)
     if spec.symmetric:
-        codes.add_(float(1 << (spec.bits - 1)))  # to_unsigned
+        codes.add_(float(unsigned_offset(spec)))  # to_unsigned's storage codes
     if spec.bits == 8:
         packed = codes
     elif spec.bits == 3:
@@ -73,7 +72,7 @@ def encode_kv(x: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor, Tensor | None
 def decode_kv(codes: Tensor, scale: Tensor, zero: Tensor | None, spec: QuantSpec, head_dim: int) -> Tensor:
     """fp32 ``(codes - zero) * scale`` of stored bytes ``codes [..., P]`` (``dequantize``'s arithmetic)."""
     lead = codes.shape[:-1]
-    offset = 1 << (spec.bits - 1) if spec.symmetric else 0
+    offset = unsigned_offset(spec)
     if spec.bits == 3:
         vals = unpack_codes(codes.contiguous(), 3, head_dim).to(torch.float32)
         if offset:

@@ -19,9 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..numerics import QuantSpec, fake_quantize
+from ..numerics.hadamard import hadamard_transform
 from ..numerics.kernels import use_triton
-from ..numerics.kernels.fake_quant import fake_quantize_op
-from ..rotation.hadamard import hadamard_transform
+from ..numerics.quantize import fake_quantize_op
 from .shared_input import SharedInputQuant
 from .weight_cache import QuantizedWeightCache
 

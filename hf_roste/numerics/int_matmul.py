@@ -49,7 +49,7 @@ import torch
 from torch import Tensor
 
 from hf_roste.numerics import onednn as _dnn
-from hf_roste.numerics.quantize import _codes_from_qparams, _fast_rowwise_qparams, quantize
+from hf_roste.numerics.quantize import codes_from_qparams, quantize, rowwise_qparams
 from hf_roste.numerics.spec import QuantSpec
 
 __all__ = ["IntWeight", "int8_matmul", "int_linear", "prepare_int_weight"]
@@ -418,10 +418,10 @@ def quantize_activation(x: Tensor, act_spec: QuantSpec) -> QuantizedActivation:
     x2 = x.reshape(-1, x.shape[-1])
     m = x2.shape[0]
     use_fast = act_spec.granularity == "token" and act_spec.bits <= 7
-    fast = _fast_rowwise_qparams(x2, act_spec) if use_fast else None
+    fast = rowwise_qparams(x2, act_spec) if use_fast else None
     if fast is not None:
         sx, zx, zmax = fast
-        codes = _codes_from_qparams(x2, sx, zx, act_spec)
+        codes = codes_from_qparams(x2, sx, zx, act_spec)
         if act_spec.symmetric:
             return QuantizedActivation(codes.to(torch.int8), sx, None, 1 << (act_spec.bits - 1), 0.0, lead)
         qmax = (1 << act_spec.bits) - 1

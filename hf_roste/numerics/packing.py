@@ -159,6 +159,17 @@ def _check_codes_spec(codes: object, spec: object) -> tuple[Tensor, QuantSpec]:
     return codes, spec
 
 
+def unsigned_offset(spec: QuantSpec) -> int:
+    """What :func:`to_unsigned` adds to a code: ``2^(bits-1)`` for symmetric specs, 0 for asymmetric ones.
+
+    Storage codecs that work on other dtypes (fp32 codes in the KV cache, int16 in the export) use
+    this offset so every stored code is the same unsigned value ``to_unsigned`` gives.
+    """
+    if not isinstance(spec, QuantSpec):
+        raise TypeError(f"spec must be a QuantSpec, got {type(spec).__name__}")
+    return -spec.qmin if spec.symmetric else 0
+
+
 def to_unsigned(codes: Tensor, spec: QuantSpec) -> Tensor:
     """Map codes to unsigned storage codes in ``[0, 2^bits)``.
 
@@ -187,7 +198,7 @@ def to_unsigned(codes: Tensor, spec: QuantSpec) -> Tensor:
                              f"symmetric={spec.symmetric}, got range [{lo}, {hi}]")
     if not spec.symmetric:
         return codes
-    return (codes.to(torch.int16) - spec.qmin).to(torch.uint8)
+    return (codes.to(torch.int16) + unsigned_offset(spec)).to(torch.uint8)
 
 
 def from_unsigned(codes: Tensor, spec: QuantSpec) -> Tensor:
@@ -212,4 +223,4 @@ def from_unsigned(codes: Tensor, spec: QuantSpec) -> Tensor:
             raise ValueError(f"codes must be in [0, {(1 << spec.bits) - 1}] for bits={spec.bits}, got max {hi}")
     if not spec.symmetric:
         return codes
-    return (codes.to(torch.int16) + spec.qmin).to(torch.int8)
+    return (codes.to(torch.int16) - unsigned_offset(spec)).to(torch.int8)

@@ -49,7 +49,7 @@ payload bits are unspecified: torch's own fp32 -> bfloat16 cast writes different
 Symmetric codes get ``+ 0`` added before the clamp so a ``-0.0`` from ``round`` becomes ``+0.0``:
 :func:`fake_quantize` is then bit-for-bit equal (in fp32) to
 ``dequantize(*quantize(x, spec), spec)``, signed zeros included.  Both go through the same private
-function :func:`_codes_fp32`.
+function :func:`quantize_fp32`.
 """
 
 from __future__ import annotations
@@ -58,9 +58,10 @@ import torch
 from torch import Tensor
 
 from .kernels._triton import use_triton
+from .kernels.fake_quant import kernel_supports, triton_fake_quantize
 from .spec import QuantSpec
 
-__all__ = ["compute_qparams", "quantize", "dequantize", "fake_quantize", "quantization_error"]
+__all__ = ["compute_qparams", "quantize", "dequantize", "fake_quantize", "fake_quantize_op", "quantization_error"]
 
 _REL_FLOOR = 2.0**-20
 _FLT_MIN = torch.finfo(torch.float32).tiny
@@ -114,7 +115,7 @@ def _internal(t: Tensor, spec: QuantSpec) -> Tensor:
     return t.unsqueeze(-1) if spec.granularity == "group" else t
 
 
-def _fast_rowwise_qparams(xg: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor, float] | None:
+def rowwise_qparams(xg: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor, float] | None:
     """The rule of the module docstring for CPU row-wise groups, when no group needs a special case.
 
     Returns ``(scale, zero, max|zero|)`` (fp32 ``[..., 1]``), or None when some group is constant
@@ -149,7 +150,7 @@ def _fast_rowwise_qparams(xg: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor, 
 
 def _qparams_grouped(xg: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
     """fp32 ``(scale, zero)`` broadcastable against ``xg`` (see the module docstring for the rule)."""
-    fast = _fast_rowwise_qparams(xg, spec)
+    fast = rowwise_qparams(xg, spec)
     if fast is not None:
         return fast[0], fast[1]
     return _general_qparams(xg, spec)
@@ -186,7 +187,7 @@ def _general_qparams(xg: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
     return scale, zero
 
 
-def _codes_fp32(x: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor, Tensor]:
+def quantize_fp32(x: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor, Tensor]:
     """THE quantizer: returns ``(codes, scale, zero)``, all fp32, in the :func:`_grouped` layout.
 
     ``codes`` is a fresh contiguous fp32 tensor holding integer values in ``[qmin, qmax]``
@@ -196,10 +197,10 @@ def _codes_fp32(x: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor, Tensor]:
         x = x.float()
     xg = _grouped(x, spec)
     scale, zero = _qparams_grouped(xg, spec)
-    return _codes_from_qparams(xg, scale, zero, spec), scale, zero
+    return codes_from_qparams(xg, scale, zero, spec), scale, zero
 
 
-def _codes_from_qparams(xg: Tensor, scale: Tensor, zero: Tensor, spec: QuantSpec) -> Tensor:
+def codes_from_qparams(xg: Tensor, scale: Tensor, zero: Tensor, spec: QuantSpec) -> Tensor:
     """fp32 ``clamp(round(xg / scale) + zero, qmin, qmax)``, a fresh contiguous tensor (the only
     full-size allocation of the quantizer); shared by every caller that produces codes."""
     codes = torch.div(xg, scale)  # fp32 result (type promotion)
@@ -215,7 +216,7 @@ def _fake_quant_fp32(x: Tensor, spec: QuantSpec) -> Tensor:
     """fp32 ``(codes - zero) * scale`` with the shape of ``x`` (no autograd, no dtype cast)."""
     if x.numel() == 0:
         return torch.empty(x.shape, dtype=torch.float32, device=x.device)
-    codes, scale, zero = _codes_fp32(x, spec)
+    codes, scale, zero = quantize_fp32(x, spec)
     if not spec.symmetric:
         codes.sub_(zero)
     codes.mul_(scale)
@@ -288,7 +289,7 @@ def quantize(x: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor, Tensor]:
                 torch.ones(shape, dtype=torch.float32, device=x.device),
                 torch.zeros(shape, dtype=torch.float32, device=x.device))
     with torch.no_grad():
-        codes, scale, zero = _codes_fp32(x, spec)
+        codes, scale, zero = quantize_fp32(x, spec)
         codes.nan_to_num_(nan=0.0)
         return codes.view(x.shape).to(code_dtype), scale.reshape(shape), zero.reshape(shape)
 
@@ -365,8 +366,6 @@ def fake_quantize(x: Tensor, spec: QuantSpec) -> Tensor:
         return x
     if torch.compiler.is_compiling() or (x.dtype in _NATIVE_DTYPES and use_triton(x.device)):
         # one custom op: no graph break under torch.compile, the fused kernel where Triton runs
-        from .kernels.fake_quant import fake_quantize_op
-
         return fake_quantize_op(x, spec)
     if x.requires_grad and torch.is_grad_enabled():
         return _FakeQuantSTE.apply(x, spec)
@@ -423,3 +422,52 @@ def quantization_error(
             return total
         n_rows = per_row.numel() if row_mask is None else int(row_mask.sum())
         return total / max(n_rows * x.shape[-1], 1)
+
+
+# --------------------------------------------------------------------------- the custom op
+def _spec_of(bits: int, symmetric: bool, clip_ratio: float, granularity: str, group_size: int) -> QuantSpec:
+    return QuantSpec(bits, symmetric, clip_ratio, granularity, group_size if granularity == "group" else None)
+
+
+@torch.library.custom_op("hf_roste::fake_quantize", mutates_args=())
+def _fake_quantize_impl(
+    x: Tensor, bits: int, symmetric: bool, clip_ratio: float, granularity: str, group_size: int,
+    out_dtype: torch.dtype,
+) -> Tensor:
+    spec = _spec_of(bits, symmetric, clip_ratio, granularity, group_size)
+    if kernel_supports(x, spec) and out_dtype in _NATIVE_DTYPES and use_triton(x.device):
+        return triton_fake_quantize(x, spec, out_dtype)
+    out = _fake_quant_fp32(x, spec)
+    out = out if out.dtype == out_dtype else out.to(out_dtype)
+    return out.contiguous()  # the layout the fake implementation promises (a no-op for contiguous x)
+
+
+@_fake_quantize_impl.register_fake
+def _(x: Tensor, bits: int, symmetric: bool, clip_ratio: float, granularity: str, group_size: int,
+      out_dtype: torch.dtype) -> Tensor:
+    return torch.empty_like(x, dtype=out_dtype, memory_format=torch.contiguous_format)
+
+
+def _ste_setup(ctx, inputs, output) -> None:  # noqa: ANN001 - torch.library autograd signature
+    ctx.in_dtype = inputs[0].dtype
+
+
+def _ste_backward(ctx, grad: Tensor):  # noqa: ANN001, ANN202 - torch.library autograd signature
+    grad = grad if grad.dtype == ctx.in_dtype else grad.to(ctx.in_dtype)
+    return grad, None, None, None, None, None, None
+
+
+_fake_quantize_impl.register_autograd(_ste_backward, setup_context=_ste_setup)
+
+
+def fake_quantize_op(x: Tensor, spec: QuantSpec, out_dtype: torch.dtype | None = None) -> Tensor:
+    """``hf_roste::fake_quantize``: quantize-dequantize with a straight-through backward, as one custom op.
+
+    Same value and gradient as :func:`hf_roste.numerics.fake_quantize` (``spec`` must be enabled);
+    used where a graph must not break (``torch.compile``) and where the fused kernel runs. With
+    ``out_dtype`` the result is rounded once to that dtype (the value of
+    ``fake_quantize(x, spec).to(out_dtype)``, the gradient cast back to ``x.dtype``): under bf16
+    autocast a float32 activation is quantized straight into the bf16 the matmul reads.
+    """
+    return _fake_quantize_impl(x, spec.bits, spec.symmetric, float(spec.clip_ratio), spec.granularity,
+                               spec.group_size or 0, out_dtype or x.dtype)

@@ -12,16 +12,23 @@ Random signs: R1 uses `random_signs(hidden, seed)`, R2 of layer `i` uses
 `random_signs(head_dim, seed + 1 + i)`. R3 and R4 are online transforms without signs (plain
 Walsh-Hadamard, the matrix compressed-tensors and vLLM also use), so nothing but the config is
 needed to rebuild every rotation.
+
+`set_rotation_config` switches per-layer R2/R3/R4 on a prepared model by fusing only the differences
+with what `model.roste` records as applied.
 """
 
 from __future__ import annotations
+
+import copy
 
 import torch
 from torch import nn
 
 from ..arch import ArchAdapter
+from ..config import validate_rotation_config
 from ..modules.norm import RMSNorm
-from .hadamard import hadamard_transform, random_signs
+from ..numerics.hadamard import hadamard_transform, random_signs
+from ..state import get_state, unwrap_peft
 
 
 def r1_signs(hidden_size: int, seed: int) -> torch.Tensor:
@@ -225,3 +232,48 @@ def set_r4(model: nn.Module, adapter: ArchAdapter, layer_idx: int, on: bool) -> 
             f"{adapter.down_proj} of layer {layer_idx} is a {type(down).__name__}, which cannot apply R4 online; "
             "convert it with the RoSTE quantizer first (or exclude R4 from RoSTEConfig.rotations)."
         )
+
+
+@torch.no_grad()
+def set_rotation_config(model: nn.Module, rotation_config: dict, record: bool = True) -> dict:
+    """Switch per-layer R2/R3/R4 to `rotation_config`, keeping the full-precision function.
+
+    Only the differences with what is fused now are applied. With `record=True` the
+    configuration is also written to `model.config.quantization_config.rotation_config`.
+    Returns the applied configuration.
+    """
+    state = get_state(model)
+    model = unwrap_peft(model)
+    if not isinstance(rotation_config, dict):
+        raise TypeError(
+            f"set_rotation_config needs a dict {{'R1': bool, 'layers': [{{'R2': bool, 'R3': bool, 'R4': bool}}, ...]}}, "
+            f"got {type(rotation_config).__name__}."
+        )
+    if not isinstance(record, bool):
+        raise TypeError(f"set_rotation_config(record=...) must be True or False, got {record!r}.")
+    if state.packed:
+        raise ValueError(
+            "This model was loaded from a packed RoSTE checkpoint: its rotations are fused into integer codes and "
+            "cannot be switched. Load the master checkpoint (or the full-precision model) to change rotations."
+        )
+    adapter = state.adapter
+    num_layers = adapter.num_layers(model)
+    target = validate_rotation_config(rotation_config, num_layers)
+    if target["R1"] != state.applied["R1"]:
+        raise ValueError(
+            "rotation_config['R1'] cannot change after the model was prepared (R1 is fused into every weight); "
+            f"the model has R1={state.applied['R1']}."
+        )
+    state.config._check_rotation_config_against_rotations(target)
+    _, _, head_dim = adapter.head_layout(model)
+    for i, (now, want) in enumerate(zip(state.applied["layers"], target["layers"], strict=True)):
+        if now["R2"] != want["R2"]:
+            set_r2(model, adapter, i, r2_signs(head_dim, state.config.rotation_seed, i), on=want["R2"])
+        if now["R4"] != want["R4"]:
+            set_r4(model, adapter, i, on=want["R4"])
+        state.attention_states[i].r3 = want["R3"]
+    state.applied = {"R1": target["R1"], "layers": copy.deepcopy(target["layers"])}
+    if record:
+        state.config.rotation_config = target
+        state.searched = True
+    return state.applied

@@ -26,9 +26,9 @@ import torch
 from torch import Tensor, nn
 from transformers.utils import logging
 
-from .apply import get_state
+from ..numerics.hadamard import hadamard_transform
+from ..state import get_state
 from .fusion import r2_signs
-from .hadamard import hadamard_transform
 
 logger = logging.get_logger(__name__)
 

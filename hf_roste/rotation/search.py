@@ -35,15 +35,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers.utils import logging
 
-from ..config import PER_LAYER_ROTATIONS
+from ..config import PER_LAYER_ROTATIONS, SEARCH_ALGORITHMS, SEARCH_CRITERIA
 from ..modules.qat_linear import QATLinear
-from .apply import get_state, set_rotation_config, trained_lora_modules, unwrap_peft
+from ..state import get_state, trained_lora_modules, unwrap_peft
+from .fusion import set_rotation_config
 from .search_result import RotationSearchResult, layer_table
-from .search_stats import CRITERIA, TYPE_INDEX, ErrorCollector
+from .search_stats import TYPE_INDEX, ErrorCollector
 
 logger = logging.get_logger(__name__)
-
-STRATEGIES = ("adaptive", "layerwise")
 
 
 # --------------------------------------------------------------------------- input checks
@@ -283,10 +282,10 @@ def search_rotation_config(
                 "(merge_and_unload())."
             )
         model = inner  # LoRA wrappers are looked through (ArchAdapter.get returns their base layer)
-    if strategy not in STRATEGIES:
-        raise ValueError(f"strategy={strategy!r} is invalid: expected one of {STRATEGIES}.")
-    if criterion not in CRITERIA:
-        raise ValueError(f"criterion={criterion!r} is invalid: expected one of {CRITERIA}.")
+    if strategy not in SEARCH_ALGORITHMS:
+        raise ValueError(f"strategy={strategy!r} is invalid: expected one of {SEARCH_ALGORITHMS}.")
+    if criterion not in SEARCH_CRITERIA:
+        raise ValueError(f"criterion={criterion!r} is invalid: expected one of {SEARCH_CRITERIA}.")
     if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer (or None), got {type(optimizer).__name__}.")
     if not isinstance(apply, bool):

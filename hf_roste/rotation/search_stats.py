@@ -31,14 +31,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import PER_LAYER_ROTATIONS
+from ..config import PER_LAYER_ROTATIONS, SEARCH_CRITERIA
 from ..modules.qat_linear import QATLinear
 from ..numerics import QuantSpec, fake_quantize, quantization_error
+from ..numerics.hadamard import hadamard_transform
 from .fusion import r2_signs
-from .hadamard import hadamard_transform
 
 TYPE_INDEX = {name: i for i, name in enumerate(PER_LAYER_ROTATIONS)}
-CRITERIA = ("paper", "output")
 
 
 def _rot_heads(x: Tensor, head_dim: int, signs: Tensor | None, transpose: bool) -> Tensor:
@@ -64,8 +63,8 @@ class ErrorCollector:
     """
 
     def __init__(self, model: nn.Module, state, criterion: str, searchable: list[dict[str, bool]]) -> None:
-        if criterion not in CRITERIA:
-            raise ValueError(f"criterion={criterion!r} is invalid: expected one of {CRITERIA}.")
+        if criterion not in SEARCH_CRITERIA:
+            raise ValueError(f"criterion={criterion!r} is invalid: expected one of {SEARCH_CRITERIA}.")
         self.model, self.state, self.criterion, self.searchable = model, state, criterion, searchable
         adapter = state.adapter
         self.layers = list(adapter.decoder_layers(model))

@@ -14,7 +14,7 @@ import os
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
-from .state import STATE_FILE
+from ..folders import STATE_FILE, read_roste_quantization_config
 
 
 def last_complete_checkpoint(output_dir: str) -> str | None:
@@ -42,15 +42,12 @@ def has_adapter_weights(folder: str) -> bool:
 
 
 def refuse_packed_folder(folder: str) -> None:
-    config_path = os.path.join(folder, "config.json")
-    if not os.path.isfile(config_path):
-        return
     try:
-        with open(config_path, encoding="utf-8") as f:
-            qc = json.load(f).get("quantization_config") or {}
-    except (OSError, ValueError):
+        qc = read_roste_quantization_config(folder)
+        packed = qc is not None and qc.get("checkpoint_format") == "packed"
+    except ValueError:  # unreadable config.json: the state-file checks report the folder
         return
-    if isinstance(qc, dict) and qc.get("checkpoint_format") == "packed":
+    if packed:
         raise ValueError(
             f"{folder} is a packed final save (integer codes, written by save_model() / save_pretrained), not a "
             "training checkpoint: training cannot resume from it. Resume from one of the checkpoint-* folders "

@@ -6,8 +6,7 @@ from dataclasses import dataclass, field
 
 from trl import SFTConfig
 
-TRAINER_SEARCH_STRATEGIES = ("adaptive", "layerwise", "none")
-SEARCH_CRITERIA = ("paper", "output")
+from ..config import SEARCH_CRITERIA, SEARCH_STRATEGIES
 
 
 @dataclass
@@ -21,10 +20,12 @@ class RoSTESFTConfig(SFTConfig):
     rotation_search: str | None = field(
         default=None,
         metadata={
-            "help": "Rotation search before training: 'adaptive' (the paper), 'layerwise' (also checks the mixed "
-            "configuration as a whole), 'none' (keep the model's current rotations). Default (None): search with "
-            "'adaptive' when the model's RoSTEConfig.rotation_search is 'adaptive' and no configuration was chosen yet.",
-            "choices": [None, *TRAINER_SEARCH_STRATEGIES],
+            "help": "How per-layer R2/R3/R4 are chosen at train start (same values as RoSTEConfig.rotation_search): "
+            "'adaptive' (the paper's search), 'layerwise' (adaptive, then a check of the mixed configuration as a "
+            "whole), 'all' (every allowed rotation on, no search), 'none' (no search: the model keeps its rotations). "
+            "Default (None): the model's RoSTEConfig.rotation_search, searching when it names a search and no "
+            "configuration was chosen yet.",
+            "choices": [None, *SEARCH_STRATEGIES],
         },
     )
     rotation_search_criterion: str = field(
@@ -52,10 +53,10 @@ class RoSTESFTConfig(SFTConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.rotation_search not in (None, *TRAINER_SEARCH_STRATEGIES):
+        if self.rotation_search not in (None, *SEARCH_STRATEGIES):
             raise ValueError(
                 f"RoSTESFTConfig.rotation_search={self.rotation_search!r} is invalid: expected None or one of "
-                f"{TRAINER_SEARCH_STRATEGIES}."
+                f"{SEARCH_STRATEGIES}."
             )
         if self.rotation_search_criterion not in SEARCH_CRITERIA:
             raise ValueError(
@@ -71,10 +72,10 @@ class RoSTESFTConfig(SFTConfig):
                 f"RoSTESFTConfig.rotation_search_interval={k!r} is invalid: expected None (search once) or an int >= 1 "
                 "(re-search every N optimizer steps)."
             )
-        if k is not None and self.rotation_search == "none":
+        if k is not None and self.rotation_search in ("none", "all"):
             raise ValueError(
-                f"RoSTESFTConfig.rotation_search='none' contradicts rotation_search_interval={k}: 'none' keeps the "
-                "model's rotations and never searches. Set rotation_search_interval=None, or choose "
+                f"RoSTESFTConfig.rotation_search={self.rotation_search!r} contradicts rotation_search_interval={k}: "
+                f"{self.rotation_search!r} never searches. Set rotation_search_interval=None, or choose "
                 "rotation_search='adaptive' (or 'layerwise') to re-search every N steps."
             )
         if not isinstance(self.log_quantization_error, bool):

@@ -22,6 +22,7 @@ from peft.tuners.lora.layer import Linear as LoraLinear
 from peft.tuners.lora.layer import LoraLayer
 from transformers.utils import logging
 
+from ..folders import ADAPTER_CONFIG, is_roste_checkpoint, read_json_file
 from ..modules.qat_linear import QATLinear
 from ..numerics import fake_quantize
 from .state import STATE_FILE, check_saved_quantization_config, read_state_file
@@ -123,7 +124,8 @@ def load_roste_adapter(model, adapter_path: str, adapter_name: str = "default", 
     (a mismatch is an error) and its rotation configuration (the search's choice) is applied to
     the base before the adapters are attached.
     """
-    from ..rotation.apply import get_state, set_rotation_config
+    from ..rotation.fusion import set_rotation_config
+    from ..state import get_state
 
     saved = _saved_state(adapter_path)
     state = get_state(model)
@@ -142,3 +144,75 @@ def load_roste_adapter(model, adapter_path: str, adapter_name: str = "default", 
     config.inference_mode = not is_trainable
     return PeftModel.from_pretrained(model, adapter_path, adapter_name=adapter_name, config=config,
                                      is_trainable=is_trainable)
+
+
+def adapter_base_model(path: str) -> tuple[str, str | None]:
+    """(base_model_name_or_path, revision) recorded in the adapter folder's `adapter_config.json`."""
+    cfg_path = os.path.join(path, ADAPTER_CONFIG)
+    cfg = read_json_file(cfg_path, "save the adapters again.")
+    base = cfg.get("base_model_name_or_path") if isinstance(cfg, dict) else None
+    if not base or not isinstance(base, str):
+        raise ValueError(
+            f"{cfg_path} does not name its base model (base_model_name_or_path): set it to the model the adapters "
+            "were trained on."
+        )
+    return base, cfg.get("revision") or None
+
+
+def load_roste_lora_model(path: str, *, dtype: Any = None) -> PeftModel:
+    """The RoSTE + LoRA model that `RoSTESFTTrainer` (`hf-roste sft --use_peft true`) trained and saved in `path`.
+
+    The base named in `adapter_config.json` is loaded with the `RoSTEConfig` and rotation
+    configuration of `roste_state.json` (so its weights are rotated and fake-quantized exactly as
+    during training), then the adapters go inside the weight quantizers with `load_roste_adapter`.
+
+    Args:
+        path: the adapter folder.
+        dtype: passed to `from_pretrained` for the base model (a `torch.dtype`, ``"auto"``, or None).
+    """
+    from ..config import RoSTEConfig
+    from ..state import get_state
+
+    base, revision = adapter_base_model(path)
+    saved = read_state_file(path)  # validated: a damaged file is a clear ValueError
+    qc_dict = saved.get("quantization_config")
+    if not isinstance(qc_dict, dict):
+        raise ValueError(
+            f"{os.path.join(path, STATE_FILE)} lacks 'quantization_config': the adapter folder is damaged or was not "
+            "written by RoSTESFTTrainer."
+        )
+    if base.startswith((".", "/", "~")) and not os.path.exists(os.path.expanduser(base)):
+        raise ValueError(
+            f"{path!r} holds LoRA adapters for the base model {base!r}, which does not exist here. Put the "
+            f"base model there, or set base_model_name_or_path in {os.path.join(path, ADAPTER_CONFIG)} to where it is."
+        )
+    kwargs: dict[str, Any] = {"revision": revision} if revision else {}
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    rc = saved["rotation_config"]
+    if is_roste_checkpoint(base):
+        model = _load_base(base, path, **kwargs)
+        if get_state(model).packed:
+            raise ValueError(
+                f"{path!r}: the base model {base!r} is a packed RoSTE checkpoint, whose rotations cannot be "
+                "set to the ones the adapters were trained with; point base_model_name_or_path at its master checkpoint."
+            )
+    else:
+        fields = {k: v for k, v in qc_dict.items() if k not in ("rotation_config", "checkpoint_format")}
+        qc = RoSTEConfig.from_dict({**fields, "rotation_config": {"R1": rc["R1"], "layers": rc["layers"]}})
+        model = _load_base(base, path, quantization_config=qc, **kwargs)
+    # load_roste_adapter checks the base's settings against roste_state.json and applies its rotations
+    return load_roste_adapter(model, path)
+
+
+def _load_base(base: str, adapter_path: str, **kwargs: Any):
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(base, **kwargs)
+    except OSError as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ValueError(
+            f"{adapter_path!r}: cannot load its base model {base!r} ({first}). Pass a folder written by save_pretrained "
+            "or a Hub id that is reachable (or already in the cache when HF_HUB_OFFLINE=1)."
+        ) from exc

@@ -12,8 +12,8 @@ from torch import nn
 
 from ..modules.qat_linear import QATLinear
 from ..numerics import quantization_error
-from ..rotation.apply import get_state
-from ..rotation.hadamard import hadamard_transform
+from ..numerics.hadamard import hadamard_transform
+from ..state import get_state
 
 
 class QuantErrorMonitor:

@@ -14,8 +14,7 @@ import os
 from typing import Any
 
 from ..config import RoSTEConfig
-
-STATE_FILE = "roste_state.json"
+from ..folders import STATE_FILE
 
 #: RoSTEConfig fields that may differ between a checkpoint and the model it is loaded into: they
 #: choose *how* a rotation configuration is found or how files are written, not what the weights mean.

@@ -20,15 +20,17 @@ import os
 from typing import Any
 
 import torch
-from transformers import AutoConfig, TrainerCallback
+from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from transformers.utils import logging
 from trl import SFTTrainer
 
-from ..config import RoSTEConfig
+from ..config import PER_LAYER_ROTATIONS, SEARCH_ALGORITHMS, RoSTEConfig
+from ..folders import is_roste_checkpoint
 from ..io import atomic_write_text
-from ..rotation.apply import RoSTEState, get_state, save_format, set_rotation_config
+from ..rotation.fusion import set_rotation_config
 from ..rotation.search import search_rotation_config
+from ..state import RoSTEState, get_state, save_format, unwrap_peft
 from .checkpoints import (
     has_adapter_weights,
     is_peft,
@@ -59,16 +61,6 @@ def _check_dataset_columns(dataset, name: str, has_formatting_func: bool) -> Non
             f"{name} has columns {sorted(cols)}, none of the formats RoSTESFTTrainer (TRL SFT) trains on: "
             f"{_DATASET_FORMATS}. Rename your columns or pass formatting_func=..."
         )
-
-
-def _is_roste_checkpoint(path: str) -> bool:
-    try:
-        cfg = AutoConfig.from_pretrained(path)
-    except (OSError, ValueError):
-        return False
-    qc = getattr(cfg, "quantization_config", None)
-    method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
-    return method == "roste"
 
 
 def _check_trainable(state: RoSTEState) -> None:
@@ -153,7 +145,7 @@ class RoSTESFTTrainer(SFTTrainer):
                 f"RoSTESFTTrainer(quantization_config=...) must be a RoSTEConfig, got {type(quantization_config).__name__}."
             )
         if isinstance(model, str):
-            if quantization_config is None and not _is_roste_checkpoint(model):
+            if quantization_config is None and not is_roste_checkpoint(model, hub=True):
                 raise ValueError(
                     f"{model!r} is not a RoSTE checkpoint: pass quantization_config=RoSTEConfig(...) to turn it into a "
                     "RoSTE QAT model, or pass a model loaded with it."
@@ -204,17 +196,23 @@ class RoSTESFTTrainer(SFTTrainer):
         elif args.log_quantization_error:
             self._monitor = QuantErrorMonitor(self.model)
         self.add_callback(_RoSTECallback(self))
+        if args.rotation_search == "all":  # every allowed per-layer rotation on, no search
+            cfg = self.roste_state.config
+            num_layers = self.roste_state.adapter.num_layers(unwrap_peft(self.model))
+            flags = {name: name in cfg.rotations for name in PER_LAYER_ROTATIONS}
+            set_rotation_config(self.model, {"R1": self.roste_state.applied["R1"],
+                                             "layers": [dict(flags) for _ in range(num_layers)]})
 
     # ------------------------------------------------------------------ search
     def _wants_search(self) -> str | None:
         strategy = self.args.rotation_search
-        if strategy == "none":
+        if strategy in ("none", "all"):
             return None
         if strategy is not None:
             return strategy
         cfg = self.roste_state.config
-        if cfg.rotation_search == "adaptive" and not self.roste_state.searched:
-            return "adaptive"
+        if cfg.rotation_search in SEARCH_ALGORITHMS and not self.roste_state.searched:
+            return cfg.rotation_search
         return None
 
     def calibration_batches(self) -> list[dict[str, torch.Tensor]]:
@@ -256,8 +254,8 @@ class RoSTESFTTrainer(SFTTrainer):
     def run_rotation_search(self, strategy: str | None = None, optimizer=None):
         """Run the search now (before training, or between steps with the optimizer given)."""
         strategy = strategy or self.args.rotation_search or "adaptive"
-        if strategy == "none":
-            raise ValueError("run_rotation_search() called with strategy 'none'.")
+        if strategy not in SEARCH_ALGORITHMS:
+            raise ValueError(f"run_rotation_search() needs a search strategy in {SEARCH_ALGORITHMS}, got {strategy!r}.")
         was_training = self.model.training
         self.model.eval()
         try:

@@ -14,6 +14,7 @@ from tiny_models import CACHE_KW, VOCAB, output_cache, sample_ids
 from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig
 
 from hf_roste import RoSTEConfig, get_state, set_quantization_enabled, set_rotation_config
+from hf_roste import numerics as nx
 from hf_roste.modules.attention import AttentionQuantState
 from hf_roste.modules.kv_cache import (
     PackedKV,
@@ -24,7 +25,28 @@ from hf_roste.modules.kv_cache import (
     expected_bytes_per_token,
 )
 from hf_roste.numerics import QuantSpec, fake_quantize, packed_length
-from hf_roste.rotation.hadamard import hadamard_transform
+from hf_roste.numerics.hadamard import hadamard_transform
+
+
+def _encode(x: torch.Tensor, spec: QuantSpec, scale_dtype: torch.dtype = torch.float32) -> PackedKV:
+    """Reference codec (the test oracle of the fast KV codec): the public quantize -> to_unsigned -> pack."""
+    codes, scale, zero = nx.quantize(x, spec)
+    packed = nx.pack_codes(nx.to_unsigned(codes, spec), spec.bits)
+    zq = None
+    if not spec.symmetric:
+        fits = zero.numel() == 0 or float(zero.abs().max()) <= 127
+        zq = zero.to(torch.int8 if fits else torch.int32)
+    return PackedKV(packed, scale.to(scale_dtype), zq, spec, x.shape[-1])
+
+
+def _decode(p: PackedKV) -> torch.Tensor:
+    """Reference decode: unpack -> from_unsigned -> dequantize in fp32 (fake_quantize's value with fp32 scales)."""
+    codes = nx.unpack_codes(p.codes, p.spec.bits, p.head_dim)
+    if p.spec.symmetric:
+        codes = nx.from_unsigned(codes, p.spec)
+    scale = p.scale.float()
+    zero = torch.zeros_like(scale) if p.zero is None else p.zero.float()
+    return nx.dequantize(codes, scale, zero, p.spec, dtype=torch.float32)
 
 W4A4KV4 = dict(weight_bits=4, activation_bits=4, kv_bits=4)
 PROMPT, NEW = 12, 10
@@ -267,7 +289,7 @@ def test_sliding_layer_semantics_match_dynamic_sliding_layer():
     ours.crop(-2)
     ref.crop(-2)
     assert ours.get_seq_length() == ref.get_seq_length()
-    assert torch.equal(ours.packed_keys.decode(torch.float32), fake_quantize(ref.keys, spec))
+    assert torch.equal(_decode(ours.packed_keys), fake_quantize(ref.keys, spec))
 
 
 def test_crop_reorder_select_and_reset():
@@ -277,12 +299,12 @@ def test_crop_reorder_select_and_reset():
     full, _ = layer.update(k, k)
     layer.crop(-2)
     assert layer.get_seq_length() == 4
-    assert torch.equal(layer.packed_keys.decode(torch.float32), full[:, :, :4])
+    assert torch.equal(_decode(layer.packed_keys), full[:, :, :4])
     layer.reorder_cache(torch.tensor([1, 0]))
-    assert torch.equal(layer.packed_keys.decode(torch.float32), full[[1, 0], :, :4])
+    assert torch.equal(_decode(layer.packed_keys), full[[1, 0], :, :4])
     layer.batch_repeat_interleave(2)
     layer.batch_select_indices(torch.tensor([0, 3]))
-    assert torch.equal(layer.packed_values.decode(torch.float32), fake_quantize(k, spec)[[1, 0], :, :4])
+    assert torch.equal(_decode(layer.packed_values), fake_quantize(k, spec)[[1, 0], :, :4])
     layer.reset()
     assert layer.get_seq_length() == 0 and layer.nbytes == 0 and not layer.is_initialized
 
@@ -322,10 +344,10 @@ def test_bytes_per_token_vs_bf16_dynamic_cache(symmetric, scale_dtype, ratio):
 def test_packed_kv_round_trip_and_fp16_scales_are_inexact():
     spec = QuantSpec(4, granularity="token_head")
     x = _rows(7, 16)
-    exact = PackedKV.encode(x, spec)
-    assert torch.equal(exact.decode(torch.float32), fake_quantize(x, spec))
-    half = PackedKV.encode(x, spec, torch.float16)
-    err = (half.decode(torch.float32) - fake_quantize(x, spec)).abs().max()
+    exact = _encode(x, spec)
+    assert torch.equal(_decode(exact), fake_quantize(x, spec))
+    half = _encode(x, spec, torch.float16)
+    err = (_decode(half) - fake_quantize(x, spec)).abs().max()
     assert 0 < err <= 2e-3 * x.abs().max()  # fp16 scale rounding: relative 2^-11 per element
 
 
@@ -335,7 +357,7 @@ def test_packed_kv_round_trip_and_fp16_scales_are_inexact():
 @pytest.mark.parametrize("head_dim", [5, 12, 64])
 def test_store_codec_matches_packed_kv(bits, symmetric, head_dim):
     """encode_kv / decode_kv (one call for K and V, bit fields written straight to fp32) produce the
-    bytes, scales and zero points of PackedKV.encode and the values of PackedKV.decode."""
+    bytes, scales and zero points of the reference `_encode` and the values of `_decode`."""
     from hf_roste.modules.kv_store import decode_kv, encode_kv
 
     spec = QuantSpec(bits, symmetric=symmetric, granularity="token_head")
@@ -344,12 +366,12 @@ def test_store_codec_matches_packed_kv(bits, symmetric, head_dim):
     x[0, 0, 0, 0] = 1.25  # constant row
     packed, scale, zero = encode_kv(x, spec)
     for i in range(2):
-        ref = PackedKV.encode(x[i], spec)
+        ref = _encode(x[i], spec)
         assert torch.equal(packed[i].to(torch.uint8), ref.codes)
         assert torch.equal(scale[i], ref.scale)
         assert (zero is None) == (ref.zero is None) and (zero is None or torch.equal(zero[i], ref.zero.float()))
         vals = decode_kv(packed[i].to(torch.uint8), scale[i], None if zero is None else zero[i], spec, head_dim)
-        assert torch.equal(vals, ref.decode(torch.float32))
+        assert torch.equal(vals, _decode(ref))
         assert torch.equal(vals, fake_quantize(x[i], spec))
 
 
@@ -432,7 +454,7 @@ def test_sliding_crop_matches_transformers_when_dropping_everything_stored(windo
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_update_with_no_new_tokens_keeps_the_cache(bits):
-    from hf_roste.modules.kv_cache import PackedKV, RoSTEQuantizedLayer
+    from hf_roste.modules.kv_cache import RoSTEQuantizedLayer
 
     spec = QuantSpec(bits, granularity="token_head")
     layer = RoSTEQuantizedLayer(AttentionQuantState(r3=False, kv_spec=spec))
@@ -441,4 +463,4 @@ def test_update_with_no_new_tokens_keeps_the_cache(bits):
     empty = torch.randn(1, 2, 0, 16)
     k2, v2 = layer.update(empty, empty)
     assert torch.equal(k1, k2) and torch.equal(v1, v2) and layer.get_seq_length() == 3
-    PackedKV.encode(empty, spec)
+    _encode(empty, spec)

@@ -449,10 +449,10 @@ def test_bad_call_arguments():
 
 # --------------------------------------------------------------------------- fast row-wise qparams
 def _fast_and_general(x, spec):
-    from hf_roste.numerics.quantize import _fast_rowwise_qparams, _general_qparams, _grouped
+    from hf_roste.numerics.quantize import _general_qparams, _grouped, rowwise_qparams
 
     xg = _grouped(x, spec)
-    return _fast_rowwise_qparams(xg, spec), _general_qparams(xg, spec)
+    return rowwise_qparams(xg, spec), _general_qparams(xg, spec)
 
 
 def _has_special_group(x, spec):
@@ -520,6 +520,6 @@ def test_fast_rowwise_qparams_edge_rows(sym, dtype):
 
 def test_fast_path_is_cpu_only():
     """On other devices the general (sync-free) rule runs; meta tensors stand in for a device here."""
-    from hf_roste.numerics.quantize import _fast_rowwise_qparams
+    from hf_roste.numerics.quantize import rowwise_qparams
 
-    assert _fast_rowwise_qparams(torch.empty(4, 8, device="meta"), QuantSpec(4, granularity="token")) is None
+    assert rowwise_qparams(torch.empty(4, 8, device="meta"), QuantSpec(4, granularity="token")) is None

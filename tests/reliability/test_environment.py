@@ -54,7 +54,7 @@ def test_missing_matplotlib_demo_report_skips_the_plot_with_the_extra_named(monk
 
 def test_missing_fast_hadamard_transform_falls_back_on_cpu(monkeypatch):
     """fast-hadamard-transform (extra `cuda`) is only ever used on CUDA; without it the torch path runs."""
-    from hf_roste.rotation import hadamard
+    from hf_roste.numerics import hadamard
 
     x = torch.randn(4, 96)
     expected = hadamard.hadamard_transform(x)

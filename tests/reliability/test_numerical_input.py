@@ -14,7 +14,7 @@ import torch
 from hf_roste.modules.packed_linear import PackedLinear
 from hf_roste.modules.qat_linear import QATLinear
 from hf_roste.numerics import QuantSpec
-from hf_roste.rotation.hadamard import hadamard_transform
+from hf_roste.numerics.hadamard import hadamard_transform
 
 from ._figures import record
 

@@ -247,3 +247,30 @@ def test_lora_with_default_adaptive_search_trains_and_refuses_re_search(tiny_che
         RoSTESFTTrainer(model=str(tiny_checkpoints["llama"]), args=_args(tmp_path, rotation_search_interval=2),
                         train_dataset=prompt_completion_dataset(), processing_class=char_tokenizer(),
                         quantization_config=RoSTEConfig(), peft_config=lora)
+
+
+def test_rotation_search_has_one_vocabulary(tiny_checkpoints, tmp_path):
+    """`rotation_search` takes the same values in RoSTEConfig and RoSTESFTConfig, with the same meaning."""
+    from hf_roste.config import SEARCH_STRATEGIES
+
+    for value in SEARCH_STRATEGIES:
+        assert RoSTEConfig(rotation_search=value).rotation_search == value
+        assert _args(tmp_path, rotation_search=value).rotation_search == value
+    # 'all' in the trainer: every allowed per-layer rotation on, no search (as RoSTEConfig(rotation_search='all'))
+    trainer = RoSTESFTTrainer(
+        model=str(tiny_checkpoints["llama"]), args=_args(tmp_path, rotation_search="all"),
+        train_dataset=prompt_completion_dataset(), processing_class=char_tokenizer(),
+        quantization_config=RoSTEConfig(rotations=("R1", "R2", "R4")),
+    )
+    assert trainer._wants_search() is None
+    assert get_state(trainer.model).applied["layers"] == [{"R2": True, "R3": False, "R4": True}] * 2
+    # the trainer's default follows the model's RoSTEConfig, 'layerwise' included
+    trainer = RoSTESFTTrainer(
+        model=str(tiny_checkpoints["llama"]), args=_args(tmp_path),
+        train_dataset=prompt_completion_dataset(), processing_class=char_tokenizer(),
+        quantization_config=RoSTEConfig(rotation_search="layerwise"),
+    )
+    assert trainer._wants_search() == "layerwise"
+    assert get_state(trainer.model).applied["layers"] == [{"R2": False, "R3": False, "R4": False}] * 2
+    with pytest.raises(ValueError, match="'all' never searches"):
+        _args(tmp_path, rotation_search="all", rotation_search_interval=2)

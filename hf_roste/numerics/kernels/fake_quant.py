@@ -15,10 +15,9 @@ into FMAs (``enable_fp_fusion=False`` at launch), and ``round`` (half to even) i
 ``1.5 * 2**23`` magic constant, exact here because the relative scale floor bounds ``|x / s|`` by
 ``2**20 + 1``.
 
-:func:`fake_quantize_op` is a ``torch.library`` custom op (``hf_roste::fake_quantize``) with a
-straight-through autograd formula and a fake (meta) implementation, so ``torch.compile`` traces it
-without a graph break. Its implementation runs this kernel when :func:`~._triton.use_triton` says
-so for the input's device, and the PyTorch reference otherwise.
+The ``torch.library`` custom op ``hf_roste::fake_quantize`` (:func:`hf_roste.numerics.quantize.fake_quantize_op`,
+straight-through autograd formula, fake implementation for ``torch.compile``) runs this kernel when
+:func:`~._triton.use_triton` says so for the input's device, and the PyTorch reference otherwise.
 """
 
 from __future__ import annotations
@@ -29,9 +28,8 @@ import torch
 from torch import Tensor
 
 from ..spec import QuantSpec
-from ._triton import use_triton
 
-__all__ = ["fake_quantize_op", "kernel_supports", "triton_fake_quantize"]
+__all__ = ["kernel_supports", "triton_fake_quantize"]
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _MAX_BLOCK = 4096  # columns processed per loop iteration of one program
@@ -128,7 +126,7 @@ def triton_fake_quantize(x: Tensor, spec: QuantSpec, out_dtype: torch.dtype | No
             exactly what ``fake_quantize(x).to(out_dtype)`` gives for a float32 ``x``.
 
     Returns:
-        A new contiguous tensor with the shape of ``x``. No autograd: use :func:`fake_quantize_op`.
+        A new contiguous tensor with the shape of ``x``. No autograd: use :func:`hf_roste.numerics.quantize.fake_quantize_op`.
 
     Raises:
         ValueError: the spec or dtype is one the kernel does not handle (see :func:`kernel_supports`).
@@ -164,53 +162,3 @@ def triton_fake_quantize(x: Tensor, spec: QuantSpec, out_dtype: torch.dtype | No
         enable_fp_fusion=False,
     )
     return out.view(x.shape)
-
-
-def _spec_of(bits: int, symmetric: bool, clip_ratio: float, granularity: str, group_size: int) -> QuantSpec:
-    return QuantSpec(bits, symmetric, clip_ratio, granularity, group_size if granularity == "group" else None)
-
-
-@torch.library.custom_op("hf_roste::fake_quantize", mutates_args=())
-def _fake_quantize_impl(
-    x: Tensor, bits: int, symmetric: bool, clip_ratio: float, granularity: str, group_size: int,
-    out_dtype: torch.dtype,
-) -> Tensor:
-    spec = _spec_of(bits, symmetric, clip_ratio, granularity, group_size)
-    if kernel_supports(x, spec) and out_dtype in _KERNEL_DTYPES and use_triton(x.device):
-        return triton_fake_quantize(x, spec, out_dtype)
-    from ..quantize import _fake_quant_fp32
-
-    out = _fake_quant_fp32(x, spec)
-    out = out if out.dtype == out_dtype else out.to(out_dtype)
-    return out.contiguous()  # the layout the fake implementation promises (a no-op for contiguous x)
-
-
-@_fake_quantize_impl.register_fake
-def _(x: Tensor, bits: int, symmetric: bool, clip_ratio: float, granularity: str, group_size: int,
-      out_dtype: torch.dtype) -> Tensor:
-    return torch.empty_like(x, dtype=out_dtype, memory_format=torch.contiguous_format)
-
-
-def _ste_setup(ctx, inputs, output) -> None:  # noqa: ANN001 - torch.library autograd signature
-    ctx.in_dtype = inputs[0].dtype
-
-
-def _ste_backward(ctx, grad: Tensor):  # noqa: ANN001, ANN202 - torch.library autograd signature
-    grad = grad if grad.dtype == ctx.in_dtype else grad.to(ctx.in_dtype)
-    return grad, None, None, None, None, None, None
-
-
-_fake_quantize_impl.register_autograd(_ste_backward, setup_context=_ste_setup)
-
-
-def fake_quantize_op(x: Tensor, spec: QuantSpec, out_dtype: torch.dtype | None = None) -> Tensor:
-    """``hf_roste::fake_quantize``: quantize-dequantize with a straight-through backward, as one custom op.
-
-    Same value and gradient as :func:`hf_roste.numerics.fake_quantize` (``spec`` must be enabled);
-    used where a graph must not break (``torch.compile``) and where the fused kernel runs. With
-    ``out_dtype`` the result is rounded once to that dtype (the value of
-    ``fake_quantize(x, spec).to(out_dtype)``, the gradient cast back to ``x.dtype``): under bf16
-    autocast a float32 activation is quantized straight into the bf16 the matmul reads.
-    """
-    return _fake_quantize_impl(x, spec.bits, spec.symmetric, float(spec.clip_ratio), spec.granularity,
-                               spec.group_size or 0, out_dtype or x.dtype)

@@ -11,9 +11,9 @@ The arithmetic is fp32 whatever the input dtype (the result is rounded once to t
 like the PyTorch path; the order of the additions differs (butterflies instead of block
 matrix products), so results agree to fp32 rounding, not bit for bit.
 
-:func:`hadamard_transform_op` is a ``torch.library`` custom op with a fake implementation and an
-autograd formula (the backward is the transposed transform), so ``torch.compile`` traces it
-without a graph break on symbolic sizes; its implementation runs the kernel when
+The ``torch.library`` custom op ``hf_roste::hadamard_transform``
+(:func:`hf_roste.numerics.hadamard.hadamard_transform_op`: fake implementation and autograd formula,
+so ``torch.compile`` traces it without a graph break on symbolic sizes) runs this kernel when
 :func:`~._triton.use_triton` says so and the PyTorch path otherwise.
 """
 
@@ -25,9 +25,8 @@ import math
 import torch
 from torch import Tensor
 
-from ._triton import use_triton
 
-__all__ = ["MAX_KERNEL_POW2", "hadamard_transform_op", "triton_hadamard_transform"]
+__all__ = ["MAX_KERNEL_POW2", "kernel_supports", "triton_hadamard_transform"]
 
 MAX_KERNEL_POW2 = 2**13
 """Largest power-of-two part the register kernel handles (larger sizes use the PyTorch path)."""
@@ -88,20 +87,23 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def triton_hadamard_transform(x: Tensor, m: int, k: int, transpose: bool = False) -> Tensor:
-    """``x @ R`` (``transpose``: ``x @ R.T``) along the last dim, ``n = m * 2**k``, by the Triton kernel.
+def triton_hadamard_transform(x: Tensor, m: int, k: int, base: Tensor | None = None) -> Tensor:
+    """``x @ R`` along the last dim, ``n = m * 2**k``, by the Triton kernel (plus the ``[m, m]`` factor).
 
     Args:
         x: float32 / bfloat16 / float16 ``[..., n]`` on a device Triton runs on.
-        m, k: the factorization of ``n`` (:func:`~hf_roste.rotation.hadamard.hadamard_factorization`).
-        transpose: apply the inverse rotation.
+        m, k: the factorization of ``n`` (:func:`~hf_roste.numerics.hadamard.hadamard_factorization`).
+        base: the fp32 ``[m, m]`` factor applied to each row seen as ``[m, 2**k]`` (``B_m.T`` for the
+            rotation, ``B_m`` for its inverse; the Sylvester part is symmetric), on ``x``'s device;
+            required when ``m > 1``.
 
     Returns:
-        A new tensor with the shape and dtype of ``x``; no autograd (use :func:`hadamard_transform_op`).
+        A new tensor with the shape and dtype of ``x``; no autograd (use
+        :func:`hf_roste.numerics.hadamard.hadamard_transform_op`).
 
     Raises:
-        ValueError: a dtype other than float32 / bfloat16 / float16, ``n`` not ``m * 2**k`` or a
-            power-of-two part above :data:`MAX_KERNEL_POW2`.
+        ValueError: a dtype other than float32 / bfloat16 / float16, ``n`` not ``m * 2**k``, a
+            power-of-two part above :data:`MAX_KERNEL_POW2` or a missing / mis-shaped ``base``.
     """
     p = 1 << k
     n = m * p
@@ -111,15 +113,15 @@ def triton_hadamard_transform(x: Tensor, m: int, k: int, transpose: bool = False
         raise ValueError(f"x has last dim {x.shape[-1]}, expected m * 2**k = {m} * {p} = {n}")
     if p > MAX_KERNEL_POW2:
         raise ValueError(f"the Hadamard kernel handles power-of-two parts up to {MAX_KERNEL_POW2}, got {p}")
-    from hf_roste.rotation.hadamard import _device_matrix
-
     rows = x.numel() // n
     scale = 1.0 / math.sqrt(n)
     y = x.reshape(rows * m, p).contiguous()
     if m == 1:
         return _pow2_rows(y, p, scale, x.dtype).view(x.shape)
+    if base is None or tuple(base.shape) != (m, m):
+        raise ValueError(f"n = {m} * 2**{k} needs the [m, m] base factor, got "
+                         f"{None if base is None else tuple(base.shape)}")
     y = _pow2_rows(y, p, scale, torch.float32).view(rows, m, p)
-    base = _device_matrix("base" if transpose else "baseT", m, 1.0, y.device, torch.float32)
     y = torch.matmul(base, y)  # forward: B^T X ; transpose: B X  (X = a row as [m, p])
     return y.view(x.shape) if x.dtype == torch.float32 else y.view(x.shape).to(x.dtype)
 
@@ -127,46 +129,3 @@ def triton_hadamard_transform(x: Tensor, m: int, k: int, transpose: bool = False
 def kernel_supports(x: Tensor, m: int, k: int) -> bool:
     """Whether :func:`triton_hadamard_transform` handles ``x`` for ``n = m * 2**k``."""
     return x.dtype in _KERNEL_DTYPES and (1 << k) <= MAX_KERNEL_POW2 and x.numel() > 0
-
-
-@torch.library.custom_op("hf_roste::hadamard_transform", mutates_args=())
-def _hadamard_impl(x: Tensor, signs: Tensor | None, m: int, k: int, transpose: bool) -> Tensor:
-    if signs is None and kernel_supports(x, m, k) and use_triton(x.device):
-        return triton_hadamard_transform(x, m, k, transpose)
-    if signs is not None and kernel_supports(x, m, k) and use_triton(x.device):
-        s = signs.to(device=x.device, dtype=torch.float32)
-        if transpose:
-            return (triton_hadamard_transform(x, m, k, True).float() * s).to(x.dtype)
-        return triton_hadamard_transform((x.float() * s), m, k, False).to(x.dtype)
-    from hf_roste.rotation.hadamard import _apply
-
-    out = _apply(x, m, k, signs, transpose)
-    return out.clone() if out is x else out.contiguous()
-
-
-@_hadamard_impl.register_fake
-def _(x: Tensor, signs: Tensor | None, m: int, k: int, transpose: bool) -> Tensor:
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
-
-
-def _setup(ctx, inputs, output) -> None:  # noqa: ANN001 - torch.library autograd signature
-    _, signs, m, k, transpose = inputs
-    if signs is not None:
-        ctx.save_for_backward(signs)
-    ctx.has_signs = signs is not None
-    ctx.mkt = (m, k, transpose)
-
-
-def _backward(ctx, grad: Tensor):  # noqa: ANN001, ANN202 - torch.library autograd signature
-    m, k, transpose = ctx.mkt
-    signs = ctx.saved_tensors[0] if ctx.has_signs else None
-    return _hadamard_impl(grad.contiguous(), signs, m, k, not transpose), None, None, None, None
-
-
-_hadamard_impl.register_autograd(_backward, setup_context=_setup)
-
-
-def hadamard_transform_op(x: Tensor, m: int, k: int, signs: Tensor | None = None, transpose: bool = False) -> Tensor:
-    """``hf_roste::hadamard_transform``: the rotation of :func:`hf_roste.rotation.hadamard.hadamard_transform`
-    as one custom op (differentiable; backward = the transposed transform). ``signs`` is not differentiated."""
-    return _hadamard_impl(x, None if signs is None else signs.detach(), int(m), int(k), bool(transpose))

@@ -27,9 +27,9 @@ import operator
 import torch
 from torch import Tensor
 
-from hf_roste.numerics.kernels._triton import use_triton
-from hf_roste.numerics.kernels.hadamard import hadamard_transform_op
-from hf_roste.rotation import hadamard_factors as _hf
+from . import hadamard_factors as _hf
+from .kernels._triton import use_triton
+from .kernels.hadamard import kernel_supports, triton_hadamard_transform
 
 __all__ = [
     "base_hadamard_matrix",
@@ -76,17 +76,15 @@ def hadamard_factorization(n: int) -> tuple[int, int]:
     """Factor a rotation size as ``n = m * 2**k`` and return ``(m, k)``.
 
     * Powers of two: ``m = 1`` (pure Sylvester matrix).
-    * Otherwise, when compressed-tensors' factor file is available (the normal case): ``m`` is
-      the LARGEST order it ships (multiples of 4 up to 256) with ``n / m`` a power of two,
+    * Otherwise ``m`` is the LARGEST order compressed-tensors' factor file ships (multiples of 4 up to 256) with ``n / m`` a power of two,
       because that is the divisor compressed-tensors itself picks, and its order-224 (etc.)
       matrices are not Kronecker products of smaller ones; matching it keeps our matrices
       identical to what compressed-tensors / vLLM rebuild. E.g. 896 -> (224, 2),
       3584 -> (224, 4), 14336 -> (224, 6), 4864 -> (152, 5), 18944 -> (148, 7), 3072 -> (192, 4),
       12 -> (12, 0), 40 -> (40, 0).
-    * Paley fallback (compressed-tensors file unavailable): the SMALLEST Paley base order,
-      e.g. 896 -> (28, 5), 4864 -> (76, 6), 18944 -> (148, 7).
 
-    Raises ``ValueError`` naming ``n`` and the nearest supported sizes below and above.
+    Raises ``ValueError`` naming ``n`` and the nearest supported sizes below and above, and
+    ``RuntimeError`` (naming the file) when compressed-tensors' factor file cannot be read.
     """
     n = _as_int(n)
     if n < 1:
@@ -96,7 +94,7 @@ def hadamard_factorization(n: int) -> tuple[int, int]:
         below, above = _nearest_supported(n)
         raise ValueError(
             f"unsupported Hadamard size n={n}: sizes must be m * 2**k with base order m in "
-            f"{{{_hf.describe_base_orders()}}} (source: {_hf.hadamard_base_source()}); nearest "
+            f"{{{_hf.describe_base_orders()}}}; nearest "
             f"supported sizes: {below} (below) and {above} (above)"
         )
     return m, (n // m).bit_length() - 1
@@ -106,8 +104,7 @@ def base_hadamard_matrix(m: int) -> Tensor:
     """Unnormalised +-1 base matrix ``B_m`` of ``H_n = kron(B_m, S_{2**k})``: float64 ``[m, m]``.
 
     Equals ``hadamard_matrix(m) * sqrt(m)`` (up to rounding). Powers of two give Sylvester
-    matrices; other orders the transpose of compressed-tensors' stored matrix (or a Paley matrix
-    in the fallback). ``m`` must be one of the supported base orders, else ``ValueError``.
+    matrices; other orders the transpose of compressed-tensors' stored matrix. ``m`` must be one of the supported base orders, else ``ValueError``.
     Returns a fresh tensor (safe to modify).
     """
     m = _as_int(m, "m")
@@ -332,3 +329,46 @@ def hadamard_transform(x: Tensor, signs: Tensor | None = None, transpose: bool =
     if not (x.requires_grad and torch.is_grad_enabled()):  # no graph: skip the autograd.Function
         return _apply(x, m, k, signs, bool(transpose))
     return _HadamardTransformFn.apply(x, signs, m, k, bool(transpose))
+
+
+# ----------------------------------------------------------------------------- the custom op
+@torch.library.custom_op("hf_roste::hadamard_transform", mutates_args=())
+def _hadamard_impl(x: Tensor, signs: Tensor | None, m: int, k: int, transpose: bool) -> Tensor:
+    if kernel_supports(x, m, k) and use_triton(x.device):
+        base = None if m == 1 else _device_matrix("base" if transpose else "baseT", m, 1.0, x.device, torch.float32)
+        if signs is None:
+            return triton_hadamard_transform(x, m, k, base)
+        s = signs.to(device=x.device, dtype=torch.float32)
+        if transpose:
+            return (triton_hadamard_transform(x, m, k, base).float() * s).to(x.dtype)
+        return triton_hadamard_transform(x.float() * s, m, k, base).to(x.dtype)
+    out = _apply(x, m, k, signs, transpose)
+    return out.clone() if out is x else out.contiguous()
+
+
+@_hadamard_impl.register_fake
+def _(x: Tensor, signs: Tensor | None, m: int, k: int, transpose: bool) -> Tensor:
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _setup(ctx, inputs, output) -> None:  # noqa: ANN001 - torch.library autograd signature
+    _, signs, m, k, transpose = inputs
+    if signs is not None:
+        ctx.save_for_backward(signs)
+    ctx.has_signs = signs is not None
+    ctx.mkt = (m, k, transpose)
+
+
+def _backward(ctx, grad: Tensor):  # noqa: ANN001, ANN202 - torch.library autograd signature
+    m, k, transpose = ctx.mkt
+    signs = ctx.saved_tensors[0] if ctx.has_signs else None
+    return _hadamard_impl(grad.contiguous(), signs, m, k, not transpose), None, None, None, None
+
+
+_hadamard_impl.register_autograd(_backward, setup_context=_setup)
+
+
+def hadamard_transform_op(x: Tensor, m: int, k: int, signs: Tensor | None = None, transpose: bool = False) -> Tensor:
+    """``hf_roste::hadamard_transform``: the rotation of :func:`hf_roste.numerics.hadamard.hadamard_transform`
+    as one custom op (differentiable; backward = the transposed transform). ``signs`` is not differentiated."""
+    return _hadamard_impl(x, None if signs is None else signs.detach(), int(m), int(k), bool(transpose))

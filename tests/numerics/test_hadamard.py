@@ -1,4 +1,4 @@
-"""Tests for hf_roste.rotation.hadamard (Walsh-Hadamard rotations)."""
+"""Tests for hf_roste.numerics.hadamard (Walsh-Hadamard rotations)."""
 
 from __future__ import annotations
 
@@ -9,20 +9,18 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hf_roste.rotation import (
+from hf_roste.numerics import hadamard_factors as hf
+from hf_roste.numerics.hadamard import (
     base_hadamard_matrix,
     hadamard_factorization,
     hadamard_matrix,
     hadamard_transform,
     is_hadamard_size,
-    paley_hadamard_matrix,
     random_signs,
 )
-from hf_roste.rotation import hadamard_factors as hf
 
 MODEL_SIZES = [896, 3584, 1024, 2048, 4096, 4864, 18944, 14336, 3072, 8192, 16384, 64, 128, 256]
 SMALL_SIZES = [1, 2, 4, 12, 24, 40, 48, 96, 160, 192]
-PALEY_ORDERS = [12, 20, 28, 36, 44, 60, 76, 108, 140, 148]
 DENSE_LIMIT = 1024
 
 
@@ -41,17 +39,6 @@ def _check_orthonormal(n: int) -> None:
         y = hadamard_transform(x, s)
         torch.testing.assert_close(y.norm(dim=-1), x.norm(dim=-1), rtol=1e-12, atol=0)
         assert (hadamard_transform(y, s, transpose=True) - x).abs().max().item() < 1e-10
-
-
-@pytest.fixture
-def paley_source(monkeypatch: pytest.MonkeyPatch):
-    """Simulate compressed-tensors' factor file being unavailable."""
-    monkeypatch.setattr(hf, "_ct_factor_file", lambda: None)
-    hf.clear_caches()
-    assert hf.hadamard_base_source() == "paley"
-    yield
-    monkeypatch.undo()
-    hf.clear_caches()
 
 
 # ----------------------------------------------------------------------------- orthogonality
@@ -88,18 +75,25 @@ def test_factorization_choices() -> None:
     assert hadamard_factorization(12) == (12, 0)
 
 
-def test_factorization_paley_fallback(paley_source: None) -> None:
-    assert hadamard_factorization(896) == (28, 5)
-    assert hadamard_factorization(4864) == (76, 6)
-    assert hadamard_factorization(18944) == (148, 7)
-    assert hadamard_factorization(14336) == (28, 9)
-    assert hadamard_factorization(3072) == (12, 8)
-    for n in MODEL_SIZES + SMALL_SIZES:
-        _check_orthonormal(n)
-        if n <= 1024:
-            x = torch.randn(2, n)
-            ref = x.double() @ hadamard_matrix(n)
-            torch.testing.assert_close(hadamard_transform(x).double(), ref, rtol=1e-5, atol=1e-5)
+def test_unreadable_ct_factor_file_fails_loudly(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    """No silent switch to another construction: a non-power-of-two size names the missing file."""
+    from compressed_tensors.transform.utils import hadamard as ct_hadamard
+
+    monkeypatch.setattr(ct_hadamard, "REPO_PATH", tmp_path / "missing.safetensors", raising=False)
+    hf.clear_caches()
+    try:
+        with pytest.raises(RuntimeError, match="missing.safetensors.*compressed-tensors"):
+            hadamard_factorization(896)
+        assert hadamard_factorization(1024) == (1, 10)  # powers of two are Sylvester: no file needed
+        (tmp_path / "broken.safetensors").write_bytes(b"not a safetensors file")
+        monkeypatch.setattr(ct_hadamard, "REPO_PATH", tmp_path / "broken.safetensors")
+        hf.clear_caches()
+        with pytest.raises(RuntimeError, match="cannot be read"):
+            hadamard_matrix(12)
+    finally:
+        monkeypatch.undo()
+        hf.clear_caches()
+    assert hadamard_factorization(896) == (224, 2)
 
 
 # ----------------------------------------------------------------------------- transform vs dense
@@ -175,30 +169,6 @@ def test_base_matrix_is_transposed_ct_factor() -> None:
     for m in (12, 28, 76, 148, 224):
         assert torch.equal(base_hadamard_matrix(m), hf._ct_matrix(m).T)
         assert torch.equal(torch.round(hadamard_matrix(m) * math.sqrt(m)), base_hadamard_matrix(m))
-
-
-# ----------------------------------------------------------------------------- Paley
-
-
-@pytest.mark.parametrize("m", PALEY_ORDERS + [4, 8, 24, 32, 68, 84, 124, 164, 252])
-def test_paley_is_hadamard(m: int) -> None:
-    h = paley_hadamard_matrix(m)
-    assert h.shape == (m, m) and h.dtype == torch.float64
-    assert bool((h.abs() == 1).all())
-    assert torch.equal(h @ h.T, m * _eye(m))
-
-
-def test_paley_and_ct_sources_both_valid() -> None:
-    for m in PALEY_ORDERS:
-        ct = hf._ct_matrix(m)
-        pa = paley_hadamard_matrix(m)
-        assert torch.equal(ct @ ct.T, m * _eye(m))
-        assert torch.equal(pa @ pa.T, m * _eye(m))
-
-
-def test_paley_rejects_bad_order() -> None:
-    with pytest.raises(ValueError, match="m=52"):
-        paley_hadamard_matrix(52)  # 51 = 3 * 17, 25 not prime
 
 
 # ----------------------------------------------------------------------------- autograd / dtypes

@@ -1,85 +1,38 @@
-"""Turning a transformers causal LM into a RoSTE QAT model, and switching per-layer rotations.
+"""Turning a transformers causal LM into a RoSTE QAT model (like transformers' `integrations/<method>.py`).
 
-`RoSTEState` (attached as `model.roste`) records what is fused into the weights right now, so
-switching a rotation on or off (the search, re-searching mid-training) always keeps the
-full-precision function of the model unchanged.
+Load-time checks (`check_model_fits_config`), the module swap (`swap_linears`, packed skeletons),
+`prepare_model` for a full-precision or master checkpoint and `finish_packed_model` for a packed
+one. The state they attach (`model.roste`) is defined in :mod:`hf_roste.state`; switching per-layer
+rotations afterwards is :func:`hf_roste.rotation.fusion.set_rotation_config`.
 """
 
 from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass, field
 
-import torch
 from torch import nn
 from transformers.utils import logging
 
-from ..arch import ArchAdapter, get_adapter
-from ..config import PER_LAYER_ROTATIONS, RoSTEConfig, validate_rotation_config
-from ..modules.attention import AttentionQuantState, install_attention
-from ..modules.kv_cache_wiring import install_generation_cache, install_kv_cache_hooks
-from ..modules.packed_linear import PackedLinear
-from ..modules.qat_linear import QATLinear
-from ..modules.shared_input import SharedInputQuant
-from .fusion import (
+from .arch import ArchAdapter, get_adapter
+from .config import PER_LAYER_ROTATIONS, SEARCH_ALGORITHMS, RoSTEConfig, validate_rotation_config
+from .modules.attention import AttentionQuantState, install_attention
+from .modules.kv_cache_wiring import install_generation_cache, install_kv_cache_hooks
+from .modules.packed_linear import PackedLinear
+from .modules.qat_linear import QATLinear
+from .modules.shared_input import SharedInputQuant
+from .numerics.hadamard import hadamard_factorization, hadamard_transform
+from .rotation.fusion import (
     apply_r1,
     fold_norms,
     prepare_skeleton,
     r1_signs,
-    r2_signs,
-    set_r2,
-    set_r4,
+    set_rotation_config,
     untie_embeddings,
 )
-from .hadamard import hadamard_factorization, hadamard_transform
+from .state import RoSTEState
 
 logger = logging.get_logger(__name__)
-
-
-@dataclass
-class RoSTEState:
-    """What hf_roste knows about a prepared model (attribute `model.roste`; not saved as tensors).
-
-    Attributes:
-        adapter: the family adapter.
-        config: the model's `RoSTEConfig` (the same object as `model.config.quantization_config`).
-        applied: the explicit rotation configuration fused into the weights right now.
-        searched: True once a search (or a saved/explicit configuration) decided the flags.
-    """
-
-    adapter: ArchAdapter
-    config: RoSTEConfig
-    applied: dict
-    searched: bool = False
-    attention_states: list[AttentionQuantState] = field(default_factory=list)
-    packed: bool = False
-    save_format: str = "packed"
-
-
-def unwrap_peft(model: nn.Module) -> nn.Module:
-    """The transformers model inside a PEFT model (the model itself otherwise)."""
-    base = getattr(model, "get_base_model", None)
-    return base() if callable(base) else model
-
-
-def trained_lora_modules(model: nn.Module) -> list[str]:
-    """Names of LoRA `B` matrices that are not all zero (a trained, not freshly initialised, adapter)."""
-    return [name for name, p in model.named_parameters() if ".lora_B." in f".{name}" and bool(p.detach().any())]
-
-
-def get_state(model: nn.Module) -> RoSTEState:
-    """The RoSTE state of a prepared model; a clear error for a model that was not prepared."""
-    base = getattr(model, "get_base_model", None)
-    candidates = [model] + ([base()] if callable(base) else [])
-    for m in candidates:
-        state = getattr(m, "roste", None)
-        if isinstance(state, RoSTEState):
-            return state
-    raise ValueError(
-        f"{type(model).__name__} was not prepared for RoSTE. Load it with "
-        "`AutoModelForCausalLM.from_pretrained(path, quantization_config=RoSTEConfig(...))` first."
-    )
 
 
 def check_rotation_sizes(model: nn.Module, adapter: ArchAdapter, config: RoSTEConfig) -> None:
@@ -260,7 +213,7 @@ def finish_packed_model(model: nn.Module, config: RoSTEConfig) -> RoSTEState:
         attn_modules.append(adapter.get(layer, adapter.attn))
         states.append(AttentionQuantState(r3=flags["R3"], kv_spec=config.kv_spec))
     install_attention(model, attn_modules, states)
-    install_kv_cache_hooks(attn_modules)  # RoSTEQuantizedCache: K/V rotated + quantized by the cache
+    install_kv_cache_hooks(attn_modules, adapter.attn_cache_kwarg)  # RoSTEQuantizedCache: K/V rotated + quantized by the cache
     install_generation_cache(model)  # generate() defaults to RoSTEQuantizedCache when kv_bits < 16
     state = RoSTEState(adapter=adapter, config=config, applied={"R1": target["R1"], "layers": copy.deepcopy(target["layers"])},
                        searched=target.get("strategy") != "default", attention_states=states, packed=True)
@@ -295,7 +248,7 @@ def prepare_model(model: nn.Module, config: RoSTEConfig, *, weights_are_rotated:
         attn_modules.append(adapter.get(layer, adapter.attn))
         states.append(AttentionQuantState(r3=False, kv_spec=config.kv_spec))
     install_attention(model, attn_modules, states)
-    install_kv_cache_hooks(attn_modules)  # RoSTEQuantizedCache: K/V rotated + quantized by the cache
+    install_kv_cache_hooks(attn_modules, adapter.attn_cache_kwarg)  # RoSTEQuantizedCache: K/V rotated + quantized by the cache
     install_generation_cache(model)  # generate() defaults to RoSTEQuantizedCache when kv_bits < 16
     all_off = {"R1": target["R1"], "layers": [dict.fromkeys(PER_LAYER_ROTATIONS, False) for _ in range(num_layers)]}
     state = RoSTEState(adapter=adapter, config=config, applied=all_off, attention_states=states)
@@ -305,9 +258,9 @@ def prepare_model(model: nn.Module, config: RoSTEConfig, *, weights_are_rotated:
     else:
         set_rotation_config(model, target, record=False)
     state.searched = config.rotation_config is not None and config.rotation_config.get("strategy") != "default"
-    if config.rotation_search == "adaptive" and config.rotation_config is None:
+    if config.rotation_search in SEARCH_ALGORITHMS and config.rotation_config is None:
         logger.info(
-            "RoSTE: rotation_search='adaptive' and no rotation_config yet: R2/R3/R4 are off until "
+            f"RoSTE: rotation_search={config.rotation_search!r} and no rotation_config yet: R2/R3/R4 are off until "
             "search_rotation_config (or RoSTESFTTrainer) runs the search."
         )
     return state
@@ -322,90 +275,3 @@ def _mark_applied(model: nn.Module, state: RoSTEState, target: dict) -> None:
             down.input_hadamard = flags["R4"]
         state.attention_states[i].r3 = flags["R3"]
     state.applied = {"R1": target["R1"], "layers": copy.deepcopy(target["layers"])}
-
-
-@torch.no_grad()
-def set_rotation_config(model: nn.Module, rotation_config: dict, record: bool = True) -> dict:
-    """Switch per-layer R2/R3/R4 to `rotation_config`, keeping the full-precision function.
-
-    Only the differences with what is fused now are applied. With `record=True` the
-    configuration is also written to `model.config.quantization_config.rotation_config`.
-    Returns the applied configuration.
-    """
-    state = get_state(model)
-    model = unwrap_peft(model)
-    if not isinstance(rotation_config, dict):
-        raise TypeError(
-            f"set_rotation_config needs a dict {{'R1': bool, 'layers': [{{'R2': bool, 'R3': bool, 'R4': bool}}, ...]}}, "
-            f"got {type(rotation_config).__name__}."
-        )
-    if not isinstance(record, bool):
-        raise TypeError(f"set_rotation_config(record=...) must be True or False, got {record!r}.")
-    if state.packed:
-        raise ValueError(
-            "This model was loaded from a packed RoSTE checkpoint: its rotations are fused into integer codes and "
-            "cannot be switched. Load the master checkpoint (or the full-precision model) to change rotations."
-        )
-    adapter = state.adapter
-    num_layers = adapter.num_layers(model)
-    target = validate_rotation_config(rotation_config, num_layers)
-    if target["R1"] != state.applied["R1"]:
-        raise ValueError(
-            "rotation_config['R1'] cannot change after the model was prepared (R1 is fused into every weight); "
-            f"the model has R1={state.applied['R1']}."
-        )
-    state.config._check_rotation_config_against_rotations(target)
-    _, _, head_dim = adapter.head_layout(model)
-    for i, (now, want) in enumerate(zip(state.applied["layers"], target["layers"], strict=True)):
-        if now["R2"] != want["R2"]:
-            set_r2(model, adapter, i, r2_signs(head_dim, state.config.rotation_seed, i), on=want["R2"])
-        if now["R4"] != want["R4"]:
-            set_r4(model, adapter, i, on=want["R4"])
-        state.attention_states[i].r3 = want["R3"]
-    state.applied = {"R1": target["R1"], "layers": copy.deepcopy(target["layers"])}
-    if record:
-        state.config.rotation_config = target
-        state.searched = True
-    return state.applied
-
-
-def set_quantization_enabled(model: nn.Module, enabled: bool) -> None:
-    """Turn every RoSTE fake quantizer (weights, activations, K/V) on or off; rotations stay."""
-    if not isinstance(enabled, bool):
-        raise TypeError(f"set_quantization_enabled(model, enabled): enabled must be True or False, got {enabled!r}.")
-    if get_state(model).packed:
-        raise ValueError(
-            "A packed RoSTE model computes with integer codes; quantization cannot be turned off. "
-            "Use model.dequantize() for a full-precision copy."
-        )
-    for module in model.modules():
-        if isinstance(module, QATLinear):
-            module.quant_enabled = enabled
-    for st in get_state(model).attention_states:
-        st.quant_enabled = enabled
-
-
-class save_format:  # noqa: N801 (used as a context manager, like torch.no_grad)
-    """Choose what `save_pretrained` writes for a RoSTE model: `"packed"` (default) or `"master"`.
-
-    Example::
-
-        with hf_roste.save_format(model, "master"):
-            model.save_pretrained("ckpt")      # full-precision master weights, to resume training
-    """
-
-    def __init__(self, model: nn.Module, fmt: str) -> None:
-        if fmt not in ("packed", "master"):
-            raise ValueError(f"save_format must be 'packed' or 'master', got {fmt!r}.")
-        self.state = get_state(model)
-        if self.state.packed and fmt == "master":
-            raise ValueError("A model loaded from a packed checkpoint has no master weights to save.")
-        self.fmt = fmt
-        self.previous = self.state.save_format
-
-    def __enter__(self) -> save_format:
-        self.state.save_format = self.fmt
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.state.save_format = self.previous
