@@ -1,7 +1,9 @@
 """The training kernels (fused fake quantization, online Hadamard) equal the PyTorch reference.
 
-They run through Triton's interpreter on CPU (``TRITON_INTERPRET=1``, ``HF_ROSTE_TRITON=1``); the
-same kernels run compiled on CUDA. Sizes stay small: the interpreter executes every program in numpy.
+Without CUDA they run through Triton's interpreter on CPU tensors (``TRITON_INTERPRET=1``, chosen
+by conftest before triton is imported, and ``HF_ROSTE_TRITON=1``); with CUDA the same tests run the
+compiled kernels on CUDA tensors against the PyTorch reference on CUDA. Sizes stay small: the
+interpreter executes every program in numpy.
 """
 
 from __future__ import annotations
@@ -17,15 +19,30 @@ from hf_roste.numerics.hadamard import _apply, hadamard_factorization, hadamard_
 pytest.importorskip("triton", reason="triton is in the dev extra; the kernel tests need it")
 
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
 @pytest.fixture(autouse=True)
-def _interpreter(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+def _kernels_on(monkeypatch):
     monkeypatch.setenv("HF_ROSTE_TRITON", "1")
-    assert use_triton("cpu")
+    if DEVICE == "cpu":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert use_triton(DEVICE)
+    torch.set_default_device(DEVICE)
+    yield
+    torch.set_default_device("cpu")
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.int32) if t.dtype == torch.float32 else t.view(torch.int16)
+
+
+def _assert_same(got: torch.Tensor, want: torch.Tensor) -> None:
+    """Bit-identical, NaN payloads aside (not part of the rule: torch writes different NaNs on CPU and CUDA)."""
+    assert got.dtype == want.dtype and got.shape == want.shape
+    assert torch.equal(got.isnan(), want.isnan())
+    keep = ~want.isnan()
+    assert torch.equal(_bits(got)[keep], _bits(want)[keep])
 
 
 def _reference(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
@@ -35,22 +52,22 @@ def _reference(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
 
 def _edge_rows(cols: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Random rows over 12 decades, plus every special case of the numerics docstring."""
-    g = torch.Generator().manual_seed(cols)
-    x = torch.randn(14, cols, generator=g) * torch.logspace(-6, 6, 14)[:, None]
+    g = torch.Generator(device="cpu").manual_seed(cols)
+    x = torch.randn(14, cols, generator=g, device="cpu") * torch.logspace(-6, 6, 14, device="cpu")[:, None]
     x[0] = 2.5  # constant row
     x[1] = -0.75  # negative constant row
     x[2] = 0.0  # all-zero row
     x[3, cols // 2] = 1e30  # one huge value
-    x[4] = torch.arange(cols, dtype=torch.float32) * 0.5 - 3.0  # halves: ties at rounding boundaries
+    x[4] = torch.arange(cols, dtype=torch.float32, device="cpu") * 0.5 - 3.0  # halves: rounding ties
     x[5, 1] = float("nan")
     x[6, 0] = float("inf")
     x[7, -1] = float("-inf")
-    x[8] = torch.randn(cols, generator=g) * 1e-30  # subnormal-scale magnitudes
+    x[8] = torch.randn(cols, generator=g, device="cpu") * 1e-30  # subnormal-scale magnitudes
     x[9] = x[9].abs()  # range not containing 0 (zero point outside the grid)
     x[10] = -x[10].abs()
     x[11, :] = 0.0
     x[11, 0] = -1.0  # one nonzero value
-    return x.to(dtype)
+    return x.to(device=DEVICE, dtype=dtype)
 
 
 SPECS = [
@@ -68,7 +85,8 @@ def test_fake_quant_kernel_bit_identical_fp32(spec):
     x = _edge_rows(cols)
     got = fake_quantize(x, spec)
     want = _reference(x, spec)
-    assert torch.equal(_bits(got), _bits(want))
+    assert want.isnan().any()  # the non-finite rows are part of the comparison
+    _assert_same(got, want)
 
 
 def test_fake_quant_kernel_multi_block_rows():
@@ -76,7 +94,7 @@ def test_fake_quant_kernel_multi_block_rows():
     spec = QuantSpec(4, False, 1.0, "token")
     x = torch.randn(2, 4096 + 37)
     x[1, 4100] = 50.0
-    assert torch.equal(_bits(fake_quantize(x, spec)), _bits(_reference(x, spec)))
+    _assert_same(fake_quantize(x, spec), _reference(x, spec))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -87,11 +105,8 @@ def test_fake_quant_kernel_bit_identical_half_inputs(spec, dtype):
     x = x.clamp(-6e4, 6e4).to(dtype) if dtype == torch.float16 else x.to(dtype)
     got = fake_quantize(x, spec)
     want = _reference(x, spec)
-    assert got.dtype == dtype
-    # NaN payloads are not part of the rule (torch's own fp32 -> bf16 cast writes 0xFFFF on CPU, 0x7FFF on CUDA)
-    assert torch.equal(got.isnan(), want.isnan()) and want.isnan().any()
-    keep = ~want.isnan()
-    assert torch.equal(_bits(got)[keep], _bits(want)[keep])
+    assert got.dtype == dtype and want.isnan().any()
+    _assert_same(got, want)
 
 
 def test_fake_quant_kernel_nonfinite_rows_are_nan_and_isolated():
@@ -211,7 +226,7 @@ def test_qat_linear_under_autocast_quantizes_straight_into_bf16(monkeypatch):
         # no online R4 here: the butterfly Hadamard equals the PyTorch one only up to fp32 rounding
         lin = QATLinear(32, 8, weight_spec=QuantSpec(4, False, 1.0, "channel"), act_spec=QuantSpec(4, False)).train()
         x = torch.randn(3, 5, 32, requires_grad=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):
             q = lin.quantize_input(x)
             y = lin(x)
         y.float().square().sum().backward()
