@@ -76,7 +76,6 @@ class RoSTEHfQuantizer(HfQuantizer):
         else:
             prepare_model(model, self.quantization_config, weights_are_rotated=self.load_format == "master")
         from .export.hub import install_push_to_hub
-
         from .hub_kernels import install_kernelize_guard
 
         install_kernelize_guard(model)  # hub kernels (use_kernels) must not replace modules holding RoSTE code

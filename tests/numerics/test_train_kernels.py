@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from hf_roste.numerics import QuantSpec, fake_quantize
+from hf_roste.numerics.hadamard import _apply, hadamard_factorization, hadamard_transform, random_signs
 from hf_roste.numerics.kernels import use_triton
 from hf_roste.numerics.quantize import _fake_quant_fp32
-from hf_roste.numerics.hadamard import _apply, hadamard_factorization, hadamard_transform, random_signs
 
 pytest.importorskip("triton", reason="triton is in the dev extra; the kernel tests need it")
 

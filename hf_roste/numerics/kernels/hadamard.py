@@ -25,7 +25,6 @@ import math
 import torch
 from torch import Tensor
 
-
 __all__ = ["MAX_KERNEL_POW2", "kernel_supports", "triton_hadamard_transform"]
 
 MAX_KERNEL_POW2 = 2**13
