@@ -82,7 +82,9 @@ class RoSTEHfQuantizer(HfQuantizer):
         else:
             prepare_model(model, self.quantization_config, weights_are_rotated=self.load_format == "master")
         from .export.hub import install_push_to_hub
+        from .hub_kernels import install_kernelize_guard
 
+        install_kernelize_guard(model)  # hub kernels (use_kernels) must not replace modules holding RoSTE code
         install_push_to_hub(model)  # push_to_hub uploads the packed model with the RoSTE card (one commit)
         from .export.load_guard import write_load_guard
 
@@ -129,4 +131,6 @@ class RoSTEHfQuantizer(HfQuantizer):
 
     @property
     def is_compileable(self) -> bool:
+        """QAT models compile without graph breaks (tests/test_compile.py); packed models compile too, with graph
+        breaks in the packed linear's CPU kernels selection."""
         return True

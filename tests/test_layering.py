@@ -8,7 +8,7 @@ The layers, lowest first (a module's layer is the first entry whose prefix names
     state                               RoSTEState / get_state (what a prepared model knows)
     modules                             torch modules of a RoSTE model (numerics + state only)
     rotation                            fusing and switching rotations, the search
-    convert                             prepare / finish a model (like transformers' integrations/<method>.py)
+    convert, hub_kernels                prepare / finish a model (like transformers' integrations/<method>.py)
     export                              checkpoint format, dequantize, Hub push, compressed-tensors
     quantizer                           transformers' HfQuantizer hooks
     training, evaluation                RoSTESFTTrainer, LoRA, metrics
@@ -35,7 +35,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("state",),
     ("modules",),
     ("rotation",),
-    ("convert",),
+    ("convert", "hub_kernels"),
     ("export",),
     ("quantizer",),
     ("training", "evaluation", "eval_protocols"),

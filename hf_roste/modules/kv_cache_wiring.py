@@ -31,13 +31,15 @@ def _kv_cache_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
     cache = next((kwargs[k] for k in names if kwargs.get(k) is not None), None)
     if cache is None:
         cache = next((a for a in args if isinstance(a, Cache)), None)
-    state.kv_quantized_by_cache = isinstance(cache, RoSTEQuantizedCache)
+    flag = isinstance(cache, RoSTEQuantizedCache)
+    if state.kv_quantized_by_cache != flag:  # write only on change: no side effect in a traced (checkpointed) layer
+        state.kv_quantized_by_cache = flag
     return None
 
 
 def _kv_cache_post_hook(module: nn.Module, args: tuple, output) -> None:
     state = getattr(module, "roste_attention", None)
-    if state is not None:
+    if state is not None and state.kv_quantized_by_cache:
         state.kv_quantized_by_cache = False
         state.packed_kv = None
     return None

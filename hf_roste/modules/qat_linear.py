@@ -8,7 +8,8 @@ optimizers, FSDP and PEFT's LoRA treat it like any linear. Its forward computes
 where `Q_a` quantizes per token, `Q_w` per output channel (or group), both through
 `hf_roste.numerics.fake_quantize` (the same definitions the packed int kernels use), and the
 optional online Hadamard `R4` (down_proj input) is active when `input_hadamard` is True (its
-transpose is then already fused into `weight`).
+transpose is then already fused into `weight`). In training, `Q_w(W)` is computed once per optimizer
+step and reused by every micro-batch and checkpoint recomputation (`hf_roste.modules.weight_cache`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,22 @@ from torch import nn
 
 from ..numerics import FP4Spec, QuantSpec, fake_quantize
 from ..numerics.block_hadamard import r4_transform
+from ..numerics.kernels import use_triton
+from ..numerics.quantize import fake_quantize_op, fake_quantize_op_supports
 from .shared_input import SharedInputQuant
+from .weight_cache import QuantizedWeightCache
+
+
+def _autocast_input_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The autocast dtype a float32 ``x`` will be cast to by the matmul, where the fused kernel (or a compile
+    trace) produces it directly; None elsewhere (the eager CPU path keeps ``fake_quantize``)."""
+    device_type = x.device.type
+    if x.dtype != torch.float32 or device_type not in ("cuda", "cpu") or not torch.is_autocast_enabled(device_type):
+        return None
+    amp = torch.get_autocast_dtype(device_type)
+    if amp not in (torch.bfloat16, torch.float16):
+        return None
+    return amp if torch.compiler.is_compiling() or use_triton(x.device) else None
 
 
 class QATLinear(nn.Linear):
@@ -36,6 +52,8 @@ class QATLinear(nn.Linear):
     """
 
     input_hadamard_block: int | None = None
+    cache_quantized_weight: bool = True
+    """Reuse `Q_w(weight)` while the weight is unchanged in training (see `hf_roste.modules.weight_cache`)."""
 
     def __init__(
         self,
@@ -79,11 +97,20 @@ class QATLinear(nn.Linear):
         """`Q_w(weight)` (the weight the deployed model stores), with straight-through gradient."""
         if not (self.quant_enabled and self.weight_spec.enabled):
             return self.weight
+        if self.cache_quantized_weight and self.training and torch.is_grad_enabled() \
+                and self.weight.requires_grad and not torch.compiler.is_compiling():
+            cache = self.__dict__.get("_weight_cache")
+            if cache is None:
+                cache = self.__dict__["_weight_cache"] = QuantizedWeightCache()
+            spec = self.weight_spec
+            return cache.get(self.weight, lambda w: fake_quantize(w, spec))
         return fake_quantize(self.weight, self.weight_spec)
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         """Online R4 (if on) then `Q_a` per token: what the matmul of the deployed model sees."""
         shared = self.shared_input
+        if shared is not None and torch.compiler.is_compiling():
+            shared = None  # the memo keys on tensor identity and version, which a traced graph cannot guard on
         if shared is not None:
             key = (self.act_spec, self.input_hadamard, self.input_hadamard_block, self.quant_enabled, torch.is_grad_enabled())
             hit = shared.lookup(x, key)
@@ -93,7 +120,11 @@ class QATLinear(nn.Linear):
         if self.input_hadamard:
             x = r4_transform(x, self.input_hadamard_block)
         if self.quant_enabled and self.act_spec.enabled:
-            x = fake_quantize(x, self.act_spec)
+            amp = _autocast_input_dtype(x) if fake_quantize_op_supports(self.act_spec) else None
+            if amp is not None:  # quantize straight into the dtype autocast would cast the result to
+                x = fake_quantize_op(x, self.act_spec, out_dtype=amp)
+            else:
+                x = fake_quantize(x, self.act_spec)
         if shared is not None:
             shared.store(source, key, x)
         return x

@@ -28,6 +28,8 @@ import torch
 from torch import Tensor
 
 from . import hadamard_factors as _hf
+from .kernels._triton import use_triton
+from .kernels.hadamard import kernel_supports, triton_hadamard_transform
 
 __all__ = [
     "base_hadamard_matrix",
@@ -281,6 +283,12 @@ class _HadamardTransformFn(torch.autograd.Function):
         return grad_x, None, None, None, None
 
 
+@torch.compiler.assume_constant_result
+def _traced_factorization(n: int) -> tuple[int, int]:
+    """:func:`hadamard_factorization` evaluated once at trace time (it reads the factor file and caches)."""
+    return hadamard_factorization(n)
+
+
 def hadamard_transform(x: Tensor, signs: Tensor | None = None, transpose: bool = False) -> Tensor:
     """Apply the rotation along the LAST dim: ``x @ R`` (``transpose=True``: ``x @ R.T = x @ R^-1``).
 
@@ -299,7 +307,10 @@ def hadamard_transform(x: Tensor, signs: Tensor | None = None, transpose: bool =
     CPU / no-kernel path: pure torch, the ``2**k`` part as near-equal Sylvester Kronecker blocks
     (<= 128) applied as batched matmuls and the base part as an ``[m, m]`` matmul; no dense
     ``n x n`` product. On CUDA with ``fast_hadamard_transform`` installed, its kernel does the
-    power-of-two part only. Differentiable (backward = transposed transform).
+    power-of-two part only. Where :func:`~hf_roste.numerics.kernels.use_triton` holds (CUDA with
+    Triton by default) and under ``torch.compile``, the call goes through the custom op
+    ``hf_roste::hadamard_transform`` (:mod:`hf_roste.numerics.kernels.hadamard`: butterfly kernel for the
+    power-of-two part, ``[m, m]`` product for the base). Differentiable (backward = transposed transform).
     """
     if not isinstance(x, Tensor):
         raise ValueError(f"x must be a torch.Tensor, got {type(x).__name__}")
@@ -307,10 +318,57 @@ def hadamard_transform(x: Tensor, signs: Tensor | None = None, transpose: bool =
         raise ValueError("x must have at least one dimension (the rotated last dim)")
     if x.dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
         raise ValueError(f"x dtype {x.dtype} is not supported; accepted: float32, bfloat16, float16, float64")
-    m, k = hadamard_factorization(x.shape[-1])
-    _check_signs(signs, x.shape[-1])
+    n = int(x.shape[-1])
+    m, k = _traced_factorization(n) if torch.compiler.is_compiling() else hadamard_factorization(n)
+    _check_signs(signs, m * (1 << k))
     if signs is not None:
         signs = signs.detach()
+    if torch.compiler.is_compiling() or (x.dtype != torch.float64 and use_triton(x.device)):
+        # one custom op: no graph break on symbolic sizes under torch.compile, the kernel where Triton runs
+        return hadamard_transform_op(x, m, k, signs, bool(transpose))
     if not (x.requires_grad and torch.is_grad_enabled()):  # no graph: skip the autograd.Function
         return _apply(x, m, k, signs, bool(transpose))
     return _HadamardTransformFn.apply(x, signs, m, k, bool(transpose))
+
+
+# ----------------------------------------------------------------------------- the custom op
+@torch.library.custom_op("hf_roste::hadamard_transform", mutates_args=())
+def _hadamard_impl(x: Tensor, signs: Tensor | None, m: int, k: int, transpose: bool) -> Tensor:
+    if kernel_supports(x, m, k) and use_triton(x.device):
+        base = None if m == 1 else _device_matrix("base" if transpose else "baseT", m, 1.0, x.device, torch.float32)
+        if signs is None:
+            return triton_hadamard_transform(x, m, k, base)
+        s = signs.to(device=x.device, dtype=torch.float32)
+        if transpose:
+            return (triton_hadamard_transform(x, m, k, base).float() * s).to(x.dtype)
+        return triton_hadamard_transform(x.float() * s, m, k, base).to(x.dtype)
+    out = _apply(x, m, k, signs, transpose)
+    return out.clone() if out is x else out.contiguous()
+
+
+@_hadamard_impl.register_fake
+def _(x: Tensor, signs: Tensor | None, m: int, k: int, transpose: bool) -> Tensor:
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _setup(ctx, inputs, output) -> None:  # noqa: ANN001 - torch.library autograd signature
+    _, signs, m, k, transpose = inputs
+    if signs is not None:
+        ctx.save_for_backward(signs)
+    ctx.has_signs = signs is not None
+    ctx.mkt = (m, k, transpose)
+
+
+def _backward(ctx, grad: Tensor):  # noqa: ANN001, ANN202 - torch.library autograd signature
+    m, k, transpose = ctx.mkt
+    signs = ctx.saved_tensors[0] if ctx.has_signs else None
+    return _hadamard_impl(grad.contiguous(), signs, m, k, not transpose), None, None, None, None
+
+
+_hadamard_impl.register_autograd(_backward, setup_context=_setup)
+
+
+def hadamard_transform_op(x: Tensor, m: int, k: int, signs: Tensor | None = None, transpose: bool = False) -> Tensor:
+    """``hf_roste::hadamard_transform``: the rotation of :func:`hf_roste.numerics.hadamard.hadamard_transform`
+    as one custom op (differentiable; backward = the transposed transform). ``signs`` is not differentiated."""
+    return _hadamard_impl(x, None if signs is None else signs.detach(), int(m), int(k), bool(transpose))

@@ -38,6 +38,14 @@ not overflow.)  Consequences of the rule:
   :func:`quantization_error` returns zeros; :func:`compute_qparams`, :func:`quantize` and
   :func:`dequantize` raise ``ValueError`` because there are no integer codes.
 
+Reduced-precision inputs (bfloat16, float16): every value is first converted exactly to fp32;
+the minimum, maximum, scale, zero point, codes and ``(codes - z) * s`` are all computed in fp32
+from those values (``k``, ``c`` and ``2^-20`` as fp32 constants, IEEE round-to-nearest division,
+no fused multiply-add), and only the final ``x_hat`` is rounded once, to nearest even, to the input
+dtype.  The fused Triton kernel (:mod:`hf_roste.numerics.kernels.fake_quant`) follows this rule and
+equals this module bit for bit for float32, bfloat16 and float16 inputs (NaN outputs are NaN, their
+payload bits are unspecified: torch's own fp32 -> bfloat16 cast writes different NaNs on CPU and CUDA).
+
 Symmetric codes get ``+ 0`` added before the clamp so a ``-0.0`` from ``round`` becomes ``+0.0``:
 :func:`fake_quantize` is then bit-for-bit equal (in fp32) to
 ``dequantize(*quantize(x, spec), spec)``, signed zeros included.  Both go through the same private
@@ -52,9 +60,11 @@ from torch import Tensor
 from . import fp4 as _fp4
 from .fp4 import FP4Spec
 from .fp8 import Fp8Spec, fp8_fake_quantize_fp32
+from .kernels._triton import use_triton
+from .kernels.fake_quant import kernel_supports, triton_fake_quantize
 from .spec import QuantSpec
 
-__all__ = ["compute_qparams", "quantize", "dequantize", "fake_quantize", "quantization_error"]
+__all__ = ["compute_qparams", "quantize", "dequantize", "fake_quantize", "fake_quantize_op", "quantization_error"]
 
 _REL_FLOOR = 2.0**-20
 _FLT_MIN = torch.finfo(torch.float32).tiny
@@ -382,6 +392,10 @@ def fake_quantize(x: Tensor, spec: QuantSpec) -> Tensor:
         return x
     if isinstance(spec, FP4Spec):
         return _fp4.fake_quantize_fp4(x, spec)
+    if fake_quantize_op_supports(spec) and (
+            torch.compiler.is_compiling() or (x.dtype in _NATIVE_DTYPES and use_triton(x.device))):
+        # one custom op: no graph break under torch.compile, the fused kernel where Triton runs
+        return fake_quantize_op(x, spec)
     if x.requires_grad and torch.is_grad_enabled():
         return _FakeQuantSTE.apply(x, spec)
     out = _fake_quant_fp32(x, spec)
@@ -437,3 +451,60 @@ def quantization_error(
             return total
         n_rows = per_row.numel() if row_mask is None else int(row_mask.sum())
         return total / max(n_rows * x.shape[-1], 1)
+
+
+# --------------------------------------------------------------------------- the custom op
+def _spec_of(bits: int, symmetric: bool, clip_ratio: float, granularity: str, group_size: int) -> QuantSpec:
+    return QuantSpec(bits, symmetric, clip_ratio, granularity, group_size if granularity == "group" else None)
+
+
+@torch.library.custom_op("hf_roste::fake_quantize", mutates_args=())
+def _fake_quantize_impl(
+    x: Tensor, bits: int, symmetric: bool, clip_ratio: float, granularity: str, group_size: int,
+    out_dtype: torch.dtype,
+) -> Tensor:
+    spec = _spec_of(bits, symmetric, clip_ratio, granularity, group_size)
+    if kernel_supports(x, spec) and out_dtype in _NATIVE_DTYPES and use_triton(x.device):
+        return triton_fake_quantize(x, spec, out_dtype)
+    out = _fake_quant_fp32(x, spec)
+    out = out if out.dtype == out_dtype else out.to(out_dtype)
+    return out.contiguous()  # the layout the fake implementation promises (a no-op for contiguous x)
+
+
+@_fake_quantize_impl.register_fake
+def _(x: Tensor, bits: int, symmetric: bool, clip_ratio: float, granularity: str, group_size: int,
+      out_dtype: torch.dtype) -> Tensor:
+    return torch.empty_like(x, dtype=out_dtype, memory_format=torch.contiguous_format)
+
+
+def _ste_setup(ctx, inputs, output) -> None:  # noqa: ANN001 - torch.library autograd signature
+    ctx.in_dtype = inputs[0].dtype
+
+
+def _ste_backward(ctx, grad: Tensor):  # noqa: ANN001, ANN202 - torch.library autograd signature
+    grad = grad if grad.dtype == ctx.in_dtype else grad.to(ctx.in_dtype)
+    return grad, None, None, None, None, None, None
+
+
+_fake_quantize_impl.register_autograd(_ste_backward, setup_context=_ste_setup)
+
+
+def fake_quantize_op_supports(spec: object) -> bool:
+    """Whether :func:`fake_quantize_op` expresses ``spec``: an integer :class:`QuantSpec` with fp32 scales.
+
+    FP4 block formats, fp8 K/V and fp16-rounded scales keep the PyTorch path of :func:`fake_quantize`.
+    """
+    return type(spec) is QuantSpec and spec.scale_dtype == "float32"
+
+
+def fake_quantize_op(x: Tensor, spec: QuantSpec, out_dtype: torch.dtype | None = None) -> Tensor:
+    """``hf_roste::fake_quantize``: quantize-dequantize with a straight-through backward, as one custom op.
+
+    Same value and gradient as :func:`hf_roste.numerics.fake_quantize` (``spec`` must be enabled);
+    used where a graph must not break (``torch.compile``) and where the fused kernel runs. With
+    ``out_dtype`` the result is rounded once to that dtype (the value of
+    ``fake_quantize(x, spec).to(out_dtype)``, the gradient cast back to ``x.dtype``): under bf16
+    autocast a float32 activation is quantized straight into the bf16 the matmul reads.
+    """
+    return _fake_quantize_impl(x, spec.bits, spec.symmetric, float(spec.clip_ratio), spec.granularity,
+                               spec.group_size or 0, out_dtype or x.dtype)

@@ -49,7 +49,7 @@ def _rot(x: torch.Tensor, signs: torch.Tensor | None, transpose: bool = False) -
 
 @torch.no_grad()
 def _assign(param: torch.Tensor, value: torch.Tensor) -> None:
-    param.data.copy_(value.to(dtype=param.dtype, device=param.device))
+    param.copy_(value.to(dtype=param.dtype, device=param.device))  # not .data: bumps the version counter
 
 
 @torch.no_grad()
@@ -207,10 +207,10 @@ def set_r2(model: nn.Module, adapter: ArchAdapter, layer_idx: int, signs: torch.
     w_v = v.weight.data[rows].to(torch.float64).view(-1, head_dim, v.in_features)
     # R^T W_v per head == (W_v^T R)^T along head_dim
     new = _rot(w_v.transpose(1, 2), signs, transpose=not on).transpose(1, 2).reshape(-1, v.in_features)
-    v.weight.data[rows] = new.to(v.weight.dtype)
+    v.weight[rows] = new.to(v.weight.dtype)
     if v.bias is not None:
         b = v.bias.data[rows].to(torch.float64).view(-1, head_dim)
-        v.bias.data[rows] = _rot(b, signs, transpose=not on).reshape(-1).to(v.bias.dtype)
+        v.bias[rows] = _rot(b, signs, transpose=not on).reshape(-1).to(v.bias.dtype)
     o = adapter.get(layer, adapter.o_proj)
     w_o = o.weight.data.to(torch.float64).view(o.out_features, -1, head_dim)
     _assign(o.weight, _rot(w_o, signs, transpose=not on).reshape(o.out_features, -1))

@@ -163,7 +163,7 @@ class _WeightSnapshot:
     @torch.no_grad()
     def restore(self) -> None:
         for p, saved in self.params:
-            p.data.copy_(saved.to(p.device))
+            p.copy_(saved.to(p.device))  # not .data: bumps the version counter (quantized-weight caches)
         for d, flag in self.downs:
             if flag is not None:
                 d.input_hadamard = flag

@@ -192,7 +192,13 @@ class RoSTESFTTrainer(SFTTrainer):
         )
         self.roste_state: RoSTEState = get_state(self.model)
         _check_trainable(self.roste_state)
-        if args.log_quantization_error:
+        if args.log_quantization_error and args.torch_compile:
+            logger.warning(
+                "log_quantization_error: the per-layer quantization errors are measured by forward hooks that synchronise "
+                "with the host, which a compiled graph does not run; with torch_compile=True they are not logged. "
+                "Set log_quantization_error=False to silence this, or train without torch_compile to see them."
+            )
+        elif args.log_quantization_error:
             self._monitor = QuantErrorMonitor(self.model)
         self.add_callback(_RoSTECallback(self))
         if args.rotation_search == "all":  # every allowed per-layer rotation on, no search
