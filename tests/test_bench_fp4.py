@@ -26,7 +26,6 @@ def test_fp4_scheme_configs():
 @pytest.mark.slow
 def test_quality_quick_path_runs_fp4_rows(tmp_path):
     from bench.quality import aggregate, run_seed
-
     from hf_roste.demo.run import shipped_base_path
 
     settings = dict(seeds=1, steps=1, batch_size=4, learning_rate=1e-3, train_examples=8, eval_prompts=4,

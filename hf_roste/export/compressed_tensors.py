@@ -383,6 +383,28 @@ def _compress_linear(name: str, t: dict[str, torch.Tensor], config: RoSTEConfig,
     return comp
 
 
+def write_plain_config(model: nn.Module, out_dir: str | os.PathLike, dtype: torch.dtype) -> None:
+    """`config.json` (no RoSTE quantization_config, untied embeddings, no attention override) and the
+    generation config of an exported model; the caller adds the compressed-tensors section."""
+    cfg = copy.deepcopy(model.config)
+    if hasattr(cfg, "quantization_config"):
+        del cfg.quantization_config
+    cfg.tie_word_embeddings = False  # R1 is fused into the embeddings and lm_head separately
+    if hasattr(cfg, "get_text_config") and cfg.get_text_config() is not cfg:
+        cfg.get_text_config().tie_word_embeddings = False
+    cfg.dtype = dtype
+    cfg.save_pretrained(out_dir)
+    config_path = os.path.join(out_dir, "config.json")
+    with open(config_path, encoding="utf-8") as f:
+        raw = json.load(f)
+    raw.pop("_attn_implementation", None)
+    raw.pop("attn_implementation", None)
+    with open(config_path, "w", encoding="utf-8") as f:
+        json.dump(raw, f, indent=2, sort_keys=True)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(out_dir)
+
+
 def export_compressed_tensors(model_or_dir, out_dir: str | os.PathLike, *, strict: bool = True,
                               tokenizer: Any = None, max_shard_size: str = "5GB") -> dict[str, Any]:
     """Write a compressed-tensors `pack-quantized` checkpoint of a RoSTE model to `out_dir`.
@@ -487,23 +509,7 @@ def export_compressed_tensors(model_or_dir, out_dir: str | os.PathLike, *, stric
     file_tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in file_tensors.items()}
 
     os.makedirs(out_dir, exist_ok=True)
-    cfg = copy.deepcopy(model.config)
-    if hasattr(cfg, "quantization_config"):
-        del cfg.quantization_config
-    cfg.tie_word_embeddings = False  # R1 is fused into the embeddings and lm_head separately
-    if hasattr(cfg, "get_text_config") and cfg.get_text_config() is not cfg:
-        cfg.get_text_config().tie_word_embeddings = False
-    cfg.dtype = dtype
-    cfg.save_pretrained(out_dir)
-    config_path = os.path.join(out_dir, "config.json")
-    with open(config_path, encoding="utf-8") as f:
-        raw = json.load(f)
-    raw.pop("_attn_implementation", None)
-    raw.pop("attn_implementation", None)
-    with open(config_path, "w", encoding="utf-8") as f:
-        json.dump(raw, f, indent=2, sort_keys=True)
-    if getattr(model, "generation_config", None) is not None:
-        model.generation_config.save_pretrained(out_dir)
+    write_plain_config(model, out_dir, dtype)
     qconfig = build_quantization_config(config, ignore)
     if config.target is not None and config.target.startswith("vllm-"):
         from .vllm import vllm_problems

@@ -41,7 +41,6 @@ weights only with `activations=False`, i.e. the NVFP4A16 / MXFP4A16 scheme).
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 from typing import Any
@@ -64,6 +63,7 @@ from .compressed_tensors import (
     _hadamard_weight,
     _load,
     build_transform_config,
+    write_plain_config,
 )
 
 logger = logging.get_logger(__name__)
@@ -280,21 +280,7 @@ def export_compressed_tensors_fp4(model_or_dir, out_dir: str | os.PathLike, *, c
     file_tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in file_tensors.items()}
 
     os.makedirs(out_dir, exist_ok=True)
-    cfg = copy.deepcopy(model.config)
-    if hasattr(cfg, "quantization_config"):
-        del cfg.quantization_config
-    cfg.tie_word_embeddings = False  # R1 is fused into the embeddings and lm_head separately
-    cfg.dtype = dtype
-    cfg.save_pretrained(out_dir)
-    config_path = os.path.join(out_dir, "config.json")
-    with open(config_path, encoding="utf-8") as f:
-        raw = json.load(f)
-    raw.pop("_attn_implementation", None)
-    raw.pop("attn_implementation", None)
-    with open(config_path, "w", encoding="utf-8") as f:
-        json.dump(raw, f, indent=2, sort_keys=True)
-    if getattr(model, "generation_config", None) is not None:
-        model.generation_config.save_pretrained(out_dir)
+    write_plain_config(model, out_dir, dtype)
     qconfig = build_quantization_config_fp4(config, ignore, activations)
     ModelCompressor(quantization_config=qconfig, transform_config=transform_config).update_config(out_dir)
     save_torch_state_dict(file_tensors, out_dir, max_shard_size=max_shard_size, metadata={"format": "pt"})

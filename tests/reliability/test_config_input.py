@@ -41,6 +41,8 @@ ROSTE_BAD = {
     "kv_format": (["fp8", "int4", 8, None], ["'int', 'fp8_e4m3'"]),
     "r4_block_size": ([0, 1, 96, "128", True, 2.0], ["power of two"]),
     "target": ([3, ["vllm-w4a16"], "tensorrt"], ["target name"]),
+    "weight_format": (["fp4", 4, None], ["'int', 'nvfp4', 'mxfp4'"]),
+    "activation_format": (["nvfp5", 4, ["int"]], ["'int', 'nvfp4', 'mxfp4'"]),
 }
 LIBRARY_BAD = {
     "format_version": ([0, -1, "1", 1.0, True], ["int"]),
@@ -96,6 +98,11 @@ SFT_BAD = [
     ("rotation_search_seed", "1", "int >= 0"),
     ("log_quantization_error", "no", "bool"),
     ("log_quantization_error", 1, "bool"),
+    ("rotation_calibration_source", "random", "'train_sample', 'first_prompts'"),
+    ("rotation_calibration_source", None, "'train_sample', 'first_prompts'"),
+    ("rotation_calibration_max_length", 0, "int >= 1"),
+    ("rotation_calibration_max_length", 12.5, "int >= 1"),
+    ("rotation_calibration_max_length", "512", "int >= 1"),
 ]
 
 

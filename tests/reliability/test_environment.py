@@ -43,13 +43,23 @@ def test_missing_matplotlib_names_the_extra(monkeypatch, tmp_path):
         plot_rotation_errors(cfg, tmp_path / "plot.png")
 
 
-def test_missing_matplotlib_demo_report_skips_the_plot_with_the_extra_named(monkeypatch, capsys):
-    import inspect
+def test_demo_figure_needs_no_plotting_package(monkeypatch):
+    """The demo's figure is an SVG drawn with the standard library: without matplotlib it still imports and
+    no module of hf_roste.demo imports matplotlib (the plot is part of every default install)."""
+    import ast
+    import importlib
+    from pathlib import Path
 
-    from hf_roste.demo import report
-
-    src = inspect.getsource(report)
-    assert "hf-roste[eval]" in src  # the demo prints the extra and goes on without the plot
+    _hide(monkeypatch, "matplotlib")
+    monkeypatch.delitem(sys.modules, "hf_roste.demo.figure", raising=False)
+    figure = importlib.import_module("hf_roste.demo.figure")
+    assert callable(figure.render_svg)
+    demo_dir = Path(figure.__file__).parent
+    for path in demo_dir.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            assert not any(n.split(".")[0] == "matplotlib" for n in names), path
 
 
 def test_missing_fast_hadamard_transform_falls_back_on_cpu(monkeypatch):
