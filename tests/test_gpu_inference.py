@@ -14,8 +14,8 @@ from transformers import AutoModelForCausalLM
 
 from hf_roste import RoSTEConfig, get_state
 from hf_roste.modules.kv_cache import RoSTEQuantizedCache, cache_bytes_per_token
-from hf_roste.numerics.kernels import kv_attention as kva
 from hf_roste.numerics import hadamard as hadamard_module
+from hf_roste.numerics.kernels import kv_attention as kva
 from hf_roste.numerics.kernels import packed_gemm as pg
 
 pytest.importorskip("triton")

@@ -405,6 +405,27 @@ def write_plain_config(model: nn.Module, out_dir: str | os.PathLike, dtype: torc
         model.generation_config.save_pretrained(out_dir)
 
 
+def write_export_files(out_dir, qconfig, transform_config, file_tensors: dict[str, torch.Tensor],
+                       max_shard_size, tokenizer, src_dir) -> None:
+    """The compressed-tensors section of `config.json`, the weight files and the tokenizer (the one given,
+    else the source folder's when it has one) of an exported model."""
+    from compressed_tensors.compressors import ModelCompressor
+    from huggingface_hub import save_torch_state_dict
+
+    ModelCompressor(quantization_config=qconfig, transform_config=transform_config).update_config(out_dir)
+    save_torch_state_dict(file_tensors, out_dir, max_shard_size=max_shard_size, metadata={"format": "pt"})
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
+    elif src_dir is not None:
+        try:
+            from transformers import AutoTokenizer
+
+            AutoTokenizer.from_pretrained(src_dir).save_pretrained(out_dir)
+        except (OSError, ValueError, TypeError) as exc:
+            logger.warning("No tokenizer copied to %s (none loadable from %s: %s); pass tokenizer=... to include one.",
+                           out_dir, src_dir, exc)
+
+
 def export_compressed_tensors(model_or_dir, out_dir: str | os.PathLike, *, strict: bool = True,
                               tokenizer: Any = None, max_shard_size: str = "5GB") -> dict[str, Any]:
     """Write a compressed-tensors `pack-quantized` checkpoint of a RoSTE model to `out_dir`.
@@ -423,9 +444,7 @@ def export_compressed_tensors(model_or_dir, out_dir: str | os.PathLike, *, stric
         ExportError: the model uses an option the format cannot express (the message names it).
         OutputIsSourceError: ``out_dir`` is the folder the model is read from (links resolved).
     """
-    from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.quantization import QuantizationScheme
-    from huggingface_hub import save_torch_state_dict
     from transformers.core_model_loading import revert_weight_conversion
 
     from ..state import get_state
@@ -518,19 +537,7 @@ def export_compressed_tensors(model_or_dir, out_dir: str | os.PathLike, *, stric
         if refused:
             raise ExportError(f"RoSTE target {config.target!r} exported something vLLM would not run:\n- "
                               + "\n- ".join(refused))
-    ModelCompressor(quantization_config=qconfig, transform_config=transform_config).update_config(out_dir)
-    save_torch_state_dict(file_tensors, out_dir, max_shard_size=max_shard_size, metadata={"format": "pt"})
-
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out_dir)
-    elif src_dir is not None:
-        try:
-            from transformers import AutoTokenizer
-
-            AutoTokenizer.from_pretrained(src_dir).save_pretrained(out_dir)
-        except (OSError, ValueError, TypeError) as exc:
-            logger.warning("No tokenizer copied to %s (none loadable from %s: %s); pass tokenizer=... to include one.",
-                           out_dir, src_dir, exc)
+    write_export_files(out_dir, qconfig, transform_config, file_tensors, max_shard_size, tokenizer, src_dir)
     summary = {
         "format": f"compressed-tensors {weight_format(config)}",
         "scheme": config.scheme_name,

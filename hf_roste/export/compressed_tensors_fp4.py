@@ -63,6 +63,7 @@ from .compressed_tensors import (
     _hadamard_weight,
     _load,
     build_transform_config,
+    write_export_files,
     write_plain_config,
 )
 
@@ -236,9 +237,7 @@ def export_compressed_tensors_fp4(model_or_dir, out_dir: str | os.PathLike, *, c
     Raises:
         ExportError: the model uses an option the format cannot express (the message names it).
     """
-    from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.quantization import QuantizationScheme
-    from huggingface_hub import save_torch_state_dict
     from transformers.core_model_loading import revert_weight_conversion
 
     from ..state import get_state
@@ -282,17 +281,7 @@ def export_compressed_tensors_fp4(model_or_dir, out_dir: str | os.PathLike, *, c
     os.makedirs(out_dir, exist_ok=True)
     write_plain_config(model, out_dir, dtype)
     qconfig = build_quantization_config_fp4(config, ignore, activations)
-    ModelCompressor(quantization_config=qconfig, transform_config=transform_config).update_config(out_dir)
-    save_torch_state_dict(file_tensors, out_dir, max_shard_size=max_shard_size, metadata={"format": "pt"})
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out_dir)
-    elif src_dir is not None:
-        try:
-            from transformers import AutoTokenizer
-
-            AutoTokenizer.from_pretrained(src_dir).save_pretrained(out_dir)
-        except (OSError, ValueError, TypeError) as exc:
-            logger.warning("No tokenizer copied to %s (%s); pass tokenizer=... to include one.", out_dir, exc)
+    write_export_files(out_dir, qconfig, transform_config, file_tensors, max_shard_size, tokenizer, src_dir)
     summary = {
         "format": f"compressed-tensors {FORMAT_NAMES[spec.format]}",
         "scheme": config.scheme_name,
