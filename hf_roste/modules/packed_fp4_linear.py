@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from ..numerics import QuantSpec, fake_quantize
 from ..numerics.fp4 import FP4Spec, dequantize_fp4, pack_fp4, quantize_fp4, unpack_fp4
+from .packed_linear import check_features
 from .shared_input import SharedInputQuant
 
 __all__ = ["PackedFP4Linear"]
@@ -59,9 +60,7 @@ class PackedFP4Linear(nn.Module):
         input_transform: Callable[[Tensor], Tensor] | None = None,
     ) -> None:
         super().__init__()
-        for name, v in (("in_features", in_features), ("out_features", out_features)):
-            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        check_features(in_features, out_features)
         if not isinstance(weight_spec, FP4Spec) or weight_spec.global_scale != "tensor":
             raise TypeError(f"weight_spec must be an FP4Spec with global_scale='tensor', got {weight_spec!r}")
         if not isinstance(act_spec, (QuantSpec, FP4Spec)):

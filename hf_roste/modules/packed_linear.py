@@ -53,6 +53,13 @@ __all__ = ["PackedLinear"]
 _WEIGHT_BITS = (2, 3, 4, 8)
 
 
+def check_features(in_features: object, out_features: object) -> None:
+    """`in_features` and `out_features` of a packed linear must be positive ints."""
+    for name, v in (("in_features", in_features), ("out_features", out_features)):
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+
+
 def _check_specs(weight_spec: object, act_spec: object) -> None:
     if not isinstance(weight_spec, QuantSpec):
         raise TypeError(f"weight_spec must be a QuantSpec, got {type(weight_spec).__name__}")
@@ -101,9 +108,7 @@ class PackedLinear(nn.Module):
         input_transform: Callable[[Tensor], Tensor] | None = None,
     ) -> None:
         super().__init__()
-        for name, v in (("in_features", in_features), ("out_features", out_features)):
-            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        check_features(in_features, out_features)
         _check_specs(weight_spec, act_spec)
         self.in_features = in_features
         self.out_features = out_features
