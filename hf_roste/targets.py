@@ -20,6 +20,12 @@ The numerics behind the targets (all shared by training, packing and export):
   (`hf_roste.numerics.Fp8Spec`, scale 1.0, compressed-tensors ``kv_cache_scheme`` strategy ``attn_head``);
 * ``vllm-w4a16-r4``: the online R4 is block-diagonal (`hf_roste.numerics.block_hadamard`), written
   as a ``hadamard`` transform with ``head_dim`` = the block size, vLLM's power-of-two kernel;
+* ``vllm-nvfp4``: weights and linear inputs NVFP4 (`hf_roste.numerics.fp4`, bit for bit compressed-tensors'
+  NVFP4 codes), exported as ``nvfp4-pack-quantized`` (`hf_roste.export.compressed_tensors_fp4`), which vLLM
+  runs as ``CompressedTensorsW4A4Fp4``. The activations' fp32 global scale is per token in training
+  and a static ``input_global_scale`` per layer calibrated at export; K/V fp8 e4m3 as ``vllm-w8a8``; the
+  online R4 is block-diagonal with block 16, a ``hadamard`` transform that vLLM fuses into its QuTLASS
+  NVFP4 kernel (block sizes 16-128);
 * ``llama.cpp-q4_0``: weights symmetric int4 in groups of 32 with scales rounded to fp16 during
   training (``weight_scale_dtype="float16"``), so GGUF ``Q4_0`` blocks hold the trained codes and
   scales exactly; no online rotation (llama.cpp has none), R1 and R2 fused.
@@ -34,6 +40,8 @@ __all__ = ["TARGETS", "ServingTarget", "config_for_target", "get_target", "targe
 
 #: vLLM's dynamic symmetric int8 per-token activation scale is amax / 127: RoSTE clip ratio 1.0.
 VLLM_INT8_DYNAMIC_CLIP = 1.0
+#: NVFP4 block size: the default block of the vllm-nvfp4 target's online R4 (QuTLASS accepts 16, 32, 64, 128)
+NVFP4_BLOCK = 16
 
 
 @dataclass(frozen=True)
@@ -129,6 +137,25 @@ TARGETS: dict[str, ServingTarget] = {
             hardware="NVIDIA Ampere (sm80+), Ada, Hopper, Blackwell (Marlin + vLLM's Hadamard kernel)",
             parallelism="single GPU: vLLM applies online transforms only with tensor parallel size 1",
             description="vllm-w4a16 plus an online R4 on the down_proj input, block-diagonal Hadamard (block 128).",
+        ),
+        ServingTarget(
+            name="vllm-nvfp4",
+            engine="vLLM (compressed-tensors nvfp4-pack-quantized: W4A4 FP4, CompressedTensorsW4A4Fp4; fp8 KV cache)",
+            export_format="compressed-tensors",
+            config=dict(weight_bits=4, activation_bits=4, weight_format="nvfp4", activation_format="nvfp4",
+                        kv_bits=8, kv_symmetric=True, kv_format="fp8_e4m3", rotations=("R1", "R2", "R4"),
+                        rotation_search="all", r4_block_size=NVFP4_BLOCK),
+            engine_limits=dict(weight_bits=(4,), activation_bits=(4,), weight_format=("nvfp4",),
+                               activation_format=("nvfp4",), kv_bits=(8, 16), kv_format=("fp8_e4m3", "int"),
+                               rotations=_FUSED_ONLY + (("R1", "R2", "R4"), ("R1", "R4"), ("R2", "R4"), ("R4",)),
+                               r4_block_size=(16, 32, 64, 128), weight_scale_dtype=("float32",)),
+            serve_command="vllm serve {model} --kv-cache-dtype fp8 --tensor-parallel-size 1",
+            hardware="NVIDIA Blackwell (sm100: CUTLASS / FlashInfer FP4 GEMM); with the block R4, vLLM's QuTLASS "
+                     "NVFP4 path (sm90+); elsewhere vLLM falls back to weight-only FP4 (CompressedTensorsW4A16Fp4)",
+            parallelism="single GPU with the online R4 (vLLM applies transforms only with tensor parallel size 1); "
+                        "tensor and pipeline parallel with rotations=('R1', 'R2')",
+            description="NVFP4 weights and activations (e2m1, blocks of 16, fp8 block scales, fp32 global scale), fp8 "
+                        "e4m3 KV per head; R1+R2 fused, R4 online as a block-diagonal Hadamard of 16 (the NVFP4 block).",
         ),
         ServingTarget(
             name="llama.cpp-q4_0",

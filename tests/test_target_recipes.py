@@ -109,6 +109,11 @@ def test_target_recipe_trains_two_steps_and_exports(path, tiny, tmp_path):
         assert cli_main(["export", str(out), str(tmp_path / "model.gguf"), "--format", "gguf"]) == 0
         assert (tmp_path / "model.gguf").stat().st_size > 0
     else:
-        assert cli_main(["export", str(out), str(tmp_path / "ct"), "--format", "compressed-tensors"]) == 0
+        calib = []  # NVFP4 activations: the export measures each layer's input_global_scale on data
+        if RoSTEConfig.for_target(target.name).activation_format == "nvfp4":
+            calib = ["--dataset", dataset, "--samples", "8", "--batch-size", "4", "--max-length", "32"]
+        assert cli_main(["export", str(out), str(tmp_path / "ct"), "--format", "compressed-tensors", *calib]) == 0
         qc = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
         assert qc["quant_method"] == "compressed-tensors"
+        if calib:
+            assert qc["format"] == "nvfp4-pack-quantized" and qc["transform_config"]["config_groups"]["R4"]

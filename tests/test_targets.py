@@ -132,6 +132,19 @@ def test_block_r4_model_keeps_the_function_and_packs_exactly(tmp_path):
     with torch.no_grad():
         got = packed(ids).logits
     assert torch.allclose(got, trained, atol=1e-4, rtol=1e-4)
+    # dequantize() folds the block-diagonal R4 back (not a full-size one): master weights give the fp function,
+    # packed weights the packed model's weight function with a plain down_proj
+    deq = AutoModelForCausalLM.from_pretrained(base, quantization_config=cfg, attn_implementation="eager").eval()
+    deq.dequantize()
+    with torch.no_grad():
+        assert torch.allclose(deq(ids).logits, ref, atol=1e-4)
+    layer = packed.model.layers[0].mlp.down_proj
+    x = torch.randn(3, layer.in_features)
+    w = layer.dequantized_weight()
+    with torch.no_grad():
+        expected = r4_transform(x, 128) @ w.T
+        packed.dequantize()
+        assert torch.allclose(packed.model.layers[0].mlp.down_proj(x), expected, atol=1e-5)
 
 
 def test_fp8_kv_generation_matches_the_full_forward(tmp_path):

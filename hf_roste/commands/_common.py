@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from collections.abc import Callable
@@ -173,3 +174,50 @@ def load_dataset_arg(flag: str, name: str, config: str | None = None, split: str
     if not streaming and hasattr(data, "__len__") and len(data) == 0:
         raise CommandError(f"{flag} {name}: split {split!r} has no examples; pass a dataset that has some.")
     return data
+
+
+def add_calibration_args(p, *, required: bool, purpose: str) -> None:
+    """The calibration-data flags shared by `hf-roste search` and `hf-roste export` (`purpose` ends the help)."""
+    p.add_argument("--dataset", required=required, default=None,
+                   help=f"Calibration data: a Hub dataset id or a local .jsonl/.json/.parquet file or folder ({purpose}).")
+    p.add_argument("--dataset-config", default=None, help="Dataset configuration name (Hub datasets).")
+    p.add_argument("--split", default="train", help="Dataset split (default: train).")
+    p.add_argument("--samples", type=positive_int, default=128, help="Calibration examples (default: 128, the paper).")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="Calibration batch size (default: 8).")
+    p.add_argument("--max-length", type=positive_int, default=512,
+                   help="Truncate examples to this many tokens (default: 512).")
+    p.add_argument("--seed", type=int, default=0, help="Seed of the calibration draw (default: 0).")
+
+
+def positive_int(value: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {n}")
+    return n
+
+
+def calibration_batches(args, tokenizer) -> list[dict]:
+    """`--samples` examples of `--dataset` drawn with `--seed` (prompt + completion, rendered conversation,
+    text or pre-tokenized rows), tokenized and batched (`hf_roste.sample_calibration_batches`)."""
+    import torch
+
+    from ..data import dataset_format, example_text
+    from ..rotation.calibration import sample_calibration_batches
+
+    data = load_dataset_arg("--dataset", args.dataset, args.dataset_config, split=args.split)
+    try:
+        fmt = dataset_format(data.column_names)
+    except ValueError as exc:
+        raise CommandError(f"--dataset {args.dataset}: {exc}") from None
+    if fmt != "tokenized":
+        if len(data) <= args.samples:
+            data = [{"text": example_text(data[i], tokenizer)} for i in range(len(data))]
+        else:  # draw the indices first so only the sampled rows are rendered
+            order = torch.randperm(len(data), generator=torch.Generator().manual_seed(args.seed))[:args.samples]
+            data = [{"text": example_text(data[int(i)], tokenizer)} for i in order]
+    return sample_calibration_batches(data, n_samples=args.samples, seed=args.seed, batch_size=args.batch_size,
+                                      max_length=args.max_length, tokenizer=tokenizer, text_field="text")

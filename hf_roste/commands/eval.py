@@ -34,10 +34,10 @@ from ._common import (
     load_dataset_arg,
     load_model_arg,
     load_tokenizer,
+    positive_int,
     run_guarded,
     torch_dtype,
 )
-from .search import _positive
 
 logger = logging.get_logger("hf_roste.eval")
 
@@ -63,11 +63,11 @@ def register(subparsers) -> None:
                    "text for perplexity).")
     p.add_argument("--dataset-config", default=None, help="Dataset configuration name (Hub datasets).")
     p.add_argument("--split", default=None, help="Dataset split (default: test; a single local file is used whole).")
-    p.add_argument("--max-samples", type=_positive, default=None, help="Evaluate the first N examples only.")
-    p.add_argument("--batch-size", type=_positive, default=8, help="Batch size (default: 8).")
-    p.add_argument("--max-new-tokens", type=_positive, default=32,
+    p.add_argument("--max-samples", type=positive_int, default=None, help="Evaluate the first N examples only.")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="Batch size (default: 8).")
+    p.add_argument("--max-new-tokens", type=positive_int, default=32,
                    help="Generated tokens per example (default: 32, the authors' TL;DR setting).")
-    p.add_argument("--max-length", type=_positive, default=2048,
+    p.add_argument("--max-length", type=positive_int, default=2048,
                    help="Truncation length: prompt tokens for generation, whole sequence for perplexity (default 2048).")
     p.add_argument("--no-stemmer", action="store_true", help="ROUGE without the Porter stemmer.")
     p.add_argument("--tokenizer", default=None, help="Tokenizer path or Hub id (default: MODEL_DIR).")

@@ -24,10 +24,11 @@ from ..numerics import SUPPORTED_BITS
 from ._common import (
     DTYPES,
     CommandError,
+    add_calibration_args,
+    calibration_batches,
     check_output_dir,
     check_output_file,
     check_path_or_hub_id,
-    load_dataset_arg,
     load_model_arg,
     load_tokenizer,
     run_guarded,
@@ -37,16 +38,6 @@ logger = logging.get_logger("hf_roste.search")
 
 
 
-def _positive(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {n}")
-    return n
-
-
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "search", help="Run the RoSTE rotation search on calibration data; save the model or the rotation config.",
@@ -54,14 +45,7 @@ def register(subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("model", metavar="MODEL_DIR", help="Model folder or Hub id (full precision or a RoSTE checkpoint).")
-    p.add_argument("--dataset", required=True,
-                   help="Calibration data: a Hub dataset id or a local .jsonl/.json/.parquet file or folder.")
-    p.add_argument("--dataset-config", default=None, help="Dataset configuration name (Hub datasets).")
-    p.add_argument("--split", default="train", help="Dataset split (default: train).")
-    p.add_argument("--samples", type=_positive, default=128, help="Calibration examples (default: 128, the paper).")
-    p.add_argument("--batch-size", type=_positive, default=8, help="Calibration batch size (default: 8).")
-    p.add_argument("--max-length", type=_positive, default=512, help="Truncate examples to this many tokens (default: 512).")
-    p.add_argument("--seed", type=int, default=0, help="Seed of the calibration draw (default: 0).")
+    add_calibration_args(p, required=True, purpose="the rotation search")
     p.add_argument("--strategy", choices=SEARCH_ALGORITHMS, default="adaptive",
                    help="'adaptive' (the paper) or 'layerwise' (also checks the mixed configuration as a whole).")
     p.add_argument("--criterion", choices=SEARCH_CRITERIA, default="paper",
@@ -88,8 +72,6 @@ def _run(args: argparse.Namespace) -> int:
     import hf_roste
     from hf_roste import RoSTEConfig
 
-    from ..data import dataset_format, example_text
-
     if args.output is None and args.rotation_config is None:
         logger.warning("Neither --output nor --rotation-config given: the search result is only printed.")
     check_path_or_hub_id("search", "MODEL_DIR", args.model)
@@ -113,32 +95,14 @@ def _run(args: argparse.Namespace) -> int:
             "cannot be searched again. Search the full-precision model, or a master checkpoint (a checkpoint-* "
             "folder written during training)."
         )
-    data = load_dataset_arg("--dataset", args.dataset, args.dataset_config, split=args.split)
-    try:
-        fmt = dataset_format(data.column_names)
-    except ValueError as exc:
-        raise CommandError(f"--dataset {args.dataset}: {exc}") from None
     tokenizer = load_tokenizer(args.tokenizer or args.model)
     qc = None
     if not roste:
         qc = RoSTEConfig(weight_bits=args.weight_bits, activation_bits=args.activation_bits, kv_bits=args.kv_bits,
                          rotations=tuple(args.rotations), rotation_search="adaptive")
+    batches = calibration_batches(args, tokenizer)
     model = load_model_arg("MODEL_DIR", args.model, quantization_config=qc, dtype=args.dtype)
     model.eval()
-    if fmt != "tokenized":
-        texts = [{"text": example_text(data[i], tokenizer)} for i in range(len(data))] if len(data) <= args.samples \
-            else None
-        if texts is None:
-            # draw the indices first so only the sampled rows are rendered
-            import torch
-
-            order = torch.randperm(len(data), generator=torch.Generator().manual_seed(args.seed))[:args.samples]
-            texts = [{"text": example_text(data[int(i)], tokenizer)} for i in order]
-        data = texts
-    batches = hf_roste.sample_calibration_batches(
-        data, n_samples=args.samples, seed=args.seed, batch_size=args.batch_size, max_length=args.max_length,
-        tokenizer=tokenizer, text_field="text",
-    )
     result = hf_roste.search_rotation_config(model, batches, strategy=args.strategy, criterion=args.criterion)
     print(result.to_markdown())
     if args.rotation_config:

@@ -37,7 +37,7 @@ def collect_ratios(model, sequences: Sequence[torch.Tensor], rotated: bool) -> d
     With `rotated=True` a module with the online Hadamard (`input_hadamard`) has it applied first, as
     its quantizer would see the input. Each sequence is a `(1, T)` id tensor without padding.
     """
-    from ..numerics.hadamard import hadamard_transform
+    from ..numerics.block_hadamard import r4_transform
 
     store: dict[str, list[torch.Tensor]] = {}
     hooks = []
@@ -49,7 +49,7 @@ def collect_ratios(model, sequences: Sequence[torch.Tensor], rotated: bool) -> d
             def hook(module, args, key=key):
                 x = args[0]
                 if rotated and getattr(module, "input_hadamard", False):
-                    x = hadamard_transform(x)
+                    x = r4_transform(x, getattr(module, "input_hadamard_block", None))
                 store.setdefault(key, []).append(token_ratios(x))
 
             hooks.append(getattr(parent, name).register_forward_pre_hook(hook))

@@ -286,6 +286,17 @@ def _kv_args(config: RoSTEConfig):
     return _dynamic_args(config.kv_bits)
 
 
+def fp8_kv_scale_tensors(model: nn.Module, adapter, config: RoSTEConfig, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """`k_scale` / `v_scale` `[kv_heads, 1, 1]` of every attention layer: the trained static fp8 scale
+    (`Fp8Spec.scale`) for every KV head (compressed-tensors `attn_head` kv_cache_scheme)."""
+    _, n_kv, _ = adapter.head_layout(model)
+    out = {}
+    for layer_path in (f"{adapter.layers}.{i}.{adapter.attn}" for i in range(adapter.num_layers(model))):
+        for which in ("k", "v"):
+            out[f"{layer_path}.{which}_scale"] = torch.full((n_kv, 1, 1), config.kv_spec.scale, dtype=dtype)
+    return out
+
+
 def build_quantization_config(config: RoSTEConfig, ignore: list[str], targets: list[str] | None = None):
     """compressed-tensors `QuantizationConfig` of a RoSTE config (status compressed)."""
     from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme
@@ -520,10 +531,7 @@ def export_compressed_tensors(model_or_dir, out_dir: str | os.PathLike, *, stric
     for name in r4_modules:
         tensors[f"{name}.{TRANSFORM_NAME}_input.weight"] = h  # shared storage: one copy per layer is written
     if config.kv_bits < 16 and config.kv_format == "fp8_e4m3":
-        _, n_kv, _ = adapter.head_layout(model)
-        for layer_path in (f"{adapter.layers}.{i}.{adapter.attn}" for i in range(adapter.num_layers(model))):
-            for which in ("k", "v"):  # the trained static scale (Fp8Spec.scale) for every KV head
-                tensors[f"{layer_path}.{which}_scale"] = torch.full((n_kv, 1, 1), config.kv_spec.scale, dtype=dtype)
+        tensors.update(fp8_kv_scale_tensors(model, adapter, config, dtype))
     file_tensors = revert_weight_conversion(model, tensors)
     file_tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in file_tensors.items()}
 

@@ -53,7 +53,7 @@ from ..config import RoSTEConfig
 from ..modules.packed_fp4_linear import PackedFP4Linear
 from ..modules.qat_linear import QATLinear
 from ..numerics.fp4 import FP4Spec, dequantize_fp4, nvfp4_global_scale, unpack_fp4
-from ..numerics.hadamard import hadamard_transform
+from ..numerics.block_hadamard import r4_transform
 from .compressed_tensors import (
     SUMMARY_FILE,
     TRANSFORM_NAME,
@@ -61,8 +61,10 @@ from .compressed_tensors import (
     _dynamic_args,
     _dynamic_problems,
     _hadamard_weight,
+    _kv_args,
     _load,
     build_transform_config,
+    fp8_kv_scale_tensors,
     write_export_files,
     write_plain_config,
 )
@@ -91,10 +93,16 @@ def check_exportable_fp4(config: RoSTEConfig, model: nn.Module | None = None, *,
                         "export with activations=False.")
     if activations and config.activation_format == "nvfp4" and calibration is None:
         problems.append("NVFP4 activations need a static input_global_scale per layer: pass calibration=[input_ids "
-                        "batches] (a few batches of the fine-tuning data), or activations=False for NVFP4A16.")
-    problems += _dynamic_problems("kv", "asymmetric K/V cache (kv_symmetric=False): the kv_cache_scheme is served "
-                                  "symmetric", "dynamic K/V scales are computed", config.kv_bits, config.kv_symmetric,
-                                  config.kv_clip_ratio, True, "")
+                        "batches] (a few batches of the fine-tuning data; hf-roste export --calibration FILE), or "
+                        "activations=False (hf-roste export --weights-only) for NVFP4A16.")
+    if config.kv_format != "fp8_e4m3":
+        problems += _dynamic_problems("kv", "asymmetric K/V cache (kv_symmetric=False): the kv_cache_scheme is served "
+                                      "symmetric", "dynamic K/V scales are computed", config.kv_bits,
+                                      config.kv_symmetric, config.kv_clip_ratio, True, "")
+    if config.target is not None:
+        from ..targets import target_problems
+
+        problems += target_problems(config.target, config)
     rc = config.rotation_config
     if model is not None:
         from ..state import get_state
@@ -107,10 +115,11 @@ def check_exportable_fp4(config: RoSTEConfig, model: nn.Module | None = None, *,
                             "fuse R1, which the plain architecture cannot load; use model.dequantize() instead.")
         if any(f["R4"] for f in rc["layers"]):
             down = adapter.get(adapter.decoder_layers(model)[0], adapter.down_proj)
-            size = down.in_features
+            size = config.r4_block_size or down.in_features
             if getattr(down, "bias", None) is not None or size & (size - 1):
                 problems.append(f"online R4 of size {size}{' on a biased layer' if down.bias is not None else ''}: the "
-                                "FP4 export writes power-of-two, bias-free R4 only; train with "
+                                "FP4 export writes power-of-two, bias-free R4 only; train with a power-of-two "
+                                "RoSTEConfig(r4_block_size=...) (e.g. 16, the NVFP4 block) or "
                                 "RoSTEConfig(rotations=('R1', 'R2', 'R3')) (no R4).")
     layer_flags = rc["layers"] if rc is not None else [config.default_layer_flags()]
     if config.kv_bits < 16 and any(f["R3"] for f in layer_flags):
@@ -144,7 +153,7 @@ def build_quantization_config_fp4(config: RoSTEConfig, ignore: list[str], activa
     scheme = QuantizationScheme(targets=["Linear"], weights=_fp4_args(fmt, weights=True), input_activations=act,
                                 format=FORMAT_NAMES[fmt])
     return QuantizationConfig(config_groups={"group_0": scheme},
-                              kv_cache_scheme=_dynamic_args(config.kv_bits) if config.kv_bits < 16 else None,
+                              kv_cache_scheme=_kv_args(config) if config.kv_bits < 16 else None,
                               format=FORMAT_NAMES[fmt], quantization_status="compressed", ignore=ignore)
 
 
@@ -163,7 +172,7 @@ def calibrate_input_global_scales(model: nn.Module, calibration) -> dict[str, to
         def hook(mod, args):
             x = args[0]
             if isinstance(mod, QATLinear) and mod.input_hadamard:
-                x = hadamard_transform(x)
+                x = r4_transform(x, mod.input_hadamard_block)
             elif isinstance(mod, PackedFP4Linear) and mod.input_transform is not None:
                 x = mod.input_transform(x)
             m = x.detach().abs().amax().float()
@@ -173,9 +182,11 @@ def calibrate_input_global_scales(model: nn.Module, calibration) -> dict[str, to
     for name, module in model.named_modules():
         if isinstance(module, (QATLinear, PackedFP4Linear)):
             hooks.append(module.register_forward_pre_hook(make_hook(name, module)))
+    from ..progress import progress
+
     count = 0
     try:
-        for batch in calibration:
+        for batch in progress(calibration, "calibrate NVFP4 input scales", unit="batch"):
             kwargs = batch if isinstance(batch, dict) else {"input_ids": batch}
             model(**kwargs)
             count += 1
@@ -242,6 +253,9 @@ def export_compressed_tensors_fp4(model_or_dir, out_dir: str | os.PathLike, *, c
 
     from ..state import get_state
 
+    from .paths import check_output_is_not_source
+
+    check_output_is_not_source(model_or_dir, out_dir, "export_compressed_tensors_fp4")
     src_dir = None if isinstance(model_or_dir, nn.Module) else os.fspath(model_or_dir)
     model = _load(model_or_dir)
     state = get_state(model)
@@ -271,17 +285,35 @@ def export_compressed_tensors_fp4(model_or_dir, out_dir: str | os.PathLike, *, c
     transform_config = None
     if r4_modules:
         size = adapter.get(adapter.decoder_layers(model)[0], adapter.down_proj).in_features
-        kind, h, _ = _hadamard_weight(size, dtype)
-        transform_config = build_transform_config(r4_modules, kind)
+        block = config.r4_block_size
+        kind, h, _ = _hadamard_weight(block or size, dtype)
+        transform_config = build_transform_config(r4_modules, kind, head_dim=block)
         for name in r4_modules:
             tensors[f"{name}.{TRANSFORM_NAME}_input.weight"] = h
+    if config.kv_bits < 16 and config.kv_format == "fp8_e4m3":
+        tensors.update(fp8_kv_scale_tensors(model, adapter, config, dtype))
     file_tensors = revert_weight_conversion(model, tensors)
     file_tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in file_tensors.items()}
 
     os.makedirs(out_dir, exist_ok=True)
     write_plain_config(model, out_dir, dtype)
     qconfig = build_quantization_config_fp4(config, ignore, activations)
+    if config.target is not None and config.target.startswith("vllm-"):
+        from .vllm import vllm_problems
+
+        refused = vllm_problems(qconfig.model_dump(mode="json"))
+        if refused:
+            raise ExportError(f"RoSTE target {config.target!r} exported something vLLM would not run:\n- "
+                              + "\n- ".join(refused))
     write_export_files(out_dir, qconfig, transform_config, file_tensors, max_shard_size, tokenizer, src_dir)
+    notes = []
+    if input_scales:
+        notes.append("NVFP4 activations: input_global_scale (2688 / max |x|) calibrated per layer on the calibration "
+                     "batches; training used one global scale per token.")
+    schemes = _vllm_schemes(qconfig)
+    if activations and config.activation_bits < 16 and "CompressedTensorsW4A16Mxfp4" in schemes:
+        notes.append("vLLM serves MXFP4 compressed-tensors checkpoints weight-only (CompressedTensorsW4A16Mxfp4): the "
+                     "MXFP4 input activations written here are not quantized there.")
     summary = {
         "format": f"compressed-tensors {FORMAT_NAMES[spec.format]}",
         "scheme": config.scheme_name,
@@ -290,8 +322,27 @@ def export_compressed_tensors_fp4(model_or_dir, out_dir: str | os.PathLike, *, c
         "activations": (config.activation_format if activations and config.activation_bits < 16 else None),
         "calibrated_input_global_scales": len(input_scales),
         "r4_layers": len(r4_modules),
+        "r4_block_size": config.r4_block_size if r4_modules else None,
+        "kv_cache": config.kv_format if config.kv_bits < 16 else None,
+        "target": config.target,
+        "vllm_scheme": schemes,
+        "notes": notes,
     }
     with open(os.path.join(out_dir, SUMMARY_FILE), "w", encoding="utf-8") as f:
-        json.dump(summary, f, indent=2, sort_keys=True)
+        json.dump({**summary, "roste_config": config.to_dict()}, f, indent=2, sort_keys=True)
         f.write("\n")
+    from .export_card import render_export_card
+
+    card = render_export_card(out_dir, repo_id=os.path.basename(os.path.normpath(os.fspath(out_dir))))
+    with open(os.path.join(out_dir, "README.md"), "w", encoding="utf-8") as f:
+        f.write(card)
     return summary
+
+
+def _vllm_schemes(qconfig) -> list[str | None]:
+    """The vLLM linear scheme each config group lands in (None: refused), see `hf_roste.export.vllm`."""
+    from .vllm import linear_scheme
+
+    d = qconfig.model_dump(mode="json")
+    return [linear_scheme(g["weights"], g.get("input_activations"), g.get("format") or d.get("format"))
+            for g in d["config_groups"].values()]

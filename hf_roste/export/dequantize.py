@@ -1,7 +1,8 @@
 """`model.dequantize()`: an ordinary full-precision transformers model from a RoSTE model.
 
 What happens to each rotation (the result needs no hf_roste to load or run):
-- R4 (online Hadamard on the down_proj input) is folded back into down_proj: `W <- W R4^T`;
+- R4 (online Hadamard on the down_proj input, full-size or block-diagonal) is folded back into down_proj:
+  `W <- W R4^T`;
 - R3 (online Hadamard on Q and K) is dropped: it cancels in `Q K^T` when K is not quantized;
 - R2 stays fused in V and O (it has no online part);
 - R1 stays fused for RMSNorm families (RMSNorm commutes with rotations). For LayerNorm families
@@ -22,7 +23,7 @@ from torch import nn
 from ..modules.packed_fp4_linear import PackedFP4Linear
 from ..modules.packed_linear import PackedLinear
 from ..modules.qat_linear import QATLinear
-from ..rotation.fusion import _assign, _rot, r1_signs, rotate_input_side, rotate_output_side
+from ..rotation.fusion import _assign, _rot, r1_signs, rotate_input_side, rotate_output_side, rotate_r4_input_side
 from ..state import get_state
 
 
@@ -99,7 +100,7 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | str | None = None) -
             if isinstance(module, (QATLinear, PackedLinear, PackedFP4Linear)):
                 adapter.set(model, path, _plain_linear(module, dtype))
         if r4_on:
-            rotate_input_side(adapter.get(layer, adapter.down_proj), None, transpose=True)
+            rotate_r4_input_side(adapter.get(layer, adapter.down_proj), config.r4_block_size, transpose=True)
     for module in list(model.modules()):
         if hasattr(module, "roste_attention"):
             del module.roste_attention

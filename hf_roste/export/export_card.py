@@ -49,7 +49,7 @@ def export_config(path: str | os.PathLike) -> tuple[RoSTEConfig, dict[str, Any],
     return RoSTEConfig.from_dict(summary["roste_config"]), summary, "compressed-tensors"
 
 
-def _rows(config: RoSTEConfig, fmt: str) -> list[dict[str, str]]:
+def _rows(config: RoSTEConfig, fmt: str, summary: dict[str, Any]) -> list[dict[str, str]]:
     group = "per output channel" if config.weight_group_size is None else f"groups of {config.weight_group_size}"
     if fmt == "gguf":
         wfmt = "GGUF Q4_0" if config.weight_bits == 4 else "GGUF Q8_0"
@@ -61,13 +61,32 @@ def _rows(config: RoSTEConfig, fmt: str) -> list[dict[str, str]]:
             {"tensor": "K/V cache", "format": "f16 (llama.cpp default)", "granularity": "-", "note": ""},
             {"tensor": "embeddings, lm_head", "format": "F16", "granularity": "-", "note": "norms and biases F32"},
         ]
-    rows = [{"tensor": "linear weights", "format": f"int{config.weight_bits} symmetric", "granularity": group,
-             "note": "pack-quantized" if config.weight_bits == 4 or config.activation_bits == 16 else "int-quantized"}]
-    if config.activation_bits < 16:
-        rows.append({"tensor": "activations", "format": f"int{config.activation_bits} dynamic symmetric",
-                     "granularity": "per token", "note": f"clip ratio {config.activation_clip_ratio}"})
+    if config.weight_format != "int":  # FP4 export (hf_roste.export.compressed_tensors_fp4)
+        fp4 = {"nvfp4": ("NVFP4 (e2m1)", "blocks of 16, fp8 e4m3 block scales + fp32 global scale"),
+               "mxfp4": ("MXFP4 (e2m1)", "blocks of 32, e8m0 power-of-two scales")}
+        wfmt, wgran = fp4[config.weight_format]
+        rows = [{"tensor": "linear weights", "format": wfmt, "granularity": wgran,
+                 "note": f"{config.weight_format}-pack-quantized"}]
+        act = summary.get("activations")
+        if act in fp4:
+            note = ("static input_global_scale calibrated at export; block scales dynamic" if act == "nvfp4"
+                    else "dynamic block scales")
+            rows.append({"tensor": "activations", "format": fp4[act][0], "granularity": fp4[act][1], "note": note})
+        elif act == "int":
+            rows.append({"tensor": "activations", "format": f"int{config.activation_bits} dynamic symmetric",
+                         "granularity": "per token", "note": ""})
+        else:
+            rows.append({"tensor": "activations", "format": "bf16/fp16", "granularity": "-",
+                         "note": "weight-only export" if config.activation_bits < 16 else ""})
     else:
-        rows.append({"tensor": "activations", "format": "bf16/fp16", "granularity": "-", "note": ""})
+        rows = [{"tensor": "linear weights", "format": f"int{config.weight_bits} symmetric", "granularity": group,
+                 "note": "pack-quantized" if config.weight_bits == 4 or config.activation_bits == 16
+                 else "int-quantized"}]
+        if config.activation_bits < 16:
+            rows.append({"tensor": "activations", "format": f"int{config.activation_bits} dynamic symmetric",
+                         "granularity": "per token", "note": f"clip ratio {config.activation_clip_ratio}"})
+        else:
+            rows.append({"tensor": "activations", "format": "bf16/fp16", "granularity": "-", "note": ""})
     if config.kv_bits < 16:
         kv = "fp8 e4m3, static scale 1.0" if config.kv_format == "fp8_e4m3" else f"int{config.kv_bits} dynamic"
         rows.append({"tensor": "K/V cache", "format": kv, "granularity": "per KV head", "note": ""})
@@ -112,7 +131,7 @@ def render_export_card(path: str | os.PathLike, *, repo_id: str, base_model: str
     return env.get_template(EXPORT_TEMPLATE).render(
         metadata_yaml=yaml.safe_dump(meta, sort_keys=False).strip(), title=title or repo_id.split("/")[-1],
         base_model=base_model, target=config.target or "none", export_format=fmt, engine=engine, serve_command=serve,
-        hardware=hardware, parallelism=parallelism, quant_rows=_rows(config, fmt), rotations=rotations,
+        hardware=hardware, parallelism=parallelism, quant_rows=_rows(config, fmt, summary), rotations=rotations,
         notes=list(summary.get("notes") or []) or ["no notes"], version=__version__, format_flag=fmt,
     )
 

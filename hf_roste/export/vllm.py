@@ -8,8 +8,15 @@ the KV-cache validator in the version that accepts strategies `tensor` and `attn
 the project's exports can reach, in vLLM's order; they are re-stated independently in
 `tests/export/test_vllm_targets.py`.
 
-Linear schemes (int weights; fp/nvfp4 branches are never written by this exporter):
+Linear schemes, in vLLM's order. The FP4 branches were read from a later `compressed_tensors.py` (the
+version whose `_get_scheme_from_parts` calls `_is_nvfp4_format` and `_is_mxfp4`, and whose
+`is_activation_quantization_format` includes `nvfp4-pack-quantized`); at be696453 the NVFP4 branches
+are the same (`_is_fp4a16_nvfp4`, `_is_fp4a4_nvfp4`) and the MXFP4 one does not exist yet:
 
+0. FP4 weights (`type: float`, 4 bits, symmetric): NVFP4 (strategy `tensor_group`, group 16) with **no
+   input activations** -> `CompressedTensorsW4A16Fp4`; MXFP4 (strategy `group`, group 32) with or
+   without input activations -> `CompressedTensorsW4A16Mxfp4` (weight-only: MXFP4 input activations
+   are not quantized by vLLM);
 1. weights static, strategy channel or group, **no input activations**, format `pack-quantized`,
    4 or 8 bits -> `CompressedTensorsWNA16` (Marlin / Machete kernels; W4A16, W8A16);
 2. otherwise only an *activation-quantization format* (`int-quantized`, `float-quantized`,
@@ -18,6 +25,10 @@ Linear schemes (int weights; fp/nvfp4 branches are never written by this exporte
      `CompressedTensorsW8A8Int8` (dynamic token; CUTLASS int8 GEMM, dynamic scale amax/127);
    * 4-bit symmetric weights per channel/group, 8-bit dynamic per-token activations ->
      `CompressedTensorsW4A8Int`;
+   * NVFP4 weights and NVFP4 input activations (both `tensor_group`, group 16, float 4-bit,
+     symmetric) under `nvfp4-pack-quantized` (an activation-quantization format there) ->
+     `CompressedTensorsW4A4Fp4` (CUTLASS FP4 GEMM, Blackwell; on other GPUs vLLM falls back to
+     `CompressedTensorsW4A16Fp4` with the input global scale, i.e. weight-only FP4);
 3. anything else raises `NotImplementedError("No compressed-tensors compatible scheme was found.")`.
 
 KV cache (`CompressedTensorsKVCacheMethod.validate_kv_cache_scheme`): `type: float`, `num_bits: 8`,
@@ -32,12 +43,28 @@ from __future__ import annotations
 
 from typing import Any
 
-ACTIVATION_FORMATS = ("int-quantized", "float-quantized", "naive-quantized")
+ACTIVATION_FORMATS = ("int-quantized", "float-quantized", "naive-quantized", "nvfp4-pack-quantized")
 VLLM_ENGINE = "vLLM (compressed-tensors)"
 
 
+def _is_nvfp4(args: dict[str, Any] | None) -> bool:
+    return (args is not None and args.get("type") == "float" and args.get("num_bits") == 4
+            and args.get("strategy") == "tensor_group" and args.get("group_size") == 16 and bool(args.get("symmetric")))
+
+
+def _is_mxfp4(args: dict[str, Any] | None) -> bool:
+    return (args is not None and args.get("type") == "float" and args.get("num_bits") == 4
+            and args.get("strategy") == "group" and args.get("group_size") == 32 and bool(args.get("symmetric")))
+
+
 def linear_scheme(weights: dict[str, Any], input_activations: dict[str, Any] | None, fmt: str) -> str | None:
-    """vLLM's linear scheme class for an int `config_groups` entry (dicts as in config.json), None if refused."""
+    """vLLM's linear scheme class for a `config_groups` entry (dicts as in config.json), None if refused."""
+    if _is_nvfp4(weights) and input_activations is None:
+        return "CompressedTensorsW4A16Fp4"
+    if _is_mxfp4(weights):
+        return "CompressedTensorsW4A16Mxfp4"
+    if fmt in ACTIVATION_FORMATS and _is_nvfp4(weights) and _is_nvfp4(input_activations):
+        return "CompressedTensorsW4A4Fp4"
     if weights.get("type", "int") != "int" or weights.get("dynamic"):
         return None
     strategy = weights.get("strategy")
@@ -82,7 +109,7 @@ def vllm_problems(quantization_config: dict[str, Any]) -> list[str]:
                 f"{group['weights'].get('strategy')}, input_activations "
                 f"{(group.get('input_activations') or {}).get('num_bits', 'none')}, format {group.get('format') or fmt}): "
                 f"{VLLM_ENGINE} has no linear scheme for it (it raises 'No compressed-tensors compatible scheme'); "
-                "use RoSTEConfig.for_target('vllm-w4a16') or ('vllm-w8a8')."
+                "use RoSTEConfig.for_target('vllm-w4a16'), ('vllm-w8a8') or ('vllm-nvfp4')."
             )
     if not kv_cache_accepted(quantization_config.get("kv_cache_scheme")):
         kv = quantization_config["kv_cache_scheme"]

@@ -59,6 +59,17 @@ def rotate_input_side(linear: nn.Linear, signs: torch.Tensor | None, transpose: 
 
 
 @torch.no_grad()
+def rotate_r4_input_side(linear: nn.Linear, block: int | None, transpose: bool = False) -> None:
+    """`W <- W R4` (or `W R4^T`) with R4 full-size (`block` None) or block-diagonal (`RoSTEConfig.r4_block_size`)."""
+    from ..numerics.block_hadamard import r4_transform
+
+    if block is None:
+        rotate_input_side(linear, None, transpose=transpose)
+    else:
+        _assign(linear.weight, r4_transform(linear.weight.to(torch.float64), block, transpose=transpose))
+
+
+@torch.no_grad()
 def rotate_output_side(linear: nn.Module, signs: torch.Tensor | None, transpose: bool = False) -> None:
     """`W <- R^T W`, `b <- b R` (or with `R^T`): the module's output becomes `y R`."""
     _assign(linear.weight, _rot(linear.weight.t(), signs, transpose).t())
@@ -224,13 +235,7 @@ def set_r4(model: nn.Module, adapter: ArchAdapter, layer_idx: int, on: bool) -> 
     current = bool(getattr(down, "input_hadamard", False))
     if current == on:
         return
-    block = getattr(down, "input_hadamard_block", None)
-    if block is None:
-        rotate_input_side(down, None, transpose=not on)
-    else:  # block-diagonal R4 (RoSTEConfig.r4_block_size)
-        from ..numerics.block_hadamard import r4_transform
-
-        _assign(down.weight, r4_transform(down.weight.to(torch.float64), block, transpose=not on))
+    rotate_r4_input_side(down, getattr(down, "input_hadamard_block", None), transpose=not on)
     if hasattr(down, "input_hadamard"):
         down.input_hadamard = on
     elif on:

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from ..config import PER_LAYER_ROTATIONS, SEARCH_CRITERIA
 from ..modules.qat_linear import QATLinear
 from ..numerics import QuantSpec, fake_quantize, quantization_error
+from ..numerics.block_hadamard import r4_transform
 from ..numerics.hadamard import hadamard_transform
 from .fusion import r2_signs
 
@@ -45,6 +46,12 @@ def _rot_heads(x: Tensor, head_dim: int, signs: Tensor | None, transpose: bool) 
     shape = x.shape
     y = hadamard_transform(x.reshape(*shape[:-1], shape[-1] // head_dim, head_dim), signs, transpose=transpose)
     return y.reshape(shape)
+
+
+def _r4_rotation(down: QATLinear) -> Callable[[Tensor, bool], Tensor]:
+    """The online R4 the module applies: full-size, or block-diagonal (`RoSTEConfig.r4_block_size`)."""
+    block = getattr(down, "input_hadamard_block", None)
+    return lambda t, transpose: r4_transform(t, block, transpose=transpose)
 
 
 def _both(x: Tensor, is_on: bool, rotate: Callable[[Tensor, bool], Tensor]) -> tuple[Tensor, Tensor]:
@@ -100,8 +107,7 @@ class ErrorCollector:
             down = adapter.get(layer, adapter.down_proj)
             o_proj = adapter.get(layer, adapter.o_proj)
             if flags["R4"] and isinstance(down, QATLinear):
-                self._weight_errors(i, "R4", down, lambda w, t: hadamard_transform(w, None, transpose=t),
-                                    bool(down.input_hadamard))
+                self._weight_errors(i, "R4", down, _r4_rotation(down), bool(down.input_hadamard))
                 # hooked on the module the layer calls (a LoRA wrapper calls its base layer's pieces, not its forward)
                 called = layer.get_submodule(adapter.down_proj)
                 self._handles.append(called.register_forward_pre_hook(self._linear_hook(i, "R4", down)))
@@ -146,8 +152,7 @@ class ErrorCollector:
     # ---------------------------------------------------------------- linears
     def _linear_hook(self, i: int, name: str, lin: QATLinear):
         if name == "R4":
-            def rotate(t, transpose):
-                return hadamard_transform(t, None, transpose=transpose)
+            rotate = _r4_rotation(lin)
 
             def input_is_rotated() -> bool:
                 return False  # the module input is before the online R4

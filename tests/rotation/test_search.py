@@ -85,8 +85,10 @@ def _plant(model):
     m1.down_proj.weight[:, 5] /= 3000.0
 
 
-def test_planted_structure_r4_follows_independent_errors(tiny_checkpoints):
-    model = _load(tiny_checkpoints["llama"], rotations=("R1", "R4"))
+@pytest.mark.parametrize("block", [None, 32], ids=["full_r4", "block32_r4"])
+def test_planted_structure_r4_follows_independent_errors(tiny_checkpoints, block):
+    """The search measures the R4 the model applies: full-size, or block-diagonal (r4_block_size)."""
+    model = _load(tiny_checkpoints["llama"], rotations=("R1", "R4"), r4_block_size=block)
     _plant(model)
     batches = _batches()
     # independent measurement: capture down_proj inputs with quantization off, quantize here
@@ -100,25 +102,30 @@ def test_planted_structure_r4_follows_independent_errors(tiny_checkpoints):
     set_quantization_enabled(model, True)
     for h in hooks:
         h.remove()
-    hmat = _sylvester(128)
+    hmat = _sylvester(128) if block is None else torch.block_diag(*[_sylvester(block)] * (128 // block))
     tokens = sum(int(b["attention_mask"].sum()) for b in batches)
-    expected = []
+    expected, full_on = [], []
     for i in (0, 1):
         w = model.model.layers[i].mlp.down_proj.weight.detach().double()
         err_off = _ref_err(w).sum().item()
         err_on = _ref_err(w @ hmat).sum().item()
+        err_full = _ref_err(w @ _sylvester(128)).sum().item()
         for x, b in zip(xs[i], batches, strict=True):
             keep = b["attention_mask"].bool()
             x = x.double()[keep]
             err_off += _ref_err(x).sum().item() / tokens
             err_on += _ref_err(x @ hmat).sum().item() / tokens
+            err_full += _ref_err(x @ _sylvester(128)).sum().item() / tokens
         expected.append((err_off, err_on))
-    # the plant works as intended: rotation clearly helps layer 0 and clearly hurts layer 1
-    assert expected[0][1] < 0.7 * expected[0][0], expected
-    assert expected[1][1] > 1.3 * expected[1][0], expected
+        full_on.append(err_full)
+    if block is None:  # the plant works as intended: rotation clearly helps layer 0 and clearly hurts layer 1
+        assert expected[0][1] < 0.7 * expected[0][0], expected
+        assert expected[1][1] > 1.3 * expected[1][0], expected
+    # the full-size R4 gives clearly different errors, so matching `expected` checks the block R4 itself
+    assert block is None or abs(full_on[0] - expected[0][1]) > 0.05 * expected[0][1]
 
     result = search_rotation_config(model, batches)
-    assert [f["R4"] for f in result.layers] == [True, False]
+    assert [f["R4"] for f in result.layers] == [e[1] < e[0] for e in expected]
     assert all(not f["R2"] and not f["R3"] for f in result.layers)  # not allowed
     for i in (0, 1):
         got = result.errors[i]["R4"]
@@ -126,8 +133,8 @@ def test_planted_structure_r4_follows_independent_errors(tiny_checkpoints):
         assert set(result.errors[i]) == {"R4"}
     t = result.totals
     assert t["chosen"] <= t["off"] and t["chosen"] <= t["on"]
-    assert t["chosen"] == pytest.approx(expected[0][1] + expected[1][0], rel=1e-3)
-    assert get_state(model).applied["layers"][0]["R4"] and not get_state(model).applied["layers"][1]["R4"]
+    assert t["chosen"] == pytest.approx(sum(min(e) for e in expected), rel=1e-3)
+    assert [f["R4"] for f in get_state(model).applied["layers"]] == [e[1] < e[0] for e in expected]
     rc = model.config.quantization_config.rotation_config
     assert rc["strategy"] == "adaptive" and rc["criterion"] == "paper"
     assert rc["errors"][0]["R4"] == list(result.errors[0]["R4"])
