@@ -468,6 +468,8 @@ class RoSTEQuantizedCache(Cache):
 
 # --------------------------------------------------------------------------- memory accounting
 def _layer_bytes_and_tokens(layer) -> tuple[int, int]:
+    if getattr(layer, "token_slots", None) is not None:  # RoSTEQuantizedStaticLayer: its allocated slots
+        return layer.nbytes, layer.token_slots
     if isinstance(layer, RoSTEQuantizedLayer):
         n = layer.packed_keys.batch_size * layer.stored_length if layer.packed_keys is not None else 0
         return layer.nbytes, n
@@ -480,9 +482,12 @@ def _layer_bytes_and_tokens(layer) -> tuple[int, int]:
 def cache_bytes_per_token(cache: Cache) -> float:
     """KV bytes per cached token (all layers, K and V, scales and zero points), from the actual tensors.
 
-    Works for :class:`RoSTEQuantizedCache` and for ``DynamicCache``-like caches (``layer.keys`` /
-    ``layer.values``).  Per layer: stored bytes / (batch * stored tokens); summed over layers
-    (sliding layers count the tokens they keep).  0.0 for an empty cache.
+    Works for :class:`RoSTEQuantizedCache`, for
+    :class:`~hf_roste.modules.kv_static_cache.RoSTEQuantizedStaticCache` and for ``DynamicCache`` /
+    ``StaticCache``-like caches (``layer.keys`` / ``layer.values``).  Per layer: stored bytes /
+    (batch * stored tokens); summed over layers (sliding layers count the tokens they keep; static
+    layers count every allocated slot, used or not, since their buffers hold them all).  0.0 for an
+    empty cache.
     """
     total = 0.0
     for layer in cache.layers:

@@ -121,11 +121,9 @@ class RoSTEQuantizedStaticLayer(StaticLayer):
         return sum(t.numel() * t.element_size() for t in self._buffers())
 
     @property
-    def bytes_per_token(self) -> float:
-        """Allocated bytes per token slot and sequence (``nbytes / (batch * max_cache_len)``); 0.0 before allocation."""
-        if self.codes is None:
-            return 0.0
-        return self.nbytes / (self.codes.shape[1] * self.codes.shape[3])
+    def token_slots(self) -> int | None:
+        """``batch * max_cache_len`` once the buffers exist (None before): what ``nbytes`` pays for."""
+        return None if self.codes is None else self.codes.shape[1] * self.codes.shape[3]
 
     def _empty_slot(self, batch: int, heads: int, head_dim: int, device) -> tuple[Tensor, Tensor, Tensor | None]:
         """Codes, scale and zero point of a zero vector (what an unused slot holds: it decodes to 0)."""
@@ -262,6 +260,7 @@ class RoSTEQuantizedStaticSlidingWindowLayer(RoSTEQuantizedStaticLayer):
     def __init__(self, state: AttentionQuantState, max_cache_len: int, sliding_window: int,
                  scale_dtype: torch.dtype = torch.float32, **kwargs):
         super().__init__(state, min(int(sliding_window), int(max_cache_len)), scale_dtype)
+        self.sliding_window = int(sliding_window)
         self.cumulative_length_int = 0
         self._is_croppable = max_cache_len <= sliding_window
 
