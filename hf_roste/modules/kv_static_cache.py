@@ -41,7 +41,13 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
-from transformers.cache_utils import Cache, StaticCache, StaticLayer, StaticSlidingWindowLayer, get_layer_types_and_kwargs
+from transformers.cache_utils import (
+    Cache,
+    StaticCache,
+    StaticLayer,
+    StaticSlidingWindowLayer,
+    get_layer_types_and_kwargs,
+)
 
 from ..numerics import QuantSpec, packed_length
 from ..numerics.hadamard import hadamard_transform

@@ -305,7 +305,11 @@ def test_cache_selection_and_explicit_cache(models, tiny_checkpoints):
         explicit = RoSTEQuantizedStaticCache(packed, max_cache_len=6 + NEW)
         given = _generate(packed, ids, **{CACHE_KW: explicit})
     assert output_cache(given) is explicit
-    assert torch.equal(given.sequences, _generate(packed, ids, cache_implementation="static").sequences)
+    static = _generate(packed, ids, cache_implementation="static")
+    assert torch.equal(given.sequences, static.sequences)
+    chunked = _generate(packed, ids, cache_implementation="static", prefill_chunk_size=4)  # allocated up front
+    assert isinstance(output_cache(chunked), RoSTEQuantizedStaticCache)
+    assert torch.equal(chunked.sequences, static.sequences)
     assert not any(s.kv_quantized_by_cache for s in get_state(packed).attention_states)  # hooks cleared the flag
     # K/V not quantized (quantization off, kv_bits=16, fp8 K/V): transformers' StaticCache
     set_quantization_enabled(qat, False)
