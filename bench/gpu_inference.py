@@ -15,14 +15,18 @@ uses its 4-bit ``RoSTEQuantizedCache``) and compiled (``torch.compile`` of ``for
 - decode ms/token at batch 1 and 16: ``(t(generate 1 + N tokens) - t(generate 1 token)) / N``;
 - memory: bytes of the quantized linears (packed codes, scales, zero points and the kernel's
   per-layer extras) vs their bf16 weights; whole-model allocated memory after load; KV cache bytes
-  at a 4096-token context (packed cache vs bf16 DynamicCache).
+  at a 4096-token context of the caches the compiled runs use, ``cache_implementation="static"``
+  (the packed model's ``RoSTEQuantizedStaticCache``: 4-bit codes, fp32 scales, int16 zero points, all
+  slots allocated, vs transformers' bf16 ``StaticCache``), and of the eager runs' dynamic caches
+  (``RoSTEQuantizedCache``, stored tokens, vs bf16 ``DynamicCache``).
 
 Timings are interleaved repetitions with medians (``bench/_common.py``), synchronised with the device.
 A compiled variant that fails records its error in ``errors`` and null figures instead of stopping
 the run.  Last output line: JSON with ``prefill_speedup_vs_bf16_8b_width``,
 ``decode_speedup_vs_bf16_8b_width``, ``prefill_speedup_vs_bf16_0_5b``, ``decode_speedup_vs_bf16_0_5b``
 (compiled, static cache, batch 1 for decode), their ``_eager`` twins, the batch-16 decode figures,
-``weight_memory_ratio_vs_bf16``, ``kv_memory_ratio_vs_bf16`` and ``gpu``.
+``weight_memory_ratio_vs_bf16``, ``kv_memory_ratio_vs_bf16`` (static caches, as the compiled runs),
+``kv_memory_ratio_vs_bf16_dynamic`` (the eager runs' caches) and ``gpu``.
 
 Without a CUDA device it prints ``{"skipped": "no CUDA device"}`` and exits 0.  ``--dry`` runs the
 whole script on tiny shapes on the CPU (compiled variants with the ``aot_eager`` backend): it checks
@@ -132,20 +136,22 @@ def model_bytes(model) -> int:
     return total
 
 
-def kv_bytes(model, context: int, device: str) -> int:
-    """KV cache bytes after generating one token from a ``context - 1``-token prompt (batch 1)."""
-    from hf_roste.modules.kv_cache import RoSTEQuantizedCache
-    from hf_roste.modules.kv_cache_wiring import output_cache
+def kv_bytes(model, context: int, device: str, static: bool) -> tuple[int, str]:
+    """(KV cache bytes, cache class name) after generating one token from a ``context - 1``-token prompt
+    (batch 1), with ``generate``'s default cache or, ``static``, with ``cache_implementation="static"``."""
+    from hf_roste.modules.kv_cache_wiring import QUANTIZED_KV_CACHES, output_cache
 
     ids = torch.randint(0, model.config.vocab_size, (1, context - 1), device=device)
+    extra = dict(cache_implementation="static") if static else {}
     with torch.no_grad():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=1, min_new_tokens=1,
-                             do_sample=False, return_dict_in_generate=True)
+                             do_sample=False, return_dict_in_generate=True, **extra)
     cache = output_cache(out)
-    if isinstance(cache, RoSTEQuantizedCache):
-        return int(cache.nbytes)  # stored codes, scales and zero points
-    return sum(layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
-               for layer in cache.layers)
+    if isinstance(cache, QUANTIZED_KV_CACHES):  # codes, scales and zero points (static: every allocated slot)
+        return int(cache.nbytes), type(cache).__name__
+    nbytes = sum(layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
+                 for layer in cache.layers)
+    return nbytes, type(cache).__name__
 
 
 def _compile(model, device: str) -> None:
@@ -202,7 +208,10 @@ def measure(name: str, shape: dict, run: dict, device: str, reps: int, errors: l
                 held, bf16 = quantized_linear_bytes(models["packed"])
                 res["linear_bytes"] = {"packed": held, "bf16": bf16}
                 res["model_bytes"] = {k: model_bytes(m) for k, m in models.items()}
-                res["kv_bytes"] = {k: kv_bytes(m, run["context"], device) for k, m in models.items()}
+                for key, static in (("kv_bytes", True), ("kv_bytes_dynamic", False)):
+                    measured = {k: kv_bytes(m, run["context"], device, static) for k, m in models.items()}
+                    res[key] = {k: nbytes for k, (nbytes, _) in measured.items()}
+                    res[key.replace("bytes", "cache")] = {k: name for k, (_, name) in measured.items()}
             try:
                 if mode == "compiled":
                     for m in models.values():
@@ -258,11 +267,12 @@ def main() -> None:
             for what, st in t.items():
                 print(f"[{name}] {mode:8s} {what:10s} bf16 {st['bf16']['median'] * 1e3:8.2f} ms  "
                       f"packed {st['packed']['median'] * 1e3:8.2f} ms  speed-up {_speedup(res, mode, what) or 0:.2f}x")
-        lin, mb, kv = res["linear_bytes"], res["model_bytes"], res["kv_bytes"]
+        lin, mb, kv, kvd = res["linear_bytes"], res["model_bytes"], res["kv_bytes"], res["kv_bytes_dynamic"]
         print(f"[{name}] quantized linears {lin['packed'] / 2**20:.1f} MiB vs bf16 {lin['bf16'] / 2**20:.1f} MiB "
-              f"({lin['packed'] / lin['bf16']:.3f}x); whole model {mb['packed'] / 2**20:.1f} vs {mb['bf16'] / 2**20:.1f} MiB; "
-              f"KV at {run['context']} tokens {kv['packed'] / 2**20:.2f} vs {kv['bf16'] / 2**20:.2f} MiB "
-              f"({kv['packed'] / kv['bf16']:.3f}x)")
+              f"({lin['packed'] / lin['bf16']:.3f}x); whole model {mb['packed'] / 2**20:.1f} vs {mb['bf16'] / 2**20:.1f} MiB")
+        for label, sizes, caches in (("static", kv, res["kv_cache"]), ("dynamic", kvd, res["kv_cache_dynamic"])):
+            print(f"[{name}] KV at {run['context']} tokens, {label} caches ({caches['packed']} vs {caches['bf16']}): "
+                  f"{sizes['packed'] / 2**20:.2f} vs {sizes['bf16'] / 2**20:.2f} MiB ({sizes['packed'] / sizes['bf16']:.3f}x)")
         for mode, suffix in (("compiled", ""), ("eager", "_eager")):
             figures[f"prefill_speedup_vs_bf16_{name}{suffix}"] = _speedup(res, mode, "prefill")
             for batch in run["decode_batches"]:
@@ -271,9 +281,12 @@ def main() -> None:
         figures[f"weight_memory_ratio_vs_bf16_{name}"] = lin["packed"] / lin["bf16"]
         figures[f"model_memory_ratio_vs_bf16_{name}"] = mb["packed"] / mb["bf16"]
         figures[f"kv_memory_ratio_vs_bf16_{name}"] = kv["packed"] / kv["bf16"]
+        figures[f"kv_memory_ratio_vs_bf16_dynamic_{name}"] = kvd["packed"] / kvd["bf16"]
+        figures[f"kv_cache_{name}"] = res["kv_cache"]
     names = list(results)
     figures["weight_memory_ratio_vs_bf16"] = max(figures[f"weight_memory_ratio_vs_bf16_{n}"] for n in names)
     figures["kv_memory_ratio_vs_bf16"] = max(figures[f"kv_memory_ratio_vs_bf16_{n}"] for n in names)
+    figures["kv_memory_ratio_vs_bf16_dynamic"] = max(figures[f"kv_memory_ratio_vs_bf16_dynamic_{n}"] for n in names)
     emit(figures)
 
 

@@ -10,6 +10,7 @@ from .config import FORMAT_VERSION, RoSTEConfig
 from .export.compressed_tensors import export_compressed_tensors
 from .export.hub import push_roste_model
 from .modules.kv_cache import RoSTEQuantizedCache, cache_bytes_per_token
+from .modules.kv_static_cache import RoSTEQuantizedStaticCache
 from .quantizer import RoSTEHfQuantizer
 from .rotation.calibration import sample_calibration_batches
 from .rotation.fusion import set_rotation_config
@@ -53,6 +54,7 @@ def __getattr__(name: str):
 
 __all__ = [
     "RoSTEQuantizedCache",
+    "RoSTEQuantizedStaticCache",
     "cache_bytes_per_token",
     "RoSTESFTConfig",
     "RoSTESFTTrainer",

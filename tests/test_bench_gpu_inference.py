@@ -35,6 +35,9 @@ def test_dry_run_emits_every_figure():
                 "prefill_speedup_vs_bf16_8b_width_eager", "decode_speedup_vs_bf16_8b_width_eager",
                 "decode_b2_speedup_vs_bf16_8b_width", "weight_memory_ratio_vs_bf16", "kv_memory_ratio_vs_bf16"):
         assert isinstance(figures[key], float) and math.isfinite(figures[key]) and figures[key] > 0, key
-    # head_dim 64 at this dry shape: 32 code bytes + 4 scale + 1 zero per token per head vs 128 bf16 bytes
-    assert figures["kv_memory_ratio_vs_bf16"] == pytest.approx(37 / 128)
+    # head_dim 64 at this dry shape, per token per head vs 128 bf16 bytes: the compiled runs' static caches
+    # hold 32 code bytes + 4 scale + 2 (int16) zero; the eager runs' dynamic caches 32 + 4 + 1 (int8) zero
+    assert figures["kv_cache_8b_width"] == {"packed": "RoSTEQuantizedStaticCache", "bf16": "StaticCache"}
+    assert figures["kv_memory_ratio_vs_bf16"] == pytest.approx(38 / 128)
+    assert figures["kv_memory_ratio_vs_bf16_dynamic"] == pytest.approx(37 / 128)
     assert "[8b_width] compiled prefill" in proc.stdout

@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from hf_roste import RoSTEConfig, get_state
 from hf_roste.modules.kv_cache import RoSTEQuantizedCache, cache_bytes_per_token
+from hf_roste.modules.kv_static_cache import RoSTEQuantizedStaticCache
 from hf_roste.numerics import hadamard as hadamard_module
 from hf_roste.numerics.kernels import kv_attention as kva
 from hf_roste.numerics.kernels import packed_gemm as pg
@@ -172,8 +173,10 @@ def test_static_cache_and_compile_equal_dynamic_eager(trained):
     model = AutoModelForCausalLM.from_pretrained(out, **SDPA).eval()
     prompts = _prompts(2)
     dynamic = model.generate(prompts, max_new_tokens=6, do_sample=False)
-    static = model.generate(prompts, max_new_tokens=6, do_sample=False, cache_implementation="static")
-    assert torch.equal(static, dynamic)
+    res = model.generate(prompts, max_new_tokens=6, do_sample=False, cache_implementation="static",
+                         return_dict_in_generate=True)
+    assert isinstance(output_cache(res), RoSTEQuantizedStaticCache)  # K/V stored as 4-bit codes, not fp32
+    assert torch.equal(res.sequences, dynamic)
     torch._dynamo.reset()
     eager_forward = model.forward
     try:  # aot_eager traces every graph (Dynamo + AOTAutograd) without inductor's slow CPU codegen
@@ -204,6 +207,26 @@ def test_unquantized_parts_load_in_requested_dtype(trained, tmp_path, dtype):
     with torch.no_grad():
         logits = model(_prompts(2)).logits
     assert logits.dtype == torch.bfloat16 and torch.isfinite(logits.float()).all()
+
+
+def test_device_path_decode_step_with_static_cache_is_one_graph(trained, monkeypatch):
+    """The packed model's decode step on the Triton route with the static quantized cache: no graph break."""
+    from tiny_models import CACHE_KW
+
+    _, out = trained
+    model = AutoModelForCausalLM.from_pretrained(out, device_map=DEVICE, **SDPA).eval()
+    monkeypatch.setenv("HF_ROSTE_TRITON", "1")
+    ids = _prompts(2, 5).to(DEVICE)
+    cache = RoSTEQuantizedStaticCache(model, max_cache_len=8)
+    with torch.no_grad():
+        model(ids, **{CACHE_KW: cache}, use_cache=True)  # eager prefill: builds the per-layer layouts
+        torch._dynamo.reset()
+        try:
+            explained = torch._dynamo.explain(model.forward)(ids[:, -1:], **{CACHE_KW: cache}, use_cache=True)
+        finally:
+            torch._dynamo.reset()
+    assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
+    assert int(cache.get_seq_length()) == 6
 
 
 def test_compiled_device_path_equals_eager(trained, monkeypatch):

@@ -31,15 +31,19 @@ Wiring (in :mod:`hf_roste.modules.kv_cache_wiring`):
 * The attention wrapper must not rotate / quantize K and V a second time: :func:`install_kv_cache_hooks`
   registers a forward pre-hook on every attention module that sets
   ``AttentionQuantState.kv_quantized_by_cache`` when the call's cache (``past_key_values``, or
-  the family's own keyword, ``ArchAdapter.attn_cache_kwarg``) is a :class:`RoSTEQuantizedCache`, and a forward hook that clears it.
+  the family's own keyword, ``ArchAdapter.attn_cache_kwarg``) is a :class:`RoSTEQuantizedCache` (or the
+  static twin), and a forward hook that clears it.
   :meth:`RoSTEQuantizedCache.update` refuses to run when the flag is not set (hooks missing), since
   the wrapper would then apply R3 and the quantizer twice.
 * ``generate()``: :func:`install_generation_cache` overrides, on the model instance only,
   ``_prepare_cache_for_generation`` so that when no cache is passed, ``use_cache`` is on and
   ``generation_config.cache_implementation`` is None, a :class:`RoSTEQuantizedCache` is created
-  (when every layer quantizes K/V, i.e. ``kv_bits < 16`` and quantization is enabled); otherwise
-  transformers' own logic runs unchanged (user caches, ``cache_implementation="dynamic"`` for a
-  fake-quant ``DynamicCache``, static caches, ...).  transformers 5.23 validates
+  (when every layer quantizes K/V, i.e. ``kv_bits < 16`` and quantization is enabled), and
+  ``cache_implementation="static"`` builds the static twin,
+  :class:`~hf_roste.modules.kv_static_cache.RoSTEQuantizedStaticCache` (packed codes in preallocated
+  buffers, for torch.compile / CUDA graphs) instead of transformers' model-dtype ``StaticCache``;
+  otherwise transformers' own logic runs unchanged (user caches, ``cache_implementation="dynamic"``
+  for a fake-quant ``DynamicCache``, ``"offloaded_static"``, ...).  transformers 5.23 validates
   ``cache_implementation`` against a fixed list, so a registered name is not an option.
   ``prepare_model`` installs both.
 
@@ -468,6 +472,8 @@ class RoSTEQuantizedCache(Cache):
 
 # --------------------------------------------------------------------------- memory accounting
 def _layer_bytes_and_tokens(layer) -> tuple[int, int]:
+    if getattr(layer, "token_slots", None) is not None:  # RoSTEQuantizedStaticLayer: its allocated slots
+        return layer.nbytes, layer.token_slots
     if isinstance(layer, RoSTEQuantizedLayer):
         n = layer.packed_keys.batch_size * layer.stored_length if layer.packed_keys is not None else 0
         return layer.nbytes, n
@@ -480,9 +486,12 @@ def _layer_bytes_and_tokens(layer) -> tuple[int, int]:
 def cache_bytes_per_token(cache: Cache) -> float:
     """KV bytes per cached token (all layers, K and V, scales and zero points), from the actual tensors.
 
-    Works for :class:`RoSTEQuantizedCache` and for ``DynamicCache``-like caches (``layer.keys`` /
-    ``layer.values``).  Per layer: stored bytes / (batch * stored tokens); summed over layers
-    (sliding layers count the tokens they keep).  0.0 for an empty cache.
+    Works for :class:`RoSTEQuantizedCache`, for
+    :class:`~hf_roste.modules.kv_static_cache.RoSTEQuantizedStaticCache` and for ``DynamicCache`` /
+    ``StaticCache``-like caches (``layer.keys`` / ``layer.values``).  Per layer: stored bytes /
+    (batch * stored tokens); summed over layers (sliding layers count the tokens they keep; static
+    layers count every allocated slot, used or not, since their buffers hold them all).  0.0 for an
+    empty cache.
     """
     total = 0.0
     for layer in cache.layers:

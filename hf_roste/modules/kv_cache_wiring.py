@@ -1,11 +1,15 @@
-"""Wiring `RoSTEQuantizedCache` into attention modules and `generate()` (see `kv_cache` for the cache).
+"""Wiring the quantized KV caches into attention modules and `generate()`.
+
+The caches: `RoSTEQuantizedCache` (dynamic, `kv_cache`) and `RoSTEQuantizedStaticCache` (static
+shapes, `kv_static_cache`); both store K/V as packed codes.
 
 - `install_kv_cache_hooks`: a forward pre-hook on every attention module sets
-  `AttentionQuantState.kv_quantized_by_cache` when the call's cache is a `RoSTEQuantizedCache`
-  (K/V then arrive rotated and quantized, so the attention wrapper must not do it again); a forward
-  hook clears it.
-- `install_generation_cache`: makes the quantized cache the default `generate()` cache of a RoSTE
-  model instance when K/V are quantized and no cache or `cache_implementation` is given.
+  `AttentionQuantState.kv_quantized_by_cache` when the call's cache is one of them (K/V then arrive
+  rotated and quantized, so the attention wrapper must not do it again); a forward hook clears it.
+- `install_generation_cache`: on a RoSTE model instance whose K/V are quantized, `generate()` builds
+  `RoSTEQuantizedCache` when no cache and no `cache_implementation` is given, and
+  `RoSTEQuantizedStaticCache` (instead of transformers' model-dtype `StaticCache`) for
+  `cache_implementation="static"`; every other choice keeps transformers' behaviour.
 """
 
 from __future__ import annotations
@@ -19,8 +23,18 @@ from transformers.cache_utils import Cache, DynamicCache
 
 from ..state import get_state
 from .kv_cache import _CACHE_KWARGS, RoSTEQuantizedCache
+from .kv_static_cache import RoSTEQuantizedStaticCache
 
-__all__ = ["install_generation_cache", "install_kv_cache_hooks", "output_cache", "wants_quantized_cache"]
+__all__ = [
+    "QUANTIZED_KV_CACHES",
+    "install_generation_cache",
+    "install_kv_cache_hooks",
+    "output_cache",
+    "wants_quantized_cache",
+]
+
+# caches whose update() rotates (R3) and quantizes K/V itself
+QUANTIZED_KV_CACHES: tuple[type[Cache], ...] = (RoSTEQuantizedCache, RoSTEQuantizedStaticCache)
 
 
 def _kv_cache_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -31,7 +45,7 @@ def _kv_cache_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
     cache = next((kwargs[k] for k in names if kwargs.get(k) is not None), None)
     if cache is None:
         cache = next((a for a in args if isinstance(a, Cache)), None)
-    flag = isinstance(cache, RoSTEQuantizedCache)
+    flag = isinstance(cache, QUANTIZED_KV_CACHES)
     if state.kv_quantized_by_cache != flag:  # write only on change: no side effect in a traced (checkpointed) layer
         state.kv_quantized_by_cache = flag
     return None
@@ -110,6 +124,35 @@ def _roste_prepare_cache_for_generation(self, *args, **kwargs):
     return result
 
 
+def _roste_prepare_static_cache(self, *args, **kwargs) -> Cache:
+    """``_prepare_static_cache`` of a RoSTE model: :class:`RoSTEQuantizedStaticCache` for ``"static"``.
+
+    Same sizing as transformers (the larger of this call's length and the previous static call's, kept
+    in ``_previous_max_cache_length`` so compiled graphs are reused) and the same eager allocation when
+    the prefill is chunked; transformers' own method runs for ``"offloaded_static"``, encoder-decoder
+    models and models whose K/V are not quantized per token.
+    """
+    original = type(self)._prepare_static_cache
+    bound = inspect.signature(original).bind(self, *args, **kwargs)
+    arguments = bound.arguments
+    if (
+        arguments.get("cache_implementation") != "static"
+        or "max_cache_len" not in arguments
+        or self.config.is_encoder_decoder
+        or not wants_quantized_cache(self)
+    ):
+        return original(self, *args, **kwargs)
+    length = max(int(arguments["max_cache_len"]), getattr(self, "_previous_max_cache_length", -1))
+    cache = RoSTEQuantizedStaticCache(self, max_cache_len=length)
+    init_shape = getattr(self, "_get_static_cache_init_shape", lambda: None)()
+    if arguments.get("prefill_chunk_size") is not None and init_shape is not None:
+        num_heads, head_dim = init_shape  # a compiled chunked prefill: allocate now, as transformers does
+        cache.early_initialization(batch_size=arguments["batch_size"], num_heads=num_heads, head_dim=head_dim,
+                                   dtype=self.dtype, device=self.device)
+    self._previous_max_cache_length = length
+    return cache
+
+
 def output_cache(output) -> Cache | None:  # noqa: ANN001 - a ModelOutput / GenerateOutput
     """The KV cache of a model or ``generate()`` output: ``output.cache`` from transformers 5.24,
     ``output.past_key_values`` before; None when the output holds no cache."""
@@ -119,8 +162,14 @@ def output_cache(output) -> Cache | None:  # noqa: ANN001 - a ModelOutput / Gene
 
 
 def install_generation_cache(model: nn.Module) -> None:
-    """Make :class:`RoSTEQuantizedCache` the default ``generate()`` cache of ``model`` (this instance only)."""
-    if not hasattr(type(model), "_prepare_cache_for_generation"):
-        return
-    model._prepare_cache_for_generation = types.MethodType(_roste_prepare_cache_for_generation, model)
+    """Make ``generate()`` of ``model`` (this instance only) store K/V as packed codes when they are quantized.
+
+    No cache and no ``cache_implementation``: :class:`RoSTEQuantizedCache`; ``cache_implementation="static"``:
+    :class:`RoSTEQuantizedStaticCache`.  Whether K/V are quantized is decided at each ``generate`` call
+    (:func:`wants_quantized_cache`), so ``set_quantization_enabled(model, False)`` gets transformers' caches.
+    """
+    if hasattr(type(model), "_prepare_cache_for_generation"):
+        model._prepare_cache_for_generation = types.MethodType(_roste_prepare_cache_for_generation, model)
+    if hasattr(type(model), "_prepare_static_cache"):
+        model._prepare_static_cache = types.MethodType(_roste_prepare_static_cache, model)
 

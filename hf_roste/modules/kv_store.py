@@ -65,7 +65,9 @@ def encode_kv(x: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor, Tensor | None
         per_byte = 8 // spec.bits
         if d % per_byte:
             codes = F.pad(codes, (0, per_byte - d % per_byte))
-        packed = codes.view(*lead, -1, per_byte) @ _pack_weights(spec.bits).to(codes.device)
+        # Dynamo traces the lru_cache-wrapped function itself (with a warning): call the function directly
+        weights = _pack_weights.__wrapped__(spec.bits) if torch.compiler.is_compiling() else _pack_weights(spec.bits)
+        packed = codes.view(*lead, -1, per_byte) @ weights.to(codes.device)
     return packed, scale, None if spec.symmetric else zero.reshape(*lead, -1)
 
 

@@ -133,9 +133,11 @@ def rowwise_qparams(xg: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor, float]
     it accepts it performs the general rule's float operations in the same order on the same values
     (``max(mx, -mn)`` equals ``max(|mn|, |mx|)`` whenever ``mn <= mx``), so results are bit-equal;
     it skips the ``where`` guards, which is what dominates small (decode-time) tensors.  CPU only:
-    the accept/reject decision reads three scalars on the host, a sync we avoid on accelerators.
+    the accept/reject decision reads three scalars on the host, a sync we avoid on accelerators, and
+    that torch.compile cannot trace without a graph break (skipped while compiling).
     """
-    if xg.device.type != "cpu" or spec.granularity == "tensor" or xg.numel() == 0:
+    if (xg.device.type != "cpu" or spec.granularity == "tensor" or xg.numel() == 0
+            or torch.compiler.is_compiling()):
         return None
     mx = xg.amax(dim=-1, keepdim=True).float()  # amax + amin: ~5x faster than aminmax(dim=-1) on CPU
     mn = xg.amin(dim=-1, keepdim=True).float()
