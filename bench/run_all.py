@@ -5,7 +5,7 @@
     python -m bench --quick              # a ~2-minute sanity run (tiny sizes; figures not meaningful)
     python -m bench --only quality       # one or more benchmarks, merged into the existing latest.json
     python -m bench --render             # only re-render docs/benchmarks.md from latest.json
-    python -m bench --only quality_code_base   # optional: W3A3KV3 quality on bench/bases/code_base (~15 min)
+    python -m bench --only quality_code_base   # optional: quality on bench/bases/code_base (~1 h on 2 idle cores)
 
 Every figure a benchmark reports is a ratio measured inside its own process against a baseline of the
 same run (interleaved repetitions, medians, min-max spread). Absolute times are kept for reading, never
@@ -38,12 +38,14 @@ BENCHMARKS: dict[str, tuple[str, list[str], list[str], str]] = {
     "scaling": ("scaling.py", [], ["--quick"], "training step and search at three widths"),
     "outliers": ("outliers.py", [], ["--quick"], "per-layer outlier statistics before / after rotation"),
     "quality": ("quality.py", [], ["--quick"], "CPU proxy of the paper's table, paired against FP per seed"),
-    # optional (not in the default suite): the quality proxy at W3A3KV3 on the code-corpus base, whose
-    # residual stream has (mild) natural outliers; 4 seeds x 320 steps take about 15 minutes on 2 cores
-    "quality_code_base": ("quality.py", ["--base", "bench/bases/code_base", "--schemes", "W3A3KV3", "--steps", "320",
-                                         "--train-examples", "3000", "--seeds", "4"],
+    # optional (not in the default suite): the quality proxy on the code-corpus base, whose residual stream
+    # has (mild) natural outliers: 8 seeds x 3 settings x 320 steps, the RoSTE / STE / PTQ comparisons of
+    # issue 22 (no torchao or output-criterion rows); the 2026-12-04 workers took 7.5-21 min each, 2 at a time
+    "quality_code_base": ("quality.py", ["--base", "bench/bases/code_base", "--schemes", "W4A4KV4", "W4A8KV4", "W3A3KV3",
+                                         "--steps", "320", "--train-examples", "3000", "--seeds", "8",
+                                         "--methods", "sft_rtn", "sft_rot_rtn", "ste", "roste"],
                           ["--quick", "--base", "bench/bases/code_base"],
-                          "quality proxy at W3A3KV3 on the code-corpus base (bench/bases/code_base)"),
+                          "quality proxy at W4A4KV4, W4A8KV4 and W3A3KV3 on the code-corpus base (bench/bases/code_base)"),
     # optional micro-benchmarks (not in the default suite; `--only numerics int_kernels`)
     "numerics": ("numerics.py", [], ["--quick"], "fake quantizer fwd+bwd vs one 4096^2 matmul"),
     "int_kernels": ("int_kernels.py", [], ["--reps", "5"], "W4A4 integer linear vs fp32 / bf16"),
