@@ -253,11 +253,27 @@ def aggregate(runs: list[dict], schemes: list[str]) -> tuple[list[dict], list[di
         rows.append(row)
     for scheme in schemes:
         for a, b in (("roste", "ste"), ("roste", "sft_rtn"), ("roste", "sft_rot_rtn"), ("roste", "torchao_qat"),
-                     ("roste_output", "roste"), ("roste_output", "ste"), ("ste", "sft_rtn")):
+                     ("roste_output", "roste"), ("roste_output", "ste"), ("ste", "sft_rtn"),
+                     ("sft_rot_rtn", "sft_rtn")):
             d = {k: paired(scheme, a, scheme, b, k) for k in ("completion_loss", "exact_match")}
             if d["completion_loss"] is not None:
                 diffs.append({"scheme": scheme, "a": a, "b": b, **d})
+    for scheme in schemes:  # an FP4 setting against the int setting of the same bits, method by method
+        int_scheme = int_counterpart(scheme)
+        if int_scheme is None or int_scheme not in schemes:
+            continue
+        for m in METHODS[1:]:
+            d = {k: paired(scheme, m, int_scheme, m, k) for k in ("completion_loss", "exact_match")}
+            if d["completion_loss"] is not None:
+                diffs.append({"scheme": scheme, "scheme_b": int_scheme, "a": m, "b": m, **d})
     return rows, diffs
+
+
+def int_counterpart(scheme: str) -> str | None:
+    """The int setting with the same bits as an FP4 setting (`NVFP4-W4A4KV4` -> `W4A4KV4`), None otherwise."""
+    if scheme not in FP4_SCHEMES:
+        return None
+    return scheme.split("-", 1)[1]
 
 
 def main() -> None:
@@ -314,7 +330,8 @@ def main() -> None:
         print(f"{r['scheme']:8s} {r['label']:38s} loss {r['completion_loss']:.4f} EM {100 * r['exact_match']:5.1f}%{extra}")
     for d in diffs:
         cl = d["completion_loss"]
-        print(f"{d['scheme']}: {d['a']} - {d['b']}: loss {cl['mean']:+.4f} (2SE {2 * (cl['se'] or 0):.4f}) {cl['verdict']}")
+        where = f"{d['scheme']} vs {d['scheme_b']}" if d.get("scheme_b") else d["scheme"]
+        print(f"{where}: {d['a']} - {d['b']}: loss {cl['mean']:+.4f} (2SE {2 * (cl['se'] or 0):.4f}) {cl['verdict']}")
     print(json.dumps({"settings": settings, "base": base, "runs": runs, "rows": rows, "diffs": diffs,
                       "noise_rule": NOISE_RULE, "wall_seconds": wall}))
 

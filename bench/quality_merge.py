@@ -85,7 +85,8 @@ def main() -> None:
               + ", ".join(f"seed {s} {sc} {m}" for s, sc, m in reproduced))
     for d in f["diffs"]:
         cl, em = d["completion_loss"], d["exact_match"]
-        print(f"{d['scheme']} {d['a']} - {d['b']}: loss {cl['mean']:+.4f} (2SE {2 * (cl['se'] or 0):.4f}, "
+        where = f"{d['scheme']} vs {d['scheme_b']}" if d.get("scheme_b") else d["scheme"]
+        print(f"{where} {d['a']} - {d['b']}: loss {cl['mean']:+.4f} (2SE {2 * (cl['se'] or 0):.4f}, "
               f"n={len(cl['per_seed'])}) {cl['verdict']}; EM {100 * em['mean']:+.1f} pts {em['verdict']}")
 
 

@@ -40,6 +40,13 @@ def sec_quality(data: dict, png_dir: str, plt, key: str = "quality") -> tuple[li
              "none) and is evaluated under the same W/A/KV quantizer as every other row. All settings asymmetric, "
              "clip 0.95.", "",
              f"Noise rule: {f['noise_rule']}", ""]
+    if any(sc.startswith(("NVFP4-", "MXFP4-")) for sc in s["schemes"]):
+        lines += ["FP4 settings (`NVFP4-...`, `MXFP4-...`, issue 21): weights and linear inputs in that format "
+                  "(NVFP4: e2m1 in blocks of 16 with fp8-e4m3 block scales and an fp32 global scale, per weight tensor "
+                  "and per activation token; MXFP4: e2m1 in blocks of 32 with e8m0 power-of-two scales); K/V int at the "
+                  "setting's KV bits, asymmetric, clip 0.95; full-size rotations. Their RTN, rotation + RTN, STE and "
+                  "RoSTE rows are paired against the FP SFT of the same seed and, in the differences table, against "
+                  "the same method in the int setting of the same bits.", ""]
     if f.get("provenance"):  # runs assembled from more than one invocation: which seeds and rows came from where
         lines += [f"Runs: {f['provenance']}", ""]
     if key == "quality":
@@ -72,6 +79,11 @@ def sec_quality(data: dict, png_dir: str, plt, key: str = "quality") -> tuple[li
     rows = []
     for d in f.get("diffs", []):
         cl = d["completion_loss"]
+        if d.get("scheme_b"):  # the same method in an FP4 setting and in the int setting of the same bits
+            rows.append([f"{d['scheme']} vs {d['scheme_b']}", f"{labels.get(d['a'], d['a'])} ({d['scheme']})",
+                         f"same, {d['scheme_b']}", f"{cl['mean']:+.4f} [{cl['min']:+.4f}, {cl['max']:+.4f}]",
+                         f"{2 * cl['se']:.4f}" if cl.get("se") is not None else "-", cl["verdict"]])
+            continue
         rows.append([d["scheme"], labels.get(d["a"], d["a"]), labels.get(d["b"], d["b"]),
                      f"{cl['mean']:+.4f} [{cl['min']:+.4f}, {cl['max']:+.4f}]",
                      f"{2 * cl['se']:.4f}" if cl.get("se") is not None else "-", cl["verdict"]])
