@@ -13,7 +13,7 @@ import torch
 
 from hf_roste.modules.packed_linear import PackedLinear
 from hf_roste.modules.qat_linear import QATLinear
-from hf_roste.numerics import QuantSpec
+from hf_roste.numerics import QuantSpec, fake_quantize
 from hf_roste.numerics.hadamard import hadamard_transform
 
 from ._figures import record
@@ -100,7 +100,13 @@ def test_qat_and_packed_modules_on_extreme_rows(dtype, symmetric, hadamard):
         alone = packed(x[:n_finite])
         alone_qat = qat(x[:n_finite])
     assert torch.equal(alone, y_packed[:n_finite])
-    torch.testing.assert_close(alone_qat, y_qat[:n_finite], rtol=1e-5, atol=0, equal_nan=False)
+    # the QAT product is a float GEMM: another batch size may sum in another order, which moves each output by
+    # at most a few roundings of sum_k |x_k w_k| (cancelling rows such as "mixed" make that large next to |y|)
+    with torch.no_grad():
+        wq = fake_quantize(qat.weight.float(), qat.weight_spec)
+        bound = 8 * torch.finfo(dtype).eps * (q_in[:n_finite].float().abs() @ wq.abs().T) + torch.finfo(dtype).tiny
+    assert torch.isfinite(alone_qat).all() and torch.isfinite(y_qat[:n_finite]).all()
+    assert ((alone_qat.float() - y_qat[:n_finite].float()).abs() <= bound).all()
     _checked["layer_configs"] += 1
     _checked["rows_checked"] += len(names)
 
