@@ -256,8 +256,8 @@ def test_packed_down_proj_fused_route(monkeypatch, dtype, block, bits, sym, m):
             unfused = layer(xd).cpu()
     layer._fused_r4_memo = None
     assert len(calls) == 1 and torch.equal(fused, unfused)
-    # the PyTorch route (PyTorch Hadamard, PyTorch integer GEMM): equal where the codes are, else within
-    # what the differing codes (off by one at near-ties) and a scale one ulp off can move the output
+    # the PyTorch route (PyTorch Hadamard, PyTorch integer GEMM): within what the differing codes (off by one
+    # at near-ties) and scales (fp32 rounding of the row's max / min) can move the output
     monkeypatch.setenv("HF_ROSTE_TRITON", "0")
     with torch.no_grad():
         ref = layer(x.to(DEVICE)).cpu()
@@ -270,9 +270,10 @@ def test_packed_down_proj_fused_route(monkeypatch, dtype, block, bits, sym, m):
     w = layer.dequantized_weight(torch.float32).cpu().abs()
     bound = ((xq_got - xq_ref).abs() @ w.t() + 8 * _eps(torch.float32) * (xq_ref.abs() @ w.t())
              + _eps(dtype) * ref.float().abs())
-    same = (got_act.a == ref_act.a).all(1) & (got_act.sx == ref_act.sx)
-    assert torch.equal(fused[same], ref[same])
+    # (the 8 eps32 term: the PyTorch integer path assembles the group sums in another order than the Triton
+    # GEMM for some shapes, a few fp32 ulps even on identical codes)
     assert bool(((fused.float() - ref.float()).abs() <= bound).all())
+    assert int((got_act.a != ref_act.a).sum()) <= max(1, 1e-3 * got_act.a.numel())
 
 
 def test_fused_r4_block_recognises_the_r4_transforms():
