@@ -1,7 +1,9 @@
 """Triton kernels of packed W4A(b) linears: per-token activation quantization, and an int8 GEMM
 that reads 4-bit weights straight from their packed bytes with the rescale fused behind it.
 
-Two launches per linear (one per shared input for q/k/v and gate/up):
+Two launches per linear (one per shared input for q/k/v and gate/up; a down_proj with a recognised
+online R4 replaces launch 1 by the fused rotate + quantize kernel of :mod:`.rotate_quant`, which uses the
+same row rule and code helpers, :func:`_act_row_params` and :func:`_act_codes`):
 
 1. :func:`quantize_activation_triton`: one program per token row computes the row's scale and zero
    point with the exact rule of :mod:`hf_roste.numerics.quantize` (fp32, same operations in the same

@@ -205,7 +205,12 @@ def rotate_quantize_activation_triton(
 
     Returns:
         The :class:`~.packed_gemm.TritonActivation` of
-        ``quantize_activation_triton(r4_transform(x, block), spec)``, or ``(activation, rotated)``.
+        ``quantize_activation_triton(r4_transform(x, block), spec)`` (bit for bit with the Triton Hadamard
+        kernel), or ``(activation, rotated)``.
+
+    Raises:
+        TypeError: another dtype.  ValueError: a spec that is not per token, or a block that is not a power
+        of two in range dividing ``K``.
     """
     _require_triton()
     _check_act_spec(spec)
