@@ -322,7 +322,8 @@ _AOT = textwrap.dedent('''
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from hf_roste.numerics.kernels import hadamard, packed_gemm as pg, rotate_quant as rq
+    from hf_roste.numerics.kernels import fake_quant as fq, hadamard, kv_attention as kva
+    from hf_roste.numerics.kernels import packed_gemm as pg, rotate_quant as rq
 
     def build(fn, sig, consts, warps=4):
         sig = dict(sig, **{k: "constexpr" for k in consts})
@@ -353,12 +354,21 @@ _AOT = textwrap.dedent('''
               BLOCK_K=128))
     build(hadamard._kernel(), {"x_ptr": "*bf16", "out_ptr": "*bf16", "rows": "i32", "scale": "fp32"},
           dict(P=1024, LOG_P=10, BLOCK_R=4, OUT_BF16=True))
+    names = ("q_ptr codes_ptr scale_ptr zero_ptr mask_ptr out_ptr L HQ HKV GROUPS sm_scale offset s_qb s_qh s_ck s_cb "
+             "s_ch s_ct s_sk s_sb s_sh s_st s_mb s_mt s_ob s_oh").split()
+    types = ["*bf16", "*u8", "*fp32", "*i8", "*u8", "*bf16", "i32", "i32", "i32", "i32", "fp32", "i32"] + ["i32"] * 14
+    build(kva._decode_attention_kernel, dict(zip(names, types)), dict(HAS_ZERO=True, MASK_KIND=1, HALF_D=32, BLOCK_N=64))
+    for sym in (False, True):  # the training fake quantizer
+        build(fq._kernel(), {"x_ptr": "*bf16", "out_ptr": "*bf16", "cols": "i32", "k_scale": "fp32", "neg_clip": "fp32",
+              "qmin": "fp32", "qmax": "fp32"}, dict(SYMMETRIC=sym, OUT_BF16=True, BLOCK=1024))
 ''')
 
 
 def test_kernels_compile_for_cuda_on_the_cpu():
     """Triton's interpreter runs Python that the CUDA compiler refuses (non-constexpr globals, a constexpr
-    reassigned in an unrolled loop): compile the packed-inference kernels ahead of time for sm_90."""
+    reassigned in an unrolled loop, a loop-carried name changing type): compile every Triton kernel of the
+    package (packed inference, K/V attention, the online Hadamard, the training fake quantizer) ahead of
+    time for sm_90, through Triton's CUDA front end and ptxas."""
     try:
         from triton.backends.compiler import GPUTarget  # noqa: F401
         from triton.backends.nvidia import compiler  # noqa: F401
@@ -368,4 +378,4 @@ def test_kernels_compile_for_cuda_on_the_cpu():
     env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2]) + os.pathsep + env.get("PYTHONPATH", "")
     res = subprocess.run([sys.executable, "-c", _AOT], capture_output=True, text=True, env=env, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert res.stdout.count("compiled") == 15
+    assert res.stdout.count("compiled") == 18
