@@ -309,4 +309,5 @@ def test_compiled_device_path_equals_eager(trained, monkeypatch):
         torch._dynamo.reset()
     code = "\n".join(str(g.graph) for g in graphs)
     assert "packed_linear_w4" in code and "quantize_activation_w4" in code  # the kernels are in the graphs
+    assert "rotate_quantize_activation_w4" in code  # the down_projs' fused R4 + quantize (full-size R4, 128)
     assert torch.equal(compiled, eager)
