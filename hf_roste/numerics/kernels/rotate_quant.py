@@ -15,8 +15,11 @@ again).  :func:`rotate_quantize_activation_triton` does both in one program per 
    :func:`~.packed_gemm.packed_linear_triton` consumes the result unchanged.
 
 Rows of up to :data:`ONE_PASS_MAX_FEATURES` features (padded to a power of two) stay in registers: the
-row is read once and the rotated values are never written.  Longer rows are swept twice (max / min, then
-codes), the rotation recomputed on the second sweep; still no intermediate tensor and one launch.
+row is read once and the rotated values are never written (e.g. Llama-3.1-8B's 14336 features, padded to
+2**14, with ``r4_block_size=128``).  Longer rows are swept twice (max / min, then codes), the rotation
+recomputed on the second sweep; still no intermediate tensor and one launch.  Warps scale with the row
+(about 16 values per thread; ptxas for sm_90 reports no register spills up to 2**14, checked ahead of
+time on the CPU, not on a GPU).
 
 Blocks: any power of two ``2 <= b <=`` :data:`MAX_FUSED_BLOCK` dividing ``K``.  The block-diagonal R4
 (``RoSTEConfig.r4_block_size``, e.g. 16..256) is ``b = r4_block_size``; a full-size R4 is the single
@@ -26,8 +29,10 @@ block ``b = K`` when the intermediate size is a power of two up to :data:`MAX_FU
 Numerics: the butterfly adds in the order of the Triton Hadamard kernel and scales by the same fp32
 ``1 / sqrt(b)``, so codes, scales and zero points are bit-identical to the unfused Triton route
 (Triton Hadamard, then the quantizer).  Against the PyTorch Hadamard (block matrix products, another
-summation order) the rotated values agree to fp32 rounding; a code can then differ by one where the
-value lies within that rounding of a rounding boundary (a near-tie), which the tests count.
+summation order) the rotated values agree to fp32 rounding (bf16 / fp16 inputs: then one ulp of that dtype
+where the rounding to it flips), the scale moves by what that moves the row's max / min, and a code can
+differ by one where the value lies within those moves of a rounding boundary (a near-tie), which the
+tests count.
 """
 
 from __future__ import annotations
