@@ -93,7 +93,7 @@ def check_exportable_fp4(config: RoSTEConfig, model: nn.Module | None = None, *,
                         "export with activations=False.")
     if activations and config.activation_format == "nvfp4" and calibration is None:
         problems.append("NVFP4 activations need a static input_global_scale per layer: pass calibration=[input_ids "
-                        "batches] (a few batches of the fine-tuning data; hf-roste export --calibration FILE), or "
+                        "batches] (a few batches of the fine-tuning data; hf-roste export --dataset DATA), or "
                         "activations=False (hf-roste export --weights-only) for NVFP4A16.")
     if config.kv_format != "fp8_e4m3":
         problems += _dynamic_problems("kv", "asymmetric K/V cache (kv_symmetric=False): the kv_cache_scheme is served "

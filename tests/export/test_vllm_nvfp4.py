@@ -143,8 +143,8 @@ def test_cli_refuses_what_does_not_apply(exported, tiny_checkpoints, tmp_path, c
     assert "pass one of them" in capsys.readouterr().err
     assert main(["export", str(exported / "packed"), str(tmp_path / "y")]) != 0
     assert "--dataset" in capsys.readouterr().err  # NVFP4 activations without calibration
-    int_model = AutoModelForCausalLM.from_pretrained(tiny_checkpoints["llama"],
-                                                     quantization_config=RoSTEConfig.for_target("vllm-w4a16"))
+    int_cfg = RoSTEConfig.for_target("vllm-w4a16", weight_group_size=32)
+    int_model = AutoModelForCausalLM.from_pretrained(tiny_checkpoints["llama"], quantization_config=int_cfg)
     int_model.save_pretrained(tmp_path / "int")
     assert main(["export", str(tmp_path / "int"), str(tmp_path / "z"), "--weights-only"]) != 0
     assert "FP4 models" in capsys.readouterr().err
