@@ -13,8 +13,8 @@ from tiny_models import output_cache
 from transformers import AutoModelForCausalLM
 
 from hf_roste import RoSTEConfig, get_state
-from hf_roste.modules.kv_cache import RoSTEQuantizedCache, cache_bytes_per_token
 from hf_roste.modules import packed_linear as packed_linear_module
+from hf_roste.modules.kv_cache import RoSTEQuantizedCache, cache_bytes_per_token
 from hf_roste.modules.kv_static_cache import RoSTEQuantizedStaticCache
 from hf_roste.numerics import hadamard as hadamard_module
 from hf_roste.numerics.kernels import kv_attention as kva
