@@ -1,6 +1,7 @@
 """Packed W4A4KV4 inference on a CUDA GPU against the same model in bf16 (issue 19).
 
-Models (random init, all rotations on, packed model's unquantized parts in bf16):
+Models (random init, all rotations on, packed model's unquantized parts in bf16; ``--r4-block-size``
+sets ``RoSTEConfig.r4_block_size``, default None: the full-size R4):
 
 - ``0_5b``: the Qwen2.5-0.5B shape (hidden 896, intermediate 4864, 24 layers, 14 heads, 2 KV heads,
   vocab 151936, q/k/v biases, tied embeddings);
@@ -20,6 +21,14 @@ uses its 4-bit ``RoSTEQuantizedCache``) and compiled (``torch.compile`` of ``for
   slots allocated, vs transformers' bf16 ``StaticCache``), and of the eager runs' dynamic caches
   (``RoSTEQuantizedCache``, stored tokens, vs bf16 ``DynamicCache``).
 
+Kernels of the packed model: per linear, the per-token activation quantizer and the packed int8 GEMM
+(``packed_gemm.py``); for the down_proj's online R4, the fused rotate + quantize kernel
+(``rotate_quant.py``) when the rotation is block-diagonal with a power-of-two block up to 8192 or full-size
+with a power-of-two intermediate size up to 8192, else the Triton Hadamard kernel and then the quantizer
+(the default full-size R4 at 4864 and 14336 takes that unfused route; ``--r4-block-size 128`` the fused
+one); decode attention over the 4-bit cache (``kv_attention.py``).  The route taken is recorded per
+model as ``r4_route_<model>``.
+
 Timings are interleaved repetitions with medians (``bench/_common.py``), synchronised with the device.
 A compiled variant that fails records its error in ``errors`` and null figures instead of stopping
 the run.  Last output line: JSON with ``prefill_speedup_vs_bf16_8b_width``,
@@ -32,7 +41,7 @@ Without a CUDA device it prints ``{"skipped": "no CUDA device"}`` and exits 0.  
 whole script on tiny shapes on the CPU (compiled variants with the ``aot_eager`` backend): it checks
 the plumbing, its timings mean nothing.
 
-    python bench/gpu_inference.py [--dry] [--reps N] [--only 0_5b|8b_width]
+    python bench/gpu_inference.py [--dry] [--reps N] [--only 0_5b|8b_width] [--r4-block-size B]
 """
 
 from __future__ import annotations
@@ -74,8 +83,9 @@ def _config(shape: dict):
     return LlamaConfig(**common)
 
 
-def build(shape: dict, root: str, device: str) -> dict[str, str]:
-    """Save the bf16 model and its packed RoSTE (W4A4KV4, all rotations) twin; return their paths."""
+def build(shape: dict, root: str, device: str, r4_block: int | None = None) -> dict[str, str]:
+    """Save the bf16 model and its packed RoSTE (W4A4KV4, all rotations, R4 in blocks of ``r4_block``)
+    twin; return their paths."""
     from transformers import AutoModelForCausalLM
 
     from hf_roste import RoSTEConfig
@@ -86,7 +96,8 @@ def build(shape: dict, root: str, device: str) -> dict[str, str]:
     model.save_pretrained(paths["fp32"])
     model.to(torch.bfloat16).save_pretrained(paths["bf16"])
     del model
-    qat = AutoModelForCausalLM.from_pretrained(paths["fp32"], quantization_config=RoSTEConfig(rotation_search="all"),
+    config = RoSTEConfig(rotation_search="all", r4_block_size=r4_block)
+    qat = AutoModelForCausalLM.from_pretrained(paths["fp32"], quantization_config=config,
                                                dtype=torch.float32, device_map=device)
     qat.save_pretrained(paths["packed"])
     return paths
@@ -99,6 +110,19 @@ def load(path: str, device: str):
 
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, device_map=device,
                                                 attn_implementation="sdpa").eval()
+
+
+def r4_route(model) -> str:
+    """Which kernels apply the down_projs' online R4 on the Triton route (the first layer's; all alike)."""
+    from hf_roste.modules.packed_linear import fused_r4_block
+
+    down = model.model.layers[0].mlp.down_proj
+    if down.input_transform is None:
+        return "none (no R4)"
+    block = fused_r4_block(down.input_transform, down.in_features)
+    if block is None:
+        return "unfused: Triton Hadamard kernel, then the activation quantizer"
+    return f"fused rotate + quantize kernel, Hadamard block {block}"
 
 
 def _sync(device: str) -> None:
@@ -194,10 +218,11 @@ def timings(models: dict, run: dict, device: str, reps: int, static: bool) -> di
     return out
 
 
-def measure(name: str, shape: dict, run: dict, device: str, reps: int, errors: list[str]) -> dict:
+def measure(name: str, shape: dict, run: dict, device: str, reps: int, errors: list[str],
+            r4_block: int | None = None) -> dict:
     with tempfile.TemporaryDirectory() as root:
         t0 = time.perf_counter()
-        paths = build(shape, root, device)
+        paths = build(shape, root, device, r4_block)
         print(f"[{name}] built bf16 + packed checkpoints in {time.perf_counter() - t0:.0f} s", flush=True)
         res: dict = {"shape": shape}
         for mode in ("eager", "compiled"):
@@ -205,6 +230,7 @@ def measure(name: str, shape: dict, run: dict, device: str, reps: int, errors: l
             if mode == "eager":
                 with torch.no_grad():  # builds the packed kernels' layouts before counting memory
                     models["packed"](torch.zeros(1, 8, dtype=torch.long, device=device))
+                res["r4_route"] = r4_route(models["packed"])
                 held, bf16 = quantized_linear_bytes(models["packed"])
                 res["linear_bytes"] = {"packed": held, "bf16": bf16}
                 res["model_bytes"] = {k: model_bytes(m) for k, m in models.items()}
@@ -242,7 +268,16 @@ def main() -> None:
     parser.add_argument("--dry", action="store_true", help="tiny shapes on the CPU (plumbing check)")
     parser.add_argument("--reps", type=int, default=None)
     parser.add_argument("--only", choices=sorted(SHAPES), default=None)
+    parser.add_argument("--r4-block-size", type=int, default=None,
+                        help="block-diagonal R4 (a power of two dividing the intermediate size, e.g. 128); "
+                             "default: the full-size R4")
     args = parser.parse_args()
+    if args.r4_block_size is not None:
+        from hf_roste.numerics.block_hadamard import check_r4_block_size
+
+        for name, shape in (DRY_SHAPES if args.dry else SHAPES).items():
+            if args.only in (None, name):
+                check_r4_block_size(args.r4_block_size, shape["inter"])
     if not args.dry and not torch.cuda.is_available():
         emit({"skipped": "no CUDA device"})
         return
@@ -252,13 +287,16 @@ def main() -> None:
     gpu = "none (--dry on cpu)" if args.dry else torch.cuda.get_device_name(0)
     os.environ.setdefault("USE_HUB_KERNELS", "NO")
     errors: list[str] = []
-    results = {name: measure(name, shape, run, device, reps, errors)
+    results = {name: measure(name, shape, run, device, reps, errors, args.r4_block_size)
                for name, shape in shapes.items() if args.only in (None, name)}
-    figures: dict = {"gpu": gpu, "torch": torch.__version__, "dry": args.dry, "errors": errors}
+    figures: dict = {"gpu": gpu, "torch": torch.__version__, "dry": args.dry, "errors": errors,
+                     "r4_block_size": args.r4_block_size}
     b, s = run["prefill"]
     print(f"device: {gpu}; prefill {b} x {s}; decode {run['new']} tokens after a {run['prompt']}-token prompt; "
           f"repetitions {reps}")
     for name, res in results.items():
+        print(f"[{name}] down_proj R4: {res['r4_route']}")
+        figures[f"r4_route_{name}"] = res["r4_route"]
         for mode in ("eager", "compiled"):
             t = res.get(mode)
             if not t:

@@ -41,3 +41,11 @@ def test_dry_run_emits_every_figure():
     assert figures["kv_memory_ratio_vs_bf16"] == pytest.approx(38 / 128)
     assert figures["kv_memory_ratio_vs_bf16_dynamic"] == pytest.approx(37 / 128)
     assert "[8b_width] compiled prefill" in proc.stdout
+    # intermediate 256 at this dry shape: the full-size R4 is a power of two, the fused kernel applies it
+    assert figures["r4_route_8b_width"] == "fused rotate + quantize kernel, Hadamard block 256"
+    assert figures["r4_block_size"] is None
+
+
+def test_r4_block_size_must_divide_the_intermediate_size():
+    proc = _run("--dry", "--only", "0_5b", "--r4-block-size", "64")  # dry 0_5b: intermediate 160
+    assert proc.returncode != 0 and "r4_block_size=64 does not divide" in proc.stderr

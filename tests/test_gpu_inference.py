@@ -13,11 +13,13 @@ from tiny_models import output_cache
 from transformers import AutoModelForCausalLM
 
 from hf_roste import RoSTEConfig, get_state
+from hf_roste.modules import packed_linear as packed_linear_module
 from hf_roste.modules.kv_cache import RoSTEQuantizedCache, cache_bytes_per_token
 from hf_roste.modules.kv_static_cache import RoSTEQuantizedStaticCache
 from hf_roste.numerics import hadamard as hadamard_module
 from hf_roste.numerics.kernels import kv_attention as kva
 from hf_roste.numerics.kernels import packed_gemm as pg
+from hf_roste.numerics.kernels import rotate_quant as rq
 
 pytest.importorskip("triton")
 
@@ -25,11 +27,11 @@ SDPA = dict(attn_implementation="sdpa")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _train_tiny(path, steps: int = 40) -> AutoModelForCausalLM:
+def _train_tiny(path, steps: int = 40, **config) -> AutoModelForCausalLM:
     """A tiny Llama QA-trained for a few steps on a counting task (W4A4KV4, all rotations)."""
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(
-        path, quantization_config=RoSTEConfig(rotation_search="all"), dtype=torch.float32, **SDPA
+        path, quantization_config=RoSTEConfig(rotation_search="all", **config), dtype=torch.float32, **SDPA
     )
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
@@ -67,8 +69,10 @@ def test_triton_route_equals_pytorch_route_bit_for_bit(trained, monkeypatch, dty
         ref = model(ids).logits
     monkeypatch.setenv("HF_ROSTE_TRITON", "1")
     # the online Hadamard's Triton kernel sums in another order (equal to fp32 rounding, tested in
-    # tests/numerics/test_train_kernels.py): keep it on the PyTorch path so this compares the GEMM route alone
+    # tests/numerics/test_train_kernels.py), and so does the fused R4 + quantize kernel: keep R4 on the
+    # PyTorch path so this compares the GEMM route alone
     monkeypatch.setattr(hadamard_module, "use_triton", lambda device: False)
+    monkeypatch.setattr(packed_linear_module, "fused_r4_block", lambda transform, in_features: None)
     calls = []
     real = pg.packed_linear_triton
     monkeypatch.setattr(pg, "packed_linear_triton", lambda *a, **k: calls.append(1) or real(*a, **k))
@@ -76,6 +80,60 @@ def test_triton_route_equals_pytorch_route_bit_for_bit(trained, monkeypatch, dty
         got = model(ids).logits
     paths = get_state(model).adapter.quantized_linear_paths(model)
     assert len(calls) == len(paths)  # every packed linear went through the kernel
+    assert torch.equal(got, ref)
+
+
+def _count_calls(monkeypatch, module, name: str) -> list[int]:
+    calls: list[int] = []
+    real = getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+def _down_projs(model) -> list:
+    return [layer.mlp.down_proj for layer in model.model.layers]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_r4_route_equals_unfused_triton_route_bit_for_bit(trained, monkeypatch, dtype):
+    """The down_projs' R4 (full size here: intermediate 128) fused with the activation quantizer gives the
+    logits of the unfused Triton route (Triton Hadamard kernel, then the quantizer) bit for bit."""
+    _, out = trained
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=dtype, device_map=DEVICE, **SDPA).eval()
+    assert all(d.input_transform is not None for d in _down_projs(model))  # R4 on every layer
+    ids = _prompts(3, 9).to(DEVICE)
+    monkeypatch.setenv("HF_ROSTE_TRITON", "1")
+    fused_calls = _count_calls(monkeypatch, rq, "rotate_quantize_activation_triton")
+    with monkeypatch.context() as mp:
+        mp.setattr(packed_linear_module, "fused_r4_block", lambda transform, in_features: None)
+        with torch.no_grad():
+            unfused = model(ids).logits
+    assert not fused_calls
+    for down in _down_projs(model):
+        down._fused_r4_memo = None
+    with torch.no_grad():
+        fused = model(ids).logits
+    assert len(fused_calls) == len(_down_projs(model))
+    assert torch.equal(fused, unfused)
+
+
+def test_block_r4_model_fused_route_generates_like_pytorch_route(tmp_path, tiny_checkpoints, monkeypatch):
+    """A packed model with a block-diagonal R4 (r4_block_size=16): the Triton route, whose down_projs run the
+    fused rotate + quantize kernel, gives the PyTorch route's greedy tokens."""
+    _train_tiny(tiny_checkpoints["llama"], r4_block_size=16).save_pretrained(tmp_path / "packed")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "packed", device_map=DEVICE, **SDPA).eval()
+    assert get_state(model).config.r4_block_size == 16
+    prompts = _prompts(4).to(DEVICE)
+    monkeypatch.setenv("HF_ROSTE_TRITON", "0")
+    ref = model.generate(prompts, max_new_tokens=8, do_sample=False)
+    monkeypatch.setenv("HF_ROSTE_TRITON", "1")
+    fused_calls = _count_calls(monkeypatch, rq, "rotate_quantize_activation_triton")
+    blocks = []
+    real = rq.rotate_quantize_activation_triton
+    monkeypatch.setattr(rq, "rotate_quantize_activation_triton",
+                        lambda x, spec, block, **k: blocks.append(block) or real(x, spec, block, **k))
+    got = model.generate(prompts, max_new_tokens=8, do_sample=False)
+    assert len(fused_calls) == 2 * 8 and set(blocks) == {16}  # 2 layers x (prefill + 7 decode steps)
     assert torch.equal(got, ref)
 
 
@@ -251,4 +309,5 @@ def test_compiled_device_path_equals_eager(trained, monkeypatch):
         torch._dynamo.reset()
     code = "\n".join(str(g.graph) for g in graphs)
     assert "packed_linear_w4" in code and "quantize_activation_w4" in code  # the kernels are in the graphs
+    assert "rotate_quantize_activation_w4" in code  # the down_projs' fused R4 + quantize (full-size R4, 128)
     assert torch.equal(compiled, eager)

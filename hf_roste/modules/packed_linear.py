@@ -20,6 +20,7 @@ or version counter changes (``load_state_dict``, in-place writes, ``.to(device)`
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -45,10 +46,12 @@ from hf_roste.numerics.int_matmul import (
     quantize_activation,
 )
 
+from ..numerics.block_hadamard import r4_transform
+from ..numerics.hadamard import hadamard_transform
 from ..numerics.kernels import use_triton
 from .shared_input import SharedInputQuant
 
-__all__ = ["PackedLinear"]
+__all__ = ["PackedLinear", "fused_r4_block"]
 
 _WEIGHT_BITS = (2, 3, 4, 8)
 
@@ -78,6 +81,29 @@ def _check_specs(weight_spec: object, act_spec: object) -> None:
         )
 
 
+def fused_r4_block(transform: Callable[[Tensor], Tensor] | None, in_features: int) -> int | None:
+    """Hadamard block of an online R4 ``transform`` that the fused rotate + quantize kernel can run, or None.
+
+    Recognised: :func:`~hf_roste.numerics.hadamard.hadamard_transform` (full-size R4: one block of
+    ``in_features``) and ``functools.partial(r4_transform, block=b)`` (block-diagonal R4, as
+    :func:`hf_roste.convert.finish_packed_model` sets them), when
+    :func:`~hf_roste.numerics.kernels.rotate_quant.fused_r4_supported` accepts the block (a power of two up
+    to 8192 dividing ``in_features``).  Any other callable (signs, transposes, non-power-of-two sizes) keeps
+    the unfused route: the transform, then the activation quantizer.
+    """
+    from ..numerics.kernels.rotate_quant import fused_r4_supported
+
+    if transform is hadamard_transform:
+        block: int | None = in_features
+    elif (isinstance(transform, functools.partial) and transform.func is r4_transform and not transform.args
+          and set(transform.keywords) <= {"block", "transpose"} and not transform.keywords.get("transpose", False)):
+        block = transform.keywords.get("block")
+        block = in_features if block is None else block
+    else:
+        return None
+    return block if fused_r4_supported(block, in_features) else None
+
+
 class PackedLinear(nn.Module):
     """``y = x @ W_hat^T + b`` with ``W_hat`` stored as packed integer codes.
 
@@ -90,7 +116,9 @@ class PackedLinear(nn.Module):
         bias_dtype: dtype of the bias parameter.
         device: device of the buffers.
         input_transform: optional callable applied to ``x`` before activation quantization
-            (e.g. an online Hadamard rotation); it must preserve the last dim.
+            (e.g. an online Hadamard rotation); it must preserve the last dim.  On the Triton route an
+            online R4 that :func:`fused_r4_block` recognises runs fused with the activation quantizer
+            (:mod:`hf_roste.numerics.kernels.rotate_quant`).
 
     Forward: ``x [..., in]`` fp32/bf16/fp16 -> ``[..., out]`` in ``x.dtype``.  Inference only
     (the integer path has no meaningful gradient).
@@ -134,6 +162,8 @@ class PackedLinear(nn.Module):
         self._cache: Any = None
         self._cache_key: tuple | None = None
         self.shared_input: SharedInputQuant | None = None
+
+        self._fused_r4_memo: tuple[Any, int | None] | None = None
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -230,6 +260,7 @@ class PackedLinear(nn.Module):
         state = self.__dict__.copy()
         state["_cache"] = None
         state["_cache_key"] = None
+        state["_fused_r4_memo"] = None
         return state
 
     def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202 - nn.Module's signature
@@ -251,14 +282,15 @@ class PackedLinear(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(self, x: Tensor) -> Tensor:
         check_linear_input(x, self.in_features)  # once: the kernel call below does not check again
+        if self.act_spec.enabled and self.act_spec.granularity == "token" and use_triton(x.device) \
+                and self._triton_ok():
+            return self._forward_triton(x)  # applies input_transform itself (fused when it can)
         if self.input_transform is not None:
             x = self.input_transform(x)
         if not self.act_spec.enabled:
             w = self._cached("float", x.dtype)
             b = None if self.bias is None else self.bias.to(x.dtype)
             return F.linear(x, w, b)
-        if self.act_spec.granularity == "token" and use_triton(x.device) and self._triton_ok():
-            return self._forward_triton(x)
         act = None
         shared = self.shared_input
         if shared is not None and self.input_transform is None and x.numel():
@@ -282,11 +314,34 @@ class PackedLinear(nn.Module):
 
         return packed_weight_supported(self.weight_spec, self.in_features) and self._triton_weight() is not None
 
+    def _fused_r4(self) -> int | None:
+        """:func:`fused_r4_block` of the current ``input_transform``, memoised on the transform's identity
+        (under ``torch.compile`` the memo of an eager call is read, never written)."""
+        transform = self.input_transform
+        if transform is None:
+            return None
+        memo = self.__dict__.get("_fused_r4_memo")  # absent on layers pickled before the fused route
+        if memo is None or memo[0] is not transform:
+            memo = (transform, fused_r4_block(transform, self.in_features))
+            if not torch.compiler.is_compiling():
+                self._fused_r4_memo = memo
+        return memo[1]
+
     def _forward_triton(self, x: Tensor) -> Tensor:
-        """Fused Triton route (:mod:`hf_roste.numerics.kernels.packed_gemm`): reads the packed bytes
-        directly; the same codes and, bit for bit, the same outputs as the PyTorch integer path."""
+        """Triton route (:mod:`hf_roste.numerics.kernels.packed_gemm`): reads the packed bytes directly; the
+        same codes and, bit for bit, the same outputs as the PyTorch integer path.  An online R4 that
+        :func:`fused_r4_block` recognises is applied by the activation kernel itself
+        (:mod:`hf_roste.numerics.kernels.rotate_quant`: bit for bit the Triton Hadamard, then the quantizer)."""
         from hf_roste.numerics.kernels.packed_gemm import packed_linear_triton, quantize_activation_triton
 
+        block = self._fused_r4()
+        if block is not None:
+            from hf_roste.numerics.kernels.rotate_quant import rotate_quantize_activation_triton
+
+            act = rotate_quantize_activation_triton(x, self.act_spec, block)
+            return packed_linear_triton(act, self._triton_weight(), self.bias, x.dtype)
+        if self.input_transform is not None:
+            x = self.input_transform(x)
         act = None
         shared = None if torch.compiler.is_compiling() else self.shared_input  # compiled: one graph, no memo
         key = (self.act_spec, "triton")

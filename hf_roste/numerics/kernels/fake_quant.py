@@ -82,8 +82,9 @@ def _kernel():  # noqa: ANN202 - a triton.JITFunction, built on first use so imp
             zero = 0.0
         else:
             scale = tl.maximum(mx * k_scale - mn * k_scale, floor)
-            q = tl.math.div_rn(mn * neg_clip, scale)
-            zero = (q + 12582912.0) - 12582912.0 + 0.0  # round half to even (|q| <= 2^20), no -0.0
+            # not named q: a scalar q here and the block q of the loop below do not compile (loop-carried type)
+            qz = tl.math.div_rn(mn * neg_clip, scale)
+            zero = (qz + 12582912.0) - 12582912.0 + 0.0  # round half to even (|qz| <= 2^20), no -0.0
             constant = mx == mn
             sign = tl.where(mn > 0.0, 1.0, tl.where(mn < 0.0, -1.0, 0.0))
             scale = tl.where(constant, tl.where(mn == 0.0, 1.0, tl.abs(mn)), scale)

@@ -48,8 +48,8 @@ def _kernel():  # noqa: ANN202 - a triton.JITFunction, built on first use so imp
         inside = r[:, None] < rows
         x = tl.load(x_ptr + offs, mask=inside, other=0.0).to(tl.float32)
         for s in tl.static_range(LOG_P):
-            h: tl.constexpr = 1 << s
-            y = tl.reshape(x, (BLOCK_R, P // (2 * h), 2, h))
+            # shapes inline: an annotated constexpr cannot be reassigned in the unrolled loop (no compile)
+            y = tl.reshape(x, (BLOCK_R, P // (2 << s), 2, 1 << s))
             y = tl.permute(y, (0, 1, 3, 2))
             a, b = tl.split(y)
             y = tl.join(a + b, a - b)

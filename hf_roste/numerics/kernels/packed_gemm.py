@@ -1,7 +1,9 @@
 """Triton kernels of packed W4A(b) linears: per-token activation quantization, and an int8 GEMM
 that reads 4-bit weights straight from their packed bytes with the rescale fused behind it.
 
-Two launches per linear (one per shared input for q/k/v and gate/up):
+Two launches per linear (one per shared input for q/k/v and gate/up; a down_proj with a recognised
+online R4 replaces launch 1 by the fused rotate + quantize kernel of :mod:`.rotate_quant`, which uses the
+same row rule and code helpers, :func:`_act_row_params` and :func:`_act_codes`):
 
 1. :func:`quantize_activation_triton`: one program per token row computes the row's scale and zero
    point with the exact rule of :mod:`hf_roste.numerics.quantize` (fp32, same operations in the same
@@ -47,10 +49,10 @@ __all__ = [
 ]
 
 _FLT_MIN = float(torch.finfo(torch.float32).tiny)
-_MAX_ZERO = 127 - 15
+_MAX_ZERO = 127 - 15  # |zw| bound so that a centred 4-bit weight code fits int8
 # (v + 1.5 * 2^23) - 1.5 * 2^23 rounds an fp32 v half to even (torch.round) for |v| <= 2^22; the
 # quantizer's relative floor keeps |x / s| <= 2^20 + 1 and |zero| <= 2^20
-_RNE: float = 12582912.0  # |zw| bound so that a centred 4-bit weight code fits int8
+_RNE: float = 12582912.0
 
 try:  # triton is optional on CPU installs; nothing here is called unless use_triton() said yes
     import triton
@@ -62,6 +64,52 @@ except Exception:  # pragma: no cover - exercised only on installs without trito
 
 # --------------------------------------------------------------------------- kernels
 if triton is not None:
+
+    # a Triton constexpr: a plain float global does not compile (only the interpreter accepts it)
+    _RNE_C = tl.constexpr(_RNE)
+
+    @triton.jit
+    def _act_row_params(row_max, row_min, has_nan, k_scale, neg_c, qmax,
+                        SYMMETRIC: tl.constexpr, BITS: tl.constexpr):
+        """Scale, zero point, effective zero, code shift and finiteness of one row from its max / min
+        (the rule of :func:`hf_roste.numerics.quantize`, see the module docstring)."""
+        amax = tl.maximum(tl.abs(row_min), tl.abs(row_max))
+        finite = (amax < float("inf")) & (~has_nan)
+        floor = tl.maximum(amax * 9.5367431640625e-07, 1.1754943508222875e-38)  # 2^-20, FLT_MIN
+        if SYMMETRIC:
+            scale = tl.maximum(amax * k_scale, floor)
+            scale = tl.where(amax == 0.0, 1.0, scale)
+            zero = tl.where(finite, 0.0, 0.0)
+        else:
+            scale = tl.maximum(row_max * k_scale - row_min * k_scale, floor)
+            zero = (tl.math.div_rn(row_min * neg_c, scale) + _RNE_C) - _RNE_C + 0.0  # round half to even
+            constant = row_max == row_min
+            const_scale = tl.where(row_min == 0.0, 1.0, tl.abs(row_min))
+            const_zero = tl.where(row_min > 0.0, -1.0, tl.where(row_min < 0.0, 1.0, 0.0))
+            scale = tl.where(constant, const_scale, scale)
+            zero = tl.where(constant, const_zero, zero)
+        scale = tl.where(finite, scale, float("nan"))
+        zero = tl.where(finite, zero, 0.0)
+        # centred storage when every centred code fits int8; else raw codes (8-bit: minus 128)
+        if SYMMETRIC:
+            zx_eff = tl.where(finite, 0.0, 0.0)  # tensors (not constexprs) for the stores
+            sub = zx_eff
+        else:
+            centred = tl.abs(zero) + qmax <= 127.0
+            shift = 128.0 if BITS == 8 else 0.0
+            zx_eff = tl.where(centred, 0.0, zero - shift)
+            sub = tl.where(centred, zero, shift)
+        return scale, zero, zx_eff, sub, finite
+
+    @triton.jit
+    def _act_codes(v, scale, zero, sub, finite, qmin, qmax, SYMMETRIC: tl.constexpr):
+        """Stored int8 codes of fp32 values ``v`` of a row with the parameters of :func:`_act_row_params`."""
+        c = ((tl.math.div_rn(v, scale) + _RNE_C) - _RNE_C) + zero
+        c = tl.minimum(tl.maximum(c, qmin), qmax)
+        c = tl.where(finite, c, 0.0)  # non-finite rows: code 0 (as quantize)
+        if not SYMMETRIC:
+            c = c - sub
+        return c.to(tl.int8)
 
     @triton.jit
     def _act_quant_kernel(
@@ -81,43 +129,13 @@ if triton is not None:
             bad = bad | ((v != v) & m).to(tl.int32)  # NaN: torch's amax/amin propagate it
             mx = tl.where(m, tl.maximum(mx, v), mx)
             mn = tl.where(m, tl.minimum(mn, v), mn)
-        row_max = tl.max(mx, axis=0)
-        row_min = tl.min(mn, axis=0)
-        has_nan = tl.max(bad, axis=0) > 0
-        amax = tl.maximum(tl.abs(row_min), tl.abs(row_max))
-        finite = (amax < float("inf")) & (~has_nan)
-        floor = tl.maximum(amax * 9.5367431640625e-07, 1.1754943508222875e-38)  # 2^-20, FLT_MIN
-        if SYMMETRIC:
-            scale = tl.maximum(amax * k_scale, floor)
-            scale = tl.where(amax == 0.0, 1.0, scale)
-            zero = 0.0
-        else:
-            scale = tl.maximum(row_max * k_scale - row_min * k_scale, floor)
-            zero = (tl.math.div_rn(row_min * neg_c, scale) + _RNE) - _RNE + 0.0  # round half to even
-            constant = row_max == row_min
-            const_scale = tl.where(row_min == 0.0, 1.0, tl.abs(row_min))
-            const_zero = tl.where(row_min > 0.0, -1.0, tl.where(row_min < 0.0, 1.0, 0.0))
-            scale = tl.where(constant, const_scale, scale)
-            zero = tl.where(constant, const_zero, zero)
-        scale = tl.where(finite, scale, float("nan"))
-        zero = tl.where(finite, zero, 0.0)
-        # centred storage when every centred code fits int8; else raw codes (8-bit: minus 128)
-        if SYMMETRIC:
-            zx_eff = tl.where(finite, 0.0, 0.0)  # a tensor (not a constexpr) for the store below
-        else:
-            centred = tl.abs(zero) + qmax <= 127.0
-            shift = 128.0 if BITS == 8 else 0.0
-            zx_eff = tl.where(centred, 0.0, zero - shift)
-            sub = tl.where(centred, zero, shift)
+        scale, zero, zx_eff, sub, finite = _act_row_params(
+            tl.max(mx, axis=0), tl.min(mn, axis=0), tl.max(bad, axis=0) > 0, k_scale, neg_c, qmax, SYMMETRIC, BITS)
         for k0 in range(0, K, BLOCK):
             m = k0 + offs < K
             v = tl.load(x_row + k0 + offs, mask=m, other=0.0).to(tl.float32)
-            c = ((tl.math.div_rn(v, scale) + _RNE) - _RNE) + zero
-            c = tl.minimum(tl.maximum(c, qmin), qmax)
-            c = tl.where(finite, c, 0.0)  # non-finite rows: code 0 (as quantize)
-            if not SYMMETRIC:
-                c = c - sub
-            tl.store(a_ptr + row.to(tl.int64) * K + k0 + offs, c.to(tl.int8), mask=m)
+            c = _act_codes(v, scale, zero, sub, finite, qmin, qmax, SYMMETRIC)
+            tl.store(a_ptr + row.to(tl.int64) * K + k0 + offs, c, mask=m)
         tl.store(sx_ptr + row, scale)
         tl.store(zx_ptr + row, zx_eff.to(tl.int32))
 
