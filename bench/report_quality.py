@@ -100,8 +100,12 @@ def sec_quality(data: dict, png_dir: str, plt, key: str = "quality") -> tuple[li
     if plt:
         schemes = list(s["schemes"])
         methods = [m for m in QUALITY_ORDER[1:] if any(r["method"] == m for r in f["rows"])]
-        fig, axes = plt.subplots(1, len(schemes), figsize=(4.5 * len(schemes), 4), squeeze=False)
-        for ax, scheme in zip(axes[0], schemes, strict=True):
+        ncols = min(4, len(schemes))
+        nrows = -(-len(schemes) // ncols)
+        fig, axes = plt.subplots(nrows, ncols, figsize=(4.5 * ncols, 4 * nrows), squeeze=False)
+        for ax in axes.flat[len(schemes):]:
+            ax.set_visible(False)
+        for ax, scheme in zip(axes.flat, schemes, strict=False):
             for i, m in enumerate(methods):
                 r = next((r for r in f["rows"] if r["scheme"] == scheme and r["method"] == m), None)
                 if not r:
