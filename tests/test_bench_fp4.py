@@ -37,5 +37,22 @@ def test_quality_quick_path_runs_fp4_rows(tmp_path):
     table, diffs = aggregate(rows, settings["schemes"])
     assert {r["method"] for r in table} == {m for m, _ in got}
     assert {(d["a"], d["b"]) for d in diffs} == {("roste", "ste"), ("roste", "sft_rtn"), ("roste", "sft_rot_rtn"),
-                                                  ("ste", "sft_rtn")}
+                                                  ("ste", "sft_rtn"), ("sft_rot_rtn", "sft_rtn")}
     assert all(d["completion_loss"]["verdict"] == "n/a (1 seed)" for d in diffs)  # one seed: no noise verdict
+    assert not any(d.get("scheme_b") for d in diffs)  # no int setting of the same bits in this run
+
+
+def test_fp4_settings_are_paired_with_the_int_setting_of_the_same_bits():
+    from bench.quality import aggregate, int_counterpart
+
+    assert int_counterpart("NVFP4-W4A4KV4") == int_counterpart("MXFP4-W4A4KV4") == "W4A4KV4"
+    assert int_counterpart("W4A4KV4") is None
+    runs = [{"seed": s, "scheme": sc, "method": m, "completion_loss": loss, "exact_match": 1.0, "train_seconds": 1.0}
+            for s, off in ((0, 0.0), (1, 0.01), (2, 0.02))
+            for sc, m, loss in (("FP", "fp_sft", 0.1 + off), ("W4A4KV4", "roste", 0.3 + off), ("W4A4KV4", "ste", 0.4),
+                                ("NVFP4-W4A4KV4", "roste", 0.2 + 2 * off), ("NVFP4-W4A4KV8", "roste", 0.25))]
+    _, diffs = aggregate(runs, ["W4A4KV4", "NVFP4-W4A4KV4", "NVFP4-W4A4KV8"])
+    cross = [d for d in diffs if d.get("scheme_b")]
+    assert [(d["scheme"], d["scheme_b"], d["a"]) for d in cross] == [("NVFP4-W4A4KV4", "W4A4KV4", "roste")]
+    cl = cross[0]["completion_loss"]
+    assert cl["per_seed"] == pytest.approx([-0.1, -0.09, -0.08]) and cl["verdict"] == "beyond noise"
