@@ -28,7 +28,14 @@ import argparse
 import json
 import os
 
-from ._common import CommandError, add_calibration_args, calibration_batches, debug_enabled, fail, load_tokenizer
+from ._common import (
+    CommandError,
+    add_calibration_args,
+    calibration_batches,
+    debug_enabled,
+    fail,
+    load_tokenizer,
+)
 
 FORMATS = ("compressed-tensors", "gguf")
 

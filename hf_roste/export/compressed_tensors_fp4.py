@@ -52,8 +52,8 @@ from transformers.utils import logging
 from ..config import RoSTEConfig
 from ..modules.packed_fp4_linear import PackedFP4Linear
 from ..modules.qat_linear import QATLinear
-from ..numerics.fp4 import FP4Spec, dequantize_fp4, nvfp4_global_scale, unpack_fp4
 from ..numerics.block_hadamard import r4_transform
+from ..numerics.fp4 import FP4Spec, dequantize_fp4, nvfp4_global_scale, unpack_fp4
 from .compressed_tensors import (
     SUMMARY_FILE,
     TRANSFORM_NAME,
@@ -252,7 +252,6 @@ def export_compressed_tensors_fp4(model_or_dir, out_dir: str | os.PathLike, *, c
     from transformers.core_model_loading import revert_weight_conversion
 
     from ..state import get_state
-
     from .paths import check_output_is_not_source
 
     check_output_is_not_source(model_or_dir, out_dir, "export_compressed_tensors_fp4")

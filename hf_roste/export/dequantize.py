@@ -23,7 +23,14 @@ from torch import nn
 from ..modules.packed_fp4_linear import PackedFP4Linear
 from ..modules.packed_linear import PackedLinear
 from ..modules.qat_linear import QATLinear
-from ..rotation.fusion import _assign, _rot, r1_signs, rotate_input_side, rotate_output_side, rotate_r4_input_side
+from ..rotation.fusion import (
+    _assign,
+    _rot,
+    r1_signs,
+    rotate_input_side,
+    rotate_output_side,
+    rotate_r4_input_side,
+)
 from ..state import get_state
 
 
