@@ -82,7 +82,11 @@ def sylvester_matrix(n: int) -> torch.Tensor:
 def _ct_factor_file() -> Path:
     """Path of compressed-tensors' ``hadamards.safetensors``; a clear error when it is unavailable."""
     try:
-        from compressed_tensors.transform.utils import hadamard as ct_hadamard
+        # first import of compressed-tensors: its modules build constant tensors (e.g. the e2m1 table its
+        # NVFP4 compressor uses) at import time, which must not land on a default device such as transformers'
+        # meta device during from_pretrained (the FP4 export would then fail with "Cannot copy out of meta tensor")
+        with torch.device("cpu"):
+            from compressed_tensors.transform.utils import hadamard as ct_hadamard
     except ImportError as exc:
         raise RuntimeError(
             f"compressed-tensors' Hadamard factors cannot be imported ({exc}); they define every non-power-of-two "
