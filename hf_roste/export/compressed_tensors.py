@@ -145,6 +145,15 @@ def check_exportable(config: RoSTEConfig, model: nn.Module | None = None, *, str
         "activations are served symmetric", "dynamic activation scales are computed by the serving engine",
         config.activation_bits, config.activation_symmetric, config.activation_clip_ratio, strict and not vllm_target,
         " to accept the engine's rule")
+    problems += model_problems(config, model, strict=strict, power_of_two_r4=False)
+    return problems
+
+
+def model_problems(config: RoSTEConfig, model: nn.Module | None, *, strict: bool, power_of_two_r4: bool) -> list[str]:
+    """The checks every compressed-tensors export (int and FP4) shares: K/V scheme, serving target, LayerNorm
+    families, the online R4 (bias-free; a power of two when `power_of_two_r4`, else also a non-power-of-two
+    size with an up projection to carry the loader's row signs) and R3 with quantized K/V."""
+    problems = []
     if config.kv_format != "fp8_e4m3":
         problems += _dynamic_problems(
             "kv", "asymmetric K/V cache (kv_symmetric=False): the kv_cache_scheme is served symmetric",
@@ -173,7 +182,13 @@ def check_exportable(config: RoSTEConfig, model: nn.Module | None = None, *, str
                     "layers; train with RoSTEConfig(rotations=('R1', 'R2', 'R3')) (no R4)."
                 )
             size = config.r4_block_size or down.in_features
-            if size & (size - 1) and adapter.up_proj is None:
+            if size & (size - 1) and power_of_two_r4:
+                problems.append(
+                    f"online R4 of size {size}: the FP4 export writes power-of-two R4 only; train with a power-of-two "
+                    "RoSTEConfig(r4_block_size=...) (e.g. 16, the NVFP4 block) or "
+                    "RoSTEConfig(rotations=('R1', 'R2', 'R3')) (no R4)."
+                )
+            elif size & (size - 1) and adapter.up_proj is None:
                 problems.append(
                     f"online R4 of size {size} (not a power of two) on a model without a separate up projection: "
                     "compressed-tensors names such a transform 'random-hadamard' and regenerates it with its own "

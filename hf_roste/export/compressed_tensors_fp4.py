@@ -65,6 +65,7 @@ from .compressed_tensors import (
     _load,
     build_transform_config,
     fp8_kv_scale_tensors,
+    model_problems,
     write_export_files,
     write_plain_config,
 )
@@ -95,36 +96,7 @@ def check_exportable_fp4(config: RoSTEConfig, model: nn.Module | None = None, *,
         problems.append("NVFP4 activations need a static input_global_scale per layer: pass calibration=[input_ids "
                         "batches] (a few batches of the fine-tuning data; hf-roste export --dataset DATA), or "
                         "activations=False (hf-roste export --weights-only) for NVFP4A16.")
-    if config.kv_format != "fp8_e4m3":
-        problems += _dynamic_problems("kv", "asymmetric K/V cache (kv_symmetric=False): the kv_cache_scheme is served "
-                                      "symmetric", "dynamic K/V scales are computed", config.kv_bits,
-                                      config.kv_symmetric, config.kv_clip_ratio, True, "")
-    if config.target is not None:
-        from ..targets import target_problems
-
-        problems += target_problems(config.target, config)
-    rc = config.rotation_config
-    if model is not None:
-        from ..state import get_state
-
-        state = get_state(model)
-        rc = state.applied
-        adapter = state.adapter
-        if adapter.norm_kind == "layernorm":
-            problems.append(f"model_type {model.config.model_type!r}: RoSTE turned its LayerNorms into RMSNorms to "
-                            "fuse R1, which the plain architecture cannot load; use model.dequantize() instead.")
-        if any(f["R4"] for f in rc["layers"]):
-            down = adapter.get(adapter.decoder_layers(model)[0], adapter.down_proj)
-            size = config.r4_block_size or down.in_features
-            if getattr(down, "bias", None) is not None or size & (size - 1):
-                problems.append(f"online R4 of size {size}{' on a biased layer' if down.bias is not None else ''}: the "
-                                "FP4 export writes power-of-two, bias-free R4 only; train with a power-of-two "
-                                "RoSTEConfig(r4_block_size=...) (e.g. 16, the NVFP4 block) or "
-                                "RoSTEConfig(rotations=('R1', 'R2', 'R3')) (no R4).")
-    layer_flags = rc["layers"] if rc is not None else [config.default_layer_flags()]
-    if config.kv_bits < 16 and any(f["R3"] for f in layer_flags):
-        problems.append("online R3 with quantized K/V: serving engines do not apply q_attn/k_cache transforms; train "
-                        "with RoSTEConfig(rotations=('R1', 'R2', 'R4')) (no R3).")
+    problems += model_problems(config, model, strict=True, power_of_two_r4=True)
     return problems
 
 

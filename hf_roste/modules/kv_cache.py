@@ -431,43 +431,59 @@ class RoSTEQuantizedCache(Cache):
 
     @staticmethod
     def _build_layers(states: Sequence[AttentionQuantState], config, scale_dtype: torch.dtype) -> list:
-        if not states:
-            raise ValueError("RoSTEQuantizedCache: the model has no RoSTE attention states.")
-        for st in states:
-            _check_kv_spec(st.kv_spec, "RoSTEQuantizedCache")
-        if hasattr(config, "get_text_config"):
-            config = config.get_text_config(decoder=True)
-        layer_types, layer_kwargs = get_layer_types_and_kwargs(config)
-        if len(layer_types) != len(states):
-            raise ValueError(
-                f"RoSTEQuantizedCache: the config describes {len(layer_types)} layers but the model has "
-                f"{len(states)} RoSTE attention states."
-            )
-        layers: list[RoSTEQuantizedLayer] = []
-        for i, (kind, kw, st) in enumerate(zip(layer_types, layer_kwargs, states, strict=True)):
-            if kind == "full_attention":
-                layers.append(RoSTEQuantizedLayer(st, scale_dtype))
-            elif kind in ("sliding_attention", "chunked_attention"):
-                layers.append(RoSTEQuantizedSlidingWindowLayer(st, kw["sliding_window"], scale_dtype))
-            else:
-                raise ValueError(f"RoSTEQuantizedCache: layer {i} has type {kind!r}, which it does not support.")
-        return layers
+        return build_cache_layers(
+            "RoSTEQuantizedCache", states, config,
+            lambda st: RoSTEQuantizedLayer(st, scale_dtype),
+            lambda st, window: RoSTEQuantizedSlidingWindowLayer(st, window, scale_dtype))
 
     def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args, **kwargs):
-        layer = self.layers[layer_idx]
-        if not layer.state.kv_quantized_by_cache:
-            raise RuntimeError(
-                "RoSTEQuantizedCache.update was called while the attention module's RoSTE state does not know "
-                "that the cache quantizes K/V (the wrapper would rotate and quantize them twice). Load the model "
-                "with quantization_config=RoSTEConfig(...) (hf_roste.convert.prepare_model installs the hooks, with "
-                "hf_roste.modules.kv_cache_wiring.install_kv_cache_hooks(attention_modules, cache_kwarg))."
-            )
-        return layer.update(key_states, value_states, *args, **kwargs)
+        return checked_update("RoSTEQuantizedCache", self.layers[layer_idx], key_states, value_states, *args, **kwargs)
 
     @property
     def nbytes(self) -> int:
         """Bytes held by all stored codes, scales and zero points."""
         return sum(layer.nbytes for layer in self.layers)
+
+
+# --------------------------------------------------------------------------- shared by the dynamic and static caches
+def build_cache_layers(cache_name: str, states: Sequence[AttentionQuantState], config,
+                       full: Callable[[AttentionQuantState], CacheLayerMixin],
+                       sliding: Callable[[AttentionQuantState, int], CacheLayerMixin]) -> list:
+    """One cache layer per decoder layer of `config` (its text config): `full(state)` for full attention,
+    `sliding(state, window)` for sliding / chunked attention; every state's kv_spec must store codes."""
+    if not states:
+        raise ValueError(f"{cache_name}: the model has no RoSTE attention states.")
+    for st in states:
+        _check_kv_spec(st.kv_spec, cache_name)
+    if hasattr(config, "get_text_config"):
+        config = config.get_text_config(decoder=True)
+    layer_types, layer_kwargs = get_layer_types_and_kwargs(config)
+    if len(layer_types) != len(states):
+        raise ValueError(
+            f"{cache_name}: the config describes {len(layer_types)} layers but the model has "
+            f"{len(states)} RoSTE attention states."
+        )
+    layers = []
+    for i, (kind, kw, st) in enumerate(zip(layer_types, layer_kwargs, states, strict=True)):
+        if kind == "full_attention":
+            layers.append(full(st))
+        elif kind in ("sliding_attention", "chunked_attention"):
+            layers.append(sliding(st, kw["sliding_window"]))
+        else:
+            raise ValueError(f"{cache_name}: layer {i} has type {kind!r}, which it does not support.")
+    return layers
+
+
+def checked_update(cache_name: str, layer, key_states: Tensor, value_states: Tensor, *args, **kwargs):
+    """`layer.update(...)`, refused when the attention hooks did not tell the wrapper that the cache quantizes K/V."""
+    if not layer.state.kv_quantized_by_cache:
+        raise RuntimeError(
+            f"{cache_name}.update was called while the attention module's RoSTE state does not know "
+            "that the cache quantizes K/V (the wrapper would rotate and quantize them twice). Load the model "
+            "with quantization_config=RoSTEConfig(...) (hf_roste.convert.prepare_model installs the hooks, with "
+            "hf_roste.modules.kv_cache_wiring.install_kv_cache_hooks(attention_modules, cache_kwarg))."
+        )
+    return layer.update(key_states, value_states, *args, **kwargs)
 
 
 # --------------------------------------------------------------------------- memory accounting

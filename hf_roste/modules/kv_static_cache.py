@@ -46,14 +46,13 @@ from transformers.cache_utils import (
     StaticCache,
     StaticLayer,
     StaticSlidingWindowLayer,
-    get_layer_types_and_kwargs,
 )
 
 from ..numerics import QuantSpec, packed_length
 from ..numerics.hadamard import hadamard_transform
 from ..state import get_state
 from .attention import AttentionQuantState
-from .kv_cache import _SCALE_DTYPES, _check_kv_spec
+from .kv_cache import _SCALE_DTYPES, _check_kv_spec, build_cache_layers, checked_update
 from .kv_store import decode_kv, encode_kv
 
 __all__ = [
@@ -349,39 +348,14 @@ class RoSTEQuantizedStaticCache(StaticCache):
     @staticmethod
     def _build_layers(states: Sequence[AttentionQuantState], config, max_cache_len: int,
                       scale_dtype: torch.dtype) -> list[RoSTEQuantizedStaticLayer]:
-        if not states:
-            raise ValueError("RoSTEQuantizedStaticCache: the model has no RoSTE attention states.")
-        for st in states:
-            _check_kv_spec(st.kv_spec, "RoSTEQuantizedStaticCache")
-        if hasattr(config, "get_text_config"):
-            config = config.get_text_config(decoder=True)
-        layer_types, layer_kwargs = get_layer_types_and_kwargs(config)
-        if len(layer_types) != len(states):
-            raise ValueError(
-                f"RoSTEQuantizedStaticCache: the config describes {len(layer_types)} layers but the model has "
-                f"{len(states)} RoSTE attention states."
-            )
-        layers: list[RoSTEQuantizedStaticLayer] = []
-        for i, (kind, kw, st) in enumerate(zip(layer_types, layer_kwargs, states, strict=True)):
-            if kind == "full_attention":
-                layers.append(RoSTEQuantizedStaticLayer(st, max_cache_len, scale_dtype))
-            elif kind in ("sliding_attention", "chunked_attention"):
-                layers.append(RoSTEQuantizedStaticSlidingWindowLayer(st, max_cache_len, kw["sliding_window"],
-                                                                     scale_dtype))
-            else:
-                raise ValueError(f"RoSTEQuantizedStaticCache: layer {i} has type {kind!r}, which it does not support.")
-        return layers
+        return build_cache_layers(
+            "RoSTEQuantizedStaticCache", states, config,
+            lambda st: RoSTEQuantizedStaticLayer(st, max_cache_len, scale_dtype),
+            lambda st, window: RoSTEQuantizedStaticSlidingWindowLayer(st, max_cache_len, window, scale_dtype))
 
     def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args, **kwargs):
-        layer = self.layers[layer_idx]
-        if not layer.state.kv_quantized_by_cache:
-            raise RuntimeError(
-                "RoSTEQuantizedStaticCache.update was called while the attention module's RoSTE state does not know "
-                "that the cache quantizes K/V (the wrapper would rotate and quantize them twice). Load the model "
-                "with quantization_config=RoSTEConfig(...) (hf_roste.convert.prepare_model installs the hooks, with "
-                "hf_roste.modules.kv_cache_wiring.install_kv_cache_hooks(attention_modules, cache_kwarg))."
-            )
-        return layer.update(key_states, value_states, *args, **kwargs)
+        return checked_update("RoSTEQuantizedStaticCache", self.layers[layer_idx], key_states, value_states,
+                              *args, **kwargs)
 
     @property
     def nbytes(self) -> int:
